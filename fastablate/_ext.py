@@ -1,0 +1,49 @@
+"""The one loader of the compiled kernels (fastablate._C).
+
+Importing ``fastablate._C`` registers ``torch.ops.fastablate.*``. When it is missing or
+fails to load, fastablate keeps working through the pure-PyTorch references, and says so
+once. Set FASTABLATE_DISABLE_EXT=1 to force the references (used by tests of the fallback).
+"""
+from __future__ import annotations
+
+import os
+import warnings
+
+import torch
+
+_BUILD_HINT = "build it with: pip install --no-build-isolation -e ."
+_error: str | None = None
+loaded = False
+
+if os.environ.get("FASTABLATE_DISABLE_EXT") == "1":
+    _error = "disabled by FASTABLATE_DISABLE_EXT=1"
+else:
+    try:
+        from fastablate import _C  # noqa: F401  (the import registers the ops)
+
+        loaded = True
+    except ImportError as e:  # absent, or built against another torch
+        _error = str(e).splitlines()[0] if str(e) else type(e).__name__
+        warnings.warn(
+            f"fastablate: compiled kernels not loaded ({_error}); using pure-PyTorch references; {_BUILD_HINT}",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+
+
+def load_error() -> str | None:
+    """Why the extension is not loaded, or None when it is."""
+    return _error
+
+
+def has_kernel(device: torch.device, op: str = "block_skip") -> bool:
+    """Whether a compiled kernel of ``op`` is registered for ``device``'s type."""
+    if not loaded:
+        return False
+    key = {"cpu": "CPU", "cuda": "CUDA"}.get(torch.device(device).type)
+    return key is not None and torch._C._dispatch_has_kernel_for_dispatch_key(f"fastablate::{op}", key)
+
+
+def kernel_backends(op: str = "block_skip") -> list[str]:
+    """Device types with a compiled kernel of ``op`` ("cpu", "cuda")."""
+    return [d for d in ("cpu", "cuda") if has_kernel(torch.device(d), op)]

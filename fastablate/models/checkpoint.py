@@ -1,0 +1,123 @@
+"""Checkpoints: ours (atomic, weights_only-loadable) and foreign state_dict files.
+
+Ours is a dict of tensors and plain Python types::
+
+    {"format": "fastablate", "version": 1, "arch": "resnet20", "num_classes": 10,
+     "image_size": 32, "mean": [...], "std": [...], "state_dict": {...}, "meta": {...}}
+
+Foreign files are a raw state_dict, ``{"state_dict": ...}`` or ``{"model": ...}``, with or
+without DataParallel's ``module.`` prefix; they need ``arch`` and the normalization.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from fastablate.errors import FastablateError
+
+FORMAT = "fastablate"
+
+
+def atomic_save(obj: Any, path: str | os.PathLike) -> None:
+    """torch.save to a temporary file beside ``path``, then rename: never a half-written file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_checkpoint(model, path: str | os.PathLike, meta: dict | None = None) -> None:
+    """Write ``model`` (a NormalizedModel) in our format, atomically."""
+    atomic_save({
+        "format": FORMAT, "version": 1, "arch": model.arch, "num_classes": model.num_classes,
+        "image_size": model.image_size, "mean": model.mean.flatten().tolist(), "std": model.std.flatten().tolist(),
+        "state_dict": {k: v.detach().cpu() for k, v in model.net.state_dict().items()}, "meta": meta or {},
+    }, path)
+
+
+def read_checkpoint(path: str | os.PathLike) -> dict:
+    """The checkpoint at ``path`` as our dict; foreign files come back with ``arch`` None."""
+    path = Path(path)
+    if not path.is_file():
+        raise FastablateError(f"checkpoint {str(path)!r} does not exist")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # pickle errors, truncated files, non-tensor payloads
+        raise FastablateError(f"cannot read checkpoint {str(path)!r}: {str(e).splitlines()[0]}") from None
+    if isinstance(obj, dict) and obj.get("format") == FORMAT:
+        return obj
+    state = obj
+    if isinstance(obj, dict):
+        for key in ("state_dict", "model"):
+            if isinstance(obj.get(key), dict):
+                state = obj[key]
+                break
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise FastablateError(f"checkpoint {str(path)!r} holds no state_dict (expected a dict of tensors, "
+                              "or one under 'state_dict' or 'model')")
+    if state and all(k.startswith("module.") for k in state):
+        state = {k[len("module."):]: v for k, v in state.items()}
+    return {"format": "foreign", "arch": None, "state_dict": state, "meta": {}}
+
+
+def _load_state(net: torch.nn.Module, state: dict, arch: str, path) -> None:
+    own = net.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    if missing or unexpected:
+        def few(keys):
+            return ", ".join(keys[:4]) + (f" (+{len(keys) - 4} more)" if len(keys) > 4 else "")
+        parts = ([f"missing keys {few(missing)}"] if missing else []) + (
+            [f"unexpected keys {few(unexpected)}"] if unexpected else [])
+        raise FastablateError(f"checkpoint {str(path)!r} does not fit model {arch}: {'; '.join(parts)}")
+    for k, v in state.items():
+        if own[k].shape != v.shape:
+            raise FastablateError(f"checkpoint {str(path)!r} does not fit model {arch}: {k} has shape "
+                                  f"{tuple(v.shape)} in the file, {tuple(own[k].shape)} in the model")
+    net.load_state_dict(state)
+
+
+def load_model(path: str | os.PathLike, arch: str | None = None, *, num_classes: int | None = None,
+               image_size: int | None = None, mean: Sequence[float] | None = None,
+               std: Sequence[float] | None = None):
+    """A NormalizedModel with the weights at ``path``.
+
+    Our checkpoints carry arch, classes and normalization (``arch``, when given, must agree).
+    Foreign files need ``arch``; ``num_classes`` defaults to the rows of the last linear
+    weight, and ``mean``/``std`` must be given.
+    """
+    from fastablate.models import build_model
+
+    ckpt = read_checkpoint(path)
+    if ckpt["format"] == FORMAT:
+        if arch is not None and arch != ckpt["arch"]:
+            raise FastablateError(f"checkpoint {str(path)!r} holds model {ckpt['arch']}, not {arch}")
+        arch = ckpt["arch"]
+        num_classes = ckpt["num_classes"]
+        image_size = image_size or ckpt["image_size"]
+        mean = mean if mean is not None else ckpt["mean"]
+        std = std if std is not None else ckpt["std"]
+    else:
+        if arch is None:
+            raise FastablateError(f"checkpoint {str(path)!r} is a bare state_dict: name its model with --model")
+        if mean is None or std is None:
+            raise FastablateError(f"checkpoint {str(path)!r} carries no normalization: give --mean and --std")
+        if num_classes is None:
+            weights = [v for k, v in ckpt["state_dict"].items() if k.endswith("weight") and v.dim() == 2]
+            num_classes = weights[-1].shape[0] if weights else 10
+    model = build_model(arch, num_classes, image_size=image_size or 32, mean=mean, std=std)
+    _load_state(model.net, ckpt["state_dict"], arch, path)
+    model.meta = ckpt["meta"]
+    return model

@@ -1,0 +1,101 @@
+"""block_skip: the residual add of a unit with a per-row keep mask (lesion in the batch).
+
+Veit, Wilber, Belongie 2016, "Residual Networks Behave Like Ensembles of Relatively
+Shallow Networks": deleting a residual block at test time keeps only its shortcut.
+Stacking lesion variants along the batch makes that a per-row choice.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from fastablate import _ext
+from fastablate.ops import _reference
+
+
+def block_skip(shortcut: Tensor, residual: Tensor, keep: Tensor, *, relu: bool = True,
+               index: Tensor | None = None, backward_keep: Tensor | None = None) -> Tensor:
+    """post(shortcut + keep[:, None, None, None] * residual), post = ReLU if ``relu``.
+
+    Args:
+        shortcut: (N, ...) floating tensor: the unit's shortcut output.
+        residual: (N, ...) like ``shortcut``; or (M, ...) with ``index``.
+        keep: (N,) bool; rows with False take the shortcut alone (the unit is lesioned).
+        relu: ReLU after the add (post-activation ResNets); identity otherwise.
+        index: (M,) int64 distinct rows of the output, one per row of ``residual``
+            (gather/scatter form: the residual was computed for those rows only).
+            Distinctness is checked on CPU; on CUDA it is the caller's promise.
+        backward_keep: (N,) bool; rows whose gradient flows into ``residual``
+            (default ``keep``). Lets a path-gradient analysis run the full forward
+            while back-propagating through chosen residual branches only.
+
+    Returns:
+        (N, ...) tensor in the memory format of ``shortcut``.
+    """
+    if backward_keep is not None:
+        return _GatedBlockSkip.apply(shortcut, residual, keep, relu, index, backward_keep)
+    if _ext.has_kernel(shortcut.device):
+        return torch.ops.fastablate.block_skip.default(shortcut, residual, keep, relu, index)
+    return _reference.block_skip(shortcut, residual, keep, relu=relu, index=index)
+
+
+def _grads(grad: Tensor, out: Tensor, gate: Tensor, relu: bool, index: Tensor | None):
+    """(d shortcut, d residual) of post(shortcut + gate[row] * residual)."""
+    g = torch.ops.aten.threshold_backward(grad, out, 0) if relu else grad
+    view = (-1,) + (1,) * (g.dim() - 1)
+    if index is None:
+        return g, torch.where(gate.view(view), g, torch.zeros((), dtype=g.dtype, device=g.device))
+    rows = g.index_select(0, index)
+    return g, torch.where(gate.index_select(0, index).view(view), rows,
+                          torch.zeros((), dtype=g.dtype, device=g.device))
+
+
+class _GatedBlockSkip(torch.autograd.Function):
+    """block_skip whose residual gradient follows ``backward_keep`` instead of ``keep``."""
+
+    @staticmethod
+    def forward(ctx, shortcut, residual, keep, relu, index, backward_keep):
+        with torch.no_grad():
+            out = block_skip(shortcut, residual, keep, relu=relu, index=index)
+        ctx.save_for_backward(out, backward_keep, index)
+        ctx.relu = relu
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        out, backward_keep, index = ctx.saved_tensors
+        gs, gr = _grads(grad, out, backward_keep, ctx.relu, index)
+        return gs, gr, None, None, None, None
+
+
+if _ext.loaded:
+    @torch.library.register_fake("fastablate::block_skip")
+    def _(shortcut, residual, keep, relu, index):
+        return torch.empty_like(shortcut, memory_format=torch.preserve_format)
+
+    def _setup_context(ctx, inputs, output):
+        _, _, keep, relu, index = inputs
+        ctx.save_for_backward(output, keep, index)
+        ctx.relu = relu
+
+    def _backward(ctx, grad):
+        out, keep, index = ctx.saved_tensors
+        gs, gr = _grads(grad, out, keep, ctx.relu, index)
+        return gs, gr, None, None, None
+
+    torch.library.register_autograd("fastablate::block_skip", _backward, setup_context=_setup_context)
+
+
+class BlockSkip(nn.Module):
+    """Module form of :func:`block_skip` for a fixed keep mask (e.g. one lesion plan)."""
+
+    def __init__(self, keep: Tensor, relu: bool = True):
+        super().__init__()
+        self.register_buffer("keep", keep.to(torch.bool), persistent=False)
+        self.relu = relu
+
+    def forward(self, shortcut: Tensor, residual: Tensor) -> Tensor:
+        return block_skip(shortcut, residual, self.keep, relu=self.relu)
+
+    def extra_repr(self) -> str:
+        return f"kept={int(self.keep.sum())}/{self.keep.numel()}, relu={self.relu}"
