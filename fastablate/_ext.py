@@ -7,7 +7,7 @@ once. Set FASTABLATE_DISABLE_EXT=1 to force the references (used by tests of the
 from __future__ import annotations
 
 import os
-import warnings
+import sys
 
 import torch
 
@@ -24,11 +24,8 @@ else:
         loaded = True
     except ImportError as e:  # absent, or built against another torch
         _error = str(e).splitlines()[0] if str(e) else type(e).__name__
-        warnings.warn(
-            f"fastablate: compiled kernels not loaded ({_error}); using pure-PyTorch references; {_BUILD_HINT}",
-            RuntimeWarning,
-            stacklevel=2,
-        )
+        print(f"warning: fastablate: compiled kernels not loaded ({_error}); using pure-PyTorch references; "
+              f"{_BUILD_HINT}", file=sys.stderr)
 
 
 def load_error() -> str | None:

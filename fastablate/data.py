@@ -221,29 +221,43 @@ def _digits(root, split, download, image_size) -> ImageSet:
                     images=x[keep])
 
 
-_CIFAR = {
-    "cifar10": ("cifar-10-batches-py", "data_batch_1..5, test_batch, batches.meta",
-                (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
-    "cifar100": ("cifar-100-python", "train, test, meta", (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
+_CIFAR = {  # folder, train files, test file, meta file, label key, class key, mean, std
+    "cifar10": ("cifar-10-batches-py", [f"data_batch_{i}" for i in range(1, 6)], "test_batch", "batches.meta",
+                "labels", "label_names", (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+    "cifar100": ("cifar-100-python", ["train"], "test", "meta", "fine_labels", "fine_label_names",
+                 (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
 }
 
 
 def _cifar(name):
+    """torchvision's on-disk CIFAR format (the python pickles), read directly."""
     def load(root, split, download, image_size) -> ImageSet:
-        from torchvision import datasets
+        import pickle
 
-        folder, files, mean, std = _CIFAR[name]
-        if not (root / folder).is_dir() and not download:
-            raise FastablateError(f"dataset {name}: no data at {str(root)!r}; expected {root / folder}/ with "
-                                  f"{files} (torchvision's format), or pass --download")
-        cls = datasets.CIFAR10 if name == "cifar10" else datasets.CIFAR100
-        try:
-            raw = cls(str(root), train=split == "train", download=download)
-        except RuntimeError as e:
-            raise FastablateError(f"dataset {name} at {str(root)!r}: {str(e).splitlines()[0]}") from None
-        images = torch.from_numpy(raw.data).permute(0, 3, 1, 2).contiguous()
-        return ImageSet(name, split, torch.tensor(raw.targets, dtype=torch.int64), list(raw.classes),
-                        mean, std, 32, images=images)
+        folder, train_files, test_file, meta_file, label_key, class_key, mean, std = _CIFAR[name]
+        base = root / folder
+        wanted = (train_files if split == "train" else [test_file]) + [meta_file]
+        if download and not all((base / f).is_file() for f in wanted):
+            from torchvision import datasets
+
+            (datasets.CIFAR10 if name == "cifar10" else datasets.CIFAR100)(str(root), download=True)
+        missing = [f for f in wanted if not (base / f).is_file()]
+        if missing:
+            raise FastablateError(f"dataset {name}: no {', '.join(missing)} in {str(base)!r}; expected {base}/ with "
+                                  f"{', '.join(train_files + [test_file, meta_file])} (torchvision's format), "
+                                  "or pass --download")
+
+        def read(f):
+            try:
+                with open(base / f, "rb") as fh:
+                    return pickle.load(fh, encoding="latin1")
+            except Exception as e:
+                raise FastablateError(f"dataset {name}: cannot read {str(base / f)!r}: {e}") from None
+        parts = [read(f) for f in wanted[:-1]]
+        images = torch.from_numpy(__import__("numpy").concatenate([p["data"] for p in parts]))
+        labels = torch.tensor([y for p in parts for y in p[label_key]], dtype=torch.int64)
+        return ImageSet(name, split, labels, list(read(meta_file)[class_key]), mean, std, 32,
+                        images=images.view(-1, 3, 32, 32).contiguous())
     return load
 
 

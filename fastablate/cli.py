@@ -1,0 +1,258 @@
+"""The fastablate command line: parse, build a config, call an engine, write and print.
+
+Commands import torch lazily, so ``fastablate --help`` stays fast. Bad input of any kind
+ends in one line ``Error: ...`` on stderr and exit status 2.
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+from fastablate import __version__
+from fastablate.config import CommonConfig, EvalConfig, TrainConfig, parse_floats, validate
+from fastablate.errors import FastablateError
+
+
+class Group(click.Group):
+    """Prints usage errors and FastablateError as one line, exit 2, no traceback."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        try:
+            rv = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except (click.UsageError, FastablateError) as e:
+            msg = e.format_message() if isinstance(e, click.ClickException) else str(e)
+            click.echo(f"Error: {msg}", err=True)
+            sys.exit(2)
+        except click.Abort:
+            click.echo("Aborted!", err=True)
+            sys.exit(1)
+        except click.ClickException as e:
+            e.show()
+            sys.exit(e.exit_code)
+        sys.exit(rv if isinstance(rv, int) else 0)
+
+
+def _load_config(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    """--config FILE.yaml: its keys become the command's defaults (flags and env still win)."""
+    if not value:
+        return value
+    import yaml
+
+    try:
+        data = yaml.safe_load(Path(value).read_text()) or {}
+    except (OSError, yaml.YAMLError) as e:
+        raise FastablateError(f"--config {value!r}: {str(e).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise FastablateError(f"--config {value!r}: expected a mapping of option: value")
+    names = {p.name for p in ctx.command.params}
+    data = {str(k).replace("-", "_"): v for k, v in data.items()}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise FastablateError(f"--config {value!r}: unknown option(s) {', '.join(unknown)} for "
+                              f"'{ctx.command.name}'; valid: {', '.join(sorted(names - {'config'}))}")
+    ctx.default_map = {**(ctx.default_map or {}), **data}
+    return value
+
+
+def common_options(f):
+    """Options every model/data command shares."""
+    opts = [
+        click.option("--model", default=None, help="Registry model name (fastablate models)."),
+        click.option("--weights", type=click.Path(dir_okay=False), default=None,
+                     help="Checkpoint: ours, or a foreign state_dict (then --model, --mean/--std)."),
+        click.option("--dataset", default="digits", show_default=True, help="Registry dataset (fastablate datasets)."),
+        click.option("--data-dir", default=None, help="Root of the dataset on disk."),
+        click.option("--split", type=click.Choice(["train", "test"]), default=None, help="Split to use."),
+        click.option("--limit", type=int, default=None, help="Seeded class-balanced subset of N examples."),
+        click.option("--mean", default=None, help="Input normalization mean per channel, e.g. 0.49,0.48,0.45."),
+        click.option("--std", default=None, help="Input normalization std per channel."),
+        click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True),
+        click.option("--batch-size", type=click.IntRange(min=1), default=128, show_default=True, help="Images."),
+        click.option("--workers", type=click.IntRange(min=0), default=0, show_default=True,
+                     help="Loader processes for file-backed datasets."),
+        click.option("--seed", type=int, default=0, show_default=True),
+        click.option("--out", type=click.Path(file_okay=False), default=None,
+                     help="Output directory [default: runs/<command>-<timestamp>]."),
+        click.option("--download", is_flag=True, help="Let torchvision download CIFAR when absent."),
+        click.option("--config", type=click.Path(dir_okay=False, exists=True), callback=_load_config, is_eager=True,
+                     expose_value=False, help="YAML file of option defaults."),
+    ]
+    for opt in reversed(opts):
+        f = opt(f)
+    return f
+
+
+def _config(cls, params: dict) -> CommonConfig:
+    params = dict(params)
+    params["mean"] = parse_floats(params.get("mean"), "--mean")
+    params["std"] = parse_floats(params.get("std"), "--std")
+    if params.get("split") is None:
+        params.pop("split", None)
+    cfg = cls(**params)
+    validate(cfg)
+    return cfg
+
+
+def table(rows: list[dict]) -> str:
+    """A plain fixed-width table."""
+    if not rows:
+        return ""
+    cols = list(rows[0])
+    fmt = lambda v: f"{v:.4f}" if isinstance(v, float) else str(v)  # noqa: E731
+    cells = [[fmt(r.get(c, "")) for c in cols] for r in rows]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(cols)]
+    line = lambda vals: "  ".join(v.ljust(w) for v, w in zip(vals, widths)).rstrip()  # noqa: E731
+    return "\n".join([line(cols), line(["-" * w for w in widths])] + [line(r) for r in cells])
+
+
+@click.group(cls=Group, context_settings={"auto_envvar_prefix": "FASTABLATE", "help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="fastablate")
+def cli():
+    """Lesion, noise and adversarial robustness studies of ResNets and VGGs."""
+
+
+@cli.command()
+def models():
+    """List the registry models with parameters and units."""
+    from fastablate.models import MODELS, build_model, count_parameters
+    from fastablate.units import units
+
+    rows = []
+    for name, spec in MODELS.items():
+        m = build_model(name, 10)
+        view = units(m)
+        rows.append({"model": name, "family": spec.family, "params": f"{count_parameters(m) / 1e6:.2f}M",
+                     "units": len(view.units), "lesionable": len(view.lesionable()), "description": spec.description})
+    click.echo(table(rows))
+
+
+@cli.command()
+def datasets():
+    """List the registry datasets."""
+    from fastablate.data import DATASETS
+
+    click.echo(table([{"dataset": s.name, "needs --data-dir": "yes" if s.needs_root else "no",
+                       "description": s.description} for s in DATASETS.values()]))
+
+
+@cli.command()
+def info():
+    """Versions, compiled kernels, devices, threads."""
+    import torch
+
+    from fastablate import _ext
+    from fastablate.results import versions
+
+    for k, v in versions().items():
+        click.echo(f"{k:12s} {v}")
+    click.echo(f"{'cpu kernels':12s} {'loaded' if _ext.has_kernel(torch.device('cpu')) else 'not loaded'}")
+    click.echo(f"{'cuda kernels':12s} {'loaded' if _ext.has_kernel(torch.device('cuda')) else 'not loaded'}")
+    gpus = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+    click.echo(f"{'devices':12s} cpu{''.join(f', cuda:{i} ({n})' for i, n in enumerate(gpus))}")
+    click.echo(f"{'threads':12s} {torch.get_num_threads()}")
+
+
+def _open_run(command: str, cfg: CommonConfig, device, resume: bool = False):
+    from fastablate.results import RunDir, default_out
+
+    return RunDir(cfg.out or default_out(command), command, cfg.to_dict(), device=str(device),
+                  seed=cfg.seed).start(resume=resume)
+
+
+@cli.command()
+@common_options
+@click.option("--epochs", type=click.IntRange(min=1), default=15, show_default=True)
+@click.option("--lr", type=float, default=0.1, show_default=True, help="Learning rate per 128 images.")
+@click.option("--momentum", type=float, default=0.9, show_default=True)
+@click.option("--weight-decay", type=float, default=5e-4, show_default=True)
+@click.option("--label-smoothing", type=float, default=0.0, show_default=True)
+@click.option("--resume", is_flag=True, help="Continue the run in --out from its last epoch.")
+def train(**params):
+    """Train a model (default: resnet8 on the embedded digits) and evaluate it each epoch.
+
+    --limit applies to both splits. --weights initializes from a checkpoint.
+    """
+    cfg = _config(TrainConfig, params)
+    if cfg.resume and not cfg.out:
+        raise FastablateError("--resume needs --out DIR of the run to continue")
+    from fastablate.engines.common import load_data, load_or_build_model, resolve_device
+    from fastablate.engines.train import plot_history, train as train_engine
+
+    device = resolve_device(cfg.device)
+    train_set = load_data(cfg, "train")
+    test_set = load_data(cfg, "test", image_size=train_set.image_size)
+    model = load_or_build_model(cfg, train_set, default_arch="resnet8")
+    cfg.model = model.arch
+    run = _open_run("train", cfg, device, resume=cfg.resume)
+    try:
+        res = train_engine(cfg, model, train_set, test_set, run, device)
+        run.timings["train_s"] = round(res.seconds, 3)
+        results = {"accuracy": res.final.accuracy, "loss": res.final.loss, "epochs": len(res.history),
+                   "checkpoint": str(res.checkpoint), "test": res.final.to_dict(), "history": res.history}
+        run.write_results(results, res.history)
+        plot_history(res.history, run.plot_path("training"))
+    except BaseException as e:
+        run.finish(error=f"{type(e).__name__}: {e}")
+        raise
+    run.finish()
+    click.echo(table(res.final.rows()))
+    click.echo(f"\n{model.arch} on {train_set.name}: test accuracy {res.final.accuracy:.4f} "
+               f"({res.final.n} images), loss {res.final.loss:.4f}")
+    click.echo(f"checkpoint: {res.checkpoint}\nresults: {run.path}")
+
+
+@cli.command("eval")
+@common_options
+def eval_(**params):
+    """Evaluate a checkpoint: accuracy, loss, per-class accuracy, confusion matrix."""
+    cfg = _config(EvalConfig, params)
+    if not cfg.weights:
+        raise FastablateError("eval needs --weights CHECKPOINT")
+    from fastablate.engines.common import load_data, load_or_build_model, resolve_device
+    from fastablate.engines.evaluate import evaluate
+
+    device = resolve_device(cfg.device)
+    ds = load_data(cfg)
+    model = load_or_build_model(cfg, ds).to(device)
+    cfg.model = model.arch
+    run = _open_run("eval", cfg, device)
+    try:
+        res = evaluate(model, ds, batch_size=cfg.batch_size, device=device, show_progress=True)
+        run.timings["eval_s"] = round(res.seconds, 3)
+        run.write_results(res.to_dict(), res.rows())
+        _plot_confusion(res, run.plot_path("confusion"))
+    except BaseException as e:
+        run.finish(error=f"{type(e).__name__}: {e}")
+        raise
+    run.finish()
+    click.echo(table(res.rows()))
+    click.echo(f"\n{model.arch} on {ds.name}/{ds.split}: accuracy {res.accuracy:.4f} ({res.n} images), "
+               f"loss {res.loss:.4f}\nresults: {run.path}")
+
+
+def _plot_confusion(res, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    k = len(res.classes)
+    fig, ax = plt.subplots(figsize=(1.2 + 0.45 * k, 1 + 0.45 * k))
+    ax.imshow(res.confusion, cmap="Blues")
+    ax.set(xticks=range(k), yticks=range(k), xlabel="predicted", ylabel="true",
+           title=f"accuracy {res.accuracy:.4f}")
+    ax.set_xticklabels(res.classes, rotation=90)
+    ax.set_yticklabels(res.classes)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main() -> None:
+    cli()
+
+
+if __name__ == "__main__":
+    main()
