@@ -178,16 +178,17 @@ def train(**params):
     if cfg.resume and not cfg.out:
         raise FastablateError("--resume needs --out DIR of the run to continue")
     from fastablate.engines.common import load_data, load_or_build_model, resolve_device
-    from fastablate.engines.train import plot_history, train as train_engine
+    from fastablate.engines.train import load_resume_state, plot_history, train as train_engine
 
     device = resolve_device(cfg.device)
     train_set = load_data(cfg, "train")
     test_set = load_data(cfg, "test", image_size=train_set.image_size)
     model = load_or_build_model(cfg, train_set, default_arch="resnet8")
     cfg.model = model.arch
+    state = load_resume_state(Path(cfg.out), model.arch) if cfg.resume else None
     run = _open_run("train", cfg, device, resume=cfg.resume)
     try:
-        res = train_engine(cfg, model, train_set, test_set, run, device)
+        res = train_engine(cfg, model, train_set, test_set, run, device, state)
         run.timings["train_s"] = round(res.seconds, 3)
         results = {"accuracy": res.final.accuracy, "loss": res.final.loss, "epochs": len(res.history),
                    "checkpoint": str(res.checkpoint), "test": res.final.to_dict(), "history": res.history}

@@ -17,6 +17,17 @@ from fastablate.models import NormalizedModel, build_model, load_model
 T = TypeVar("T")
 
 
+def seed_everything(seed: int) -> None:
+    """Seed every generator a run draws from (model init, dropout, data order)."""
+    import random
+
+    import numpy as np
+
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
 def resolve_device(name: str) -> torch.device:
     """'auto' is CUDA when available, else CPU."""
     if name == "auto":
@@ -39,6 +50,7 @@ def load_or_build_model(cfg: CommonConfig, ds: ImageSet, *, default_arch: str | 
     Normalization: --mean/--std, else the checkpoint's, else the dataset's statistics.
     """
     arch = cfg.model or default_arch
+    seed_everything(cfg.seed)  # the same seed gives the same initial weights
     if cfg.weights:
         mean, std = cfg.mean, cfg.std
         from fastablate.models.checkpoint import read_checkpoint

@@ -40,12 +40,24 @@ def _lr(cfg: TrainConfig, step: int, total: int) -> float:
     return base * 0.5 * (1 + math.cos(math.pi * step / total))
 
 
+def load_resume_state(out: Path, arch: str) -> dict:
+    """The training state in ``out/last.pt``, checked against the model to resume."""
+    path = Path(out) / STATE_FILE
+    if not path.is_file():
+        raise FastablateError(f"--resume: no {STATE_FILE} in {str(out)!r}; nothing to resume")
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if state["arch"] != arch:
+        raise FastablateError(f"--resume: {path} trains {state['arch']}, not {arch}")
+    return state
+
+
 def train(cfg: TrainConfig, model: NormalizedModel, train_set: ImageSet, test_set: ImageSet, run: RunDir,
-          device: torch.device) -> TrainResult:
+          device: torch.device, resume_state: dict | None = None) -> TrainResult:
     """Train ``model`` on ``train_set``, evaluating on ``test_set`` after every epoch.
 
     Writes ``model.pt`` and ``last.pt`` into the run directory at every epoch (atomically),
-    and ``metrics.csv``. With ``cfg.resume``, continues from ``last.pt``.
+    and ``metrics.csv``. With ``resume_state`` (from :func:`load_resume_state`), continues
+    where that state ended.
     """
     start = time.perf_counter()
     model.to(device)
@@ -55,19 +67,14 @@ def train(cfg: TrainConfig, model: NormalizedModel, train_set: ImageSet, test_se
     opt = torch.optim.SGD([{"params": decay, "weight_decay": cfg.weight_decay},
                            {"params": no_decay, "weight_decay": 0.0}],
                           lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.momentum > 0)
-    gen = torch.Generator().manual_seed(cfg.seed)
-    torch.manual_seed(cfg.seed)
+    gen = torch.Generator().manual_seed(cfg.seed)  # data order and augmentation
     steps_per_epoch = -(-len(train_set) // cfg.batch_size)
     total = cfg.epochs * steps_per_epoch
     history: list[dict] = []
     first_epoch = 0
     state_path = run.path / STATE_FILE
-    if cfg.resume:
-        if not state_path.is_file():
-            raise FastablateError(f"--resume: no {STATE_FILE} in {str(run.path)!r}; nothing to resume")
-        state = torch.load(state_path, map_location="cpu", weights_only=True)
-        if state["arch"] != model.arch:
-            raise FastablateError(f"--resume: {state_path} trains {state['arch']}, not {model.arch}")
+    if resume_state is not None:
+        state = resume_state
         model.net.load_state_dict(state["state_dict"])
         opt.load_state_dict(state["optimizer"])
         gen.set_state(state["generator"])
