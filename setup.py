@@ -60,7 +60,8 @@ def extensions():
     debug = os.environ.get("FASTABLATE_DEBUG") == "1"
     opt = ["-O0", "-g"] if debug else ["-O3"]
     sources = ["csrc/fastablate.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
-    cxx = list(opt)
+    # -fno-math-errno: sqrtf must not set errno, or the noise kernel's loops do not vectorize.
+    cxx = opt + ["-fno-math-errno"]
     use_cuda = _want_cuda()
     print(f"fastablate: building CPU kernels; CUDA kernels: {'yes' if use_cuda else 'no'}"
           f" (FASTABLATE_CUDA={os.environ.get('FASTABLATE_CUDA', 'auto')},"

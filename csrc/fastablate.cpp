@@ -16,4 +16,10 @@ TORCH_LIBRARY(fastablate, m) {
   // out = post(shortcut + keep[row] * residual), post = ReLU if relu else identity.
   // With index: residual holds only rows index[j] of the output (gather/scatter form).
   m.def("block_skip(Tensor shortcut, Tensor residual, Tensor keep, bool relu, Tensor? index) -> Tensor");
+  // y = x + m * sigma * channel_sigma[c] * z, z ~ N(0, 1) from Philox keyed by (seed, offset + element
+  // index); m = mask (broadcastable to x) or Bernoulli(p) drawn in the same pass.
+  m.def("gaussian_noise(Tensor x, float sigma, Tensor? channel_sigma, float p, Tensor? mask, int seed, "
+        "int offset) -> Tensor");
+  m.def("gaussian_noise_(Tensor(a!) x, float sigma, Tensor? channel_sigma, float p, Tensor? mask, int seed, "
+        "int offset) -> ()");
 }

@@ -1,5 +1,6 @@
 """Typed public wrappers of the fastablate kernels; each falls back to its pure-PyTorch
 reference (``fastablate.ops._reference``) where no compiled kernel exists for the device."""
 from fastablate.ops.block_skip import BlockSkip, block_skip
+from fastablate.ops.gaussian_noise import GaussianNoise, gaussian_noise
 
-__all__ = ["BlockSkip", "block_skip"]
+__all__ = ["BlockSkip", "GaussianNoise", "block_skip", "gaussian_noise"]
