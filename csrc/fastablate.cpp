@@ -22,4 +22,10 @@ TORCH_LIBRARY(fastablate, m) {
         "int offset) -> Tensor");
   m.def("gaussian_noise_(Tensor(a!) x, float sigma, Tensor? channel_sigma, float p, Tensor? mask, int seed, "
         "int offset) -> ()");
+  // For each image, the k pixels with the largest sum over channels of |grad| (ties: lower pixel
+  // index first), or `indices`; all channels of those pixels move by step * sign(grad) ("sign")
+  // or step * grad / ||grad over the chosen entries|| ("l2"), clamped to [lo[c], hi[c]].
+  // Returns the new images and the (N, k) pixel indices (h * W + w).
+  m.def("sparse_pixel_update(Tensor x, Tensor grad, int k, float step, Tensor lo, Tensor hi, Tensor? indices, "
+        "str mode) -> (Tensor, Tensor)");
 }

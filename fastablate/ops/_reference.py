@@ -87,3 +87,34 @@ def gaussian_noise(x: Tensor, sigma: float | Tensor, *, p: float = 1.0, mask: Te
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32  # the kernels' opmath type
     noisy = (x.to(acc) + sigma * z.to(acc)).to(x.dtype)
     return torch.where(keep, noisy, x)
+
+
+def sparse_pixel_update(x_adv: Tensor, grad: Tensor, k: int, step: float, *, lo: Tensor, hi: Tensor,
+                        indices: Tensor | None = None, mode: str = "sign") -> tuple[Tensor, Tensor]:
+    """See fastablate.ops.sparse_pixel_update; ``lo``/``hi`` are float64 (C,) tensors here."""
+    if mode not in ("sign", "l2"):
+        raise ValueError(f"sparse_pixel_update: mode must be 'sign' or 'l2', got '{mode}'")
+    n, c, h, w = x_adv.shape
+    acc = torch.float64 if x_adv.dtype == torch.float64 else torch.float32
+    g = grad.reshape(n, c, h * w)
+    if indices is None:
+        sal = torch.zeros(n, h * w, dtype=acc, device=x_adv.device)
+        for ch in range(c):  # channels in order, as the kernels sum them
+            sal += g[:, ch].to(acc).abs()
+        # Stable and descending: ties keep the lower pixel index first.
+        indices = torch.sort(sal, dim=1, descending=True, stable=True).indices[:, :k]
+    idx = indices[:, None, :].expand(n, c, k)
+    gsel = g.gather(2, idx).double()
+    if mode == "l2":
+        # Pixel by pixel, channels inner, one after another: the kernels' order (cumsum is sequential on CPU).
+        sq = (gsel * gsel).transpose(1, 2).reshape(n, -1).cumsum(1)[:, -1] if k else gsel.new_zeros(n)
+        # A true division (float / tensor would be reciprocal-then-multiply, off by an ulp).
+        scale = torch.where(sq > 0, torch.full_like(sq, step) / sq.sqrt(), torch.zeros_like(sq))
+        delta = (gsel * scale[:, None, None]).to(acc)
+    else:
+        delta = torch.tensor(step, dtype=acc) * torch.sign(gsel).to(acc)
+    out = x_adv.reshape(n, c, h * w).clone()
+    v = out.gather(2, idx).to(acc) + delta
+    v = torch.minimum(torch.maximum(v, lo.to(acc).view(1, c, 1)), hi.to(acc).view(1, c, 1))
+    out.scatter_(2, idx, v.to(x_adv.dtype))
+    return out.view(n, c, h, w), indices.clone()

@@ -1,0 +1,147 @@
+"""sparse_pixel_update: exact agreement with the reference, the L0 budget, bounds, bad input."""
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from fastablate import _ext
+from fastablate.ops import _reference, sparse_pixel_update
+
+needs_kernel = pytest.mark.skipif(not _ext.loaded, reason=f"extension not loaded: {_ext.load_error()}")
+DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
+
+
+def _inputs(device, dtype=torch.float32, n=5, c=3, h=8, w=9):
+    x = torch.rand(n, c, h, w, device=device).to(dtype)
+    g = torch.randn(n, c, h, w, device=device).to(dtype)
+    return x, g
+
+
+def _ref(x, g, k, step, lo=0.0, hi=1.0, **kw):
+    c = x.shape[1]
+    lo_t = torch.as_tensor(lo, dtype=torch.float64, device=x.device).expand(c).contiguous()
+    hi_t = torch.as_tensor(hi, dtype=torch.float64, device=x.device).expand(c).contiguous()
+    return _reference.sparse_pixel_update(x, g, k, step, lo=lo_t, hi=hi_t, **kw)
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("mode", ["sign", "l2"])
+@pytest.mark.parametrize("k", [0, 1, 5, 72])
+def test_equals_reference(device, dtype, mode, k):
+    x, g = _inputs(device, dtype)
+    out, idx = sparse_pixel_update(x, g, k, 0.3, mode=mode)
+    ref, ref_idx = _ref(x, g, k, 0.3, mode=mode)
+    assert torch.equal(idx, ref_idx)
+    assert torch.equal(out, ref)
+
+
+def test_budget_and_bounds(device):
+    x, g = _inputs(device, n=16, h=32, w=32)
+    out, idx = sparse_pixel_update(x, g, 5, 0.5)
+    changed = (out != x).any(1).flatten(1)  # (N, H*W): pixels changed in any channel
+    assert (changed.sum(1) <= 5).all()
+    assert torch.equal(changed, torch.zeros_like(changed).scatter_(1, idx, True) & changed)
+    assert out.min() >= 0 and out.max() <= 1
+    # The chosen pixels are the k most salient.
+    sal = g.abs().sum(1).flatten(1)
+    assert torch.equal(sal.gather(1, idx), sal.topk(5, dim=1).values)
+
+
+def test_ties_go_to_lower_index(device):
+    x = torch.full((1, 2, 3, 3), 0.5, device=device)
+    g = torch.ones(1, 2, 3, 3, device=device)
+    g[0, :, 2, 2] = 2.0
+    _, idx = sparse_pixel_update(x, g, 4, 0.1)
+    assert idx.tolist() == [[8, 0, 1, 2]]
+
+
+def test_given_indices_and_per_channel_bounds(device):
+    x, g = _inputs(device, n=2)
+    idx = torch.tensor([[0, 10, 20], [71, 3, 4]], device=device)
+    lo, hi = [0.2, 0.0, 0.4], [0.8, 1.0, 0.6]
+    out, got = sparse_pixel_update(x, g, 3, 1.0, lo=lo, hi=hi, indices=idx)
+    assert torch.equal(got, idx)
+    ref, _ = _ref(x, g, 3, 1.0, lo=lo, hi=hi, indices=idx)
+    assert torch.equal(out, ref)
+    moved = out.flatten(2)[:, :, [0, 10, 20]][0]
+    assert (moved[2] >= 0.4).all() and (moved[2] <= 0.6).all()
+
+
+def test_l2_step_length(device):
+    x = torch.full((3, 3, 16, 16), 0.5, dtype=torch.float64, device=device)
+    g = torch.randn(3, 3, 16, 16, dtype=torch.float64, device=device)
+    out, _ = sparse_pixel_update(x, g, 10, 0.2, mode="l2")
+    norms = (out - x).flatten(1).norm(dim=1)
+    torch.testing.assert_close(norms, torch.full_like(norms, 0.2))
+
+
+def test_sign_of_zero_gradient_does_not_move(device):
+    x = torch.full((1, 3, 4, 4), 0.5, device=device)
+    out, _ = sparse_pixel_update(x, torch.zeros_like(x), 3, 0.5)
+    assert torch.equal(out, x)
+    out, _ = sparse_pixel_update(x, torch.zeros_like(x), 3, 0.5, mode="l2")
+    assert torch.equal(out, x)
+
+
+def test_layouts(device):
+    x, g = _inputs(device)
+    ref, ref_idx = sparse_pixel_update(x, g, 4, 0.2)
+    out, idx = sparse_pixel_update(x.to(memory_format=torch.channels_last), g.to(memory_format=torch.channels_last),
+                                   4, 0.2)
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(out, ref) and torch.equal(idx, ref_idx)
+    xt = x.transpose(2, 3)
+    out, _ = sparse_pixel_update(xt, g.transpose(2, 3), 4, 0.2)
+    assert torch.equal(out, sparse_pixel_update(xt.contiguous(), g.transpose(2, 3).contiguous(), 4, 0.2)[0])
+
+
+def test_empty_batch(device):
+    x = torch.empty(0, 3, 4, 4, device=device)
+    out, idx = sparse_pixel_update(x, x, 2, 0.1)
+    assert out.shape == x.shape and idx.shape == (0, 2)
+
+
+@needs_kernel
+def test_opcheck(device):
+    x, g = _inputs(device)
+    lo, hi = torch.zeros(3, dtype=torch.float64, device=device), torch.ones(3, dtype=torch.float64, device=device)
+    op = torch.ops.fastablate.sparse_pixel_update.default
+    torch.library.opcheck(op, (x, g, 4, 0.1, lo, hi, None, "sign"), test_utils=("test_schema", "test_faketensor"))
+    torch.library.opcheck(op, (x, g, 2, 0.1, lo, hi, torch.zeros(5, 2, dtype=torch.long, device=device), "l2"),
+                          test_utils=("test_schema", "test_faketensor"))
+
+
+@needs_kernel
+@pytest.mark.parametrize("args, message", [
+    (lambda x, g, b: (x.long(), g.long(), 2, 0.1, b, b, None, "sign"), "x must be a floating tensor, got Long"),
+    (lambda x, g, b: (x[0], g[0], 2, 0.1, b, b, None, "sign"), "x must be (N, C, H, W), got shape [3, 8, 9]"),
+    (lambda x, g, b: (x, g[:, :2], 2, 0.1, b, b, None, "sign"), "grad has shape [5, 2, 8, 9], x has shape"),
+    (lambda x, g, b: (x, g.double(), 2, 0.1, b, b, None, "sign"), "grad has dtype Double, x has dtype Float"),
+    (lambda x, g, b: (x, g, 73, 0.1, b, b, None, "sign"), "k must be in [0, H*W = 72], got 73"),
+    (lambda x, g, b: (x, g, -1, 0.1, b, b, None, "sign"), "k must be in [0, H*W = 72], got -1"),
+    (lambda x, g, b: (x, g, 2, float("inf"), b, b, None, "sign"), "step must be finite, got inf"),
+    (lambda x, g, b: (x, g, 2, 0.1, b, b, None, "linf"), "mode must be 'sign' or 'l2', got 'linf'"),
+    (lambda x, g, b: (x, g, 2, 0.1, b[:2], b, None, "sign"), "bounds must be float64 tensors of shape (3,)"),
+    (lambda x, g, b: (x, g, 2, 0.1, b, b, torch.zeros(5, 3, dtype=torch.long), "sign"),
+     "indices has shape [5, 3], expected (5, 2)"),
+    (lambda x, g, b: (x, g, 2, 0.1, b, b, torch.full((5, 2), 72), "sign"), "indices must be in [0, 72)"),
+    (lambda x, g, b: (x, g, 2, 0.1, b, b, torch.zeros(5, 2, dtype=torch.int32), "sign"), "indices must be int64"),
+])
+def test_bad_input_messages(args, message):
+    x, g = _inputs("cpu")
+    with pytest.raises(RuntimeError, match=re.escape(message)):
+        torch.ops.fastablate.sparse_pixel_update(*args(x, g, torch.zeros(3, dtype=torch.float64)))
+
+
+def test_fallback_without_extension():
+    code = ("import torch; from fastablate import _ext; from fastablate.ops import sparse_pixel_update;"
+            "assert not _ext.loaded; x = torch.rand(2, 3, 5, 5); g = torch.randn(2, 3, 5, 5);"
+            "out, idx = sparse_pixel_update(x, g, 3, 0.5); assert idx.shape == (2, 3);"
+            "assert ((out != x).any(1).flatten(1).sum(1) <= 3).all(); print('ok')")
+    out = subprocess.run([sys.executable, "-c", code], env={**os.environ, "FASTABLATE_DISABLE_EXT": "1"},
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
