@@ -63,4 +63,28 @@ inline NoisePlan gaussian_noise_plan(const at::Tensor& x, double sigma, const c1
   return plan;
 }
 
+// The functional and in-place entry points around a backend's run(plan, y, sigma, seed, offset).
+// Noise follows x's logical (row-major) order; a non-contiguous x is worked on as a contiguous copy.
+template <typename Run>
+at::Tensor gaussian_noise_functional(const at::Tensor& x, double sigma, const c10::optional<at::Tensor>& channel_sigma,
+                                     double p, const c10::optional<at::Tensor>& mask, int64_t seed, int64_t offset,
+                                     Run run) {
+  const NoisePlan plan = gaussian_noise_plan(x, sigma, channel_sigma, p, mask, offset);
+  at::Tensor y = at::empty_like(plan.x);
+  run(plan, y, sigma, seed, offset);
+  return x.is_contiguous() ? y : y.contiguous(x.suggest_memory_format());
+}
+
+template <typename Run>
+void gaussian_noise_inplace(at::Tensor& x, double sigma, const c10::optional<at::Tensor>& channel_sigma, double p,
+                            const c10::optional<at::Tensor>& mask, int64_t seed, int64_t offset, Run run) {
+  const NoisePlan plan = gaussian_noise_plan(x, sigma, channel_sigma, p, mask, offset);
+  if (x.is_contiguous()) {
+    run(plan, x, sigma, seed, offset);
+  } else {  // plan.x is a contiguous copy: noise it, then write it back in x's layout
+    run(plan, plan.x, sigma, seed, offset);
+    x.copy_(plan.x);
+  }
+}
+
 }  // namespace fastablate

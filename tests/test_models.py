@@ -16,7 +16,8 @@ def test_build_and_forward(name):
 
 
 def test_registry_names():
-    expected = {f"resnet{d}" for d in (8, 20, 32, 44, 56, 110, 18, 34, 50)} | {f"plain{d}" for d in (20, 56, 110, 18, 34)}
+    expected = {f"resnet{d}" for d in (8, 20, 32, 44, 56, 110, 18, 34, 50)}
+    expected |= {f"plain{d}" for d in (20, 56, 110, 18, 34)}
     expected |= {f"vgg{d}{bn}" for d in (11, 13, 16, 19) for bn in ("", "_bn")}
     assert expected <= set(MODELS)
 

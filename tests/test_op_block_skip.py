@@ -1,10 +1,8 @@
 """block_skip: kernel against the reference, opcheck, gradcheck, layouts, bad input, fallback."""
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
+from conftest import run_without_extension
 
 from fastablate import _ext
 from fastablate.ops import BlockSkip, _reference, block_skip
@@ -138,12 +136,10 @@ def test_bad_input_messages(bad, message):
         torch.ops.fastablate.block_skip(*args)
 
 
-def test_fallback_without_extension(tmp_path):
+def test_fallback_without_extension():
     code = ("import torch, warnings; from fastablate import _ext; from fastablate.ops import block_skip, _reference;"
             "assert not _ext.loaded and not _ext.has_kernel(torch.device('cpu'));"
             "s, r = torch.randn(4, 3, 2, 2), torch.randn(4, 3, 2, 2); k = torch.tensor([1, 0, 1, 0]).bool();"
             "assert torch.equal(block_skip(s, r, k), _reference.block_skip(s, r, k)); print('ok')")
-    env = {**os.environ, "FASTABLATE_DISABLE_EXT": "1"}
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
-    assert out.returncode == 0, out.stderr
+    out = run_without_extension(code)
     assert out.stdout.strip() == "ok"

@@ -62,21 +62,12 @@ void run(const NoisePlan& plan, const at::Tensor& y, double sigma, int64_t seed,
 
 at::Tensor gaussian_noise_cuda(const at::Tensor& x, double sigma, const c10::optional<at::Tensor>& channel_sigma,
                                double p, const c10::optional<at::Tensor>& mask, int64_t seed, int64_t offset) {
-  const NoisePlan plan = gaussian_noise_plan(x, sigma, channel_sigma, p, mask, offset);
-  at::Tensor y = at::empty_like(plan.x);
-  run(plan, y, sigma, seed, offset);
-  return x.is_contiguous() ? y : y.contiguous(x.suggest_memory_format());
+  return gaussian_noise_functional(x, sigma, channel_sigma, p, mask, seed, offset, run);
 }
 
-void gaussian_noise_cuda_(at::Tensor& x, double sigma, const c10::optional<at::Tensor>& channel_sigma,
-                                 double p, const c10::optional<at::Tensor>& mask, int64_t seed, int64_t offset) {
-  const NoisePlan plan = gaussian_noise_plan(x, sigma, channel_sigma, p, mask, offset);
-  if (x.is_contiguous()) {
-    run(plan, x, sigma, seed, offset);
-  } else {
-    run(plan, plan.x, sigma, seed, offset);
-    x.copy_(plan.x);
-  }
+void gaussian_noise_cuda_(at::Tensor& x, double sigma, const c10::optional<at::Tensor>& channel_sigma, double p,
+                          const c10::optional<at::Tensor>& mask, int64_t seed, int64_t offset) {
+  gaussian_noise_inplace(x, sigma, channel_sigma, p, mask, seed, offset, run);
 }
 
 }  // namespace
