@@ -153,3 +153,17 @@ def test_bad_input_is_one_line_exit_2_nothing_written(args, message, ckpt, tmp_p
     assert message.format(**fill) in lines[0]
     assert not out.exists()
     assert "Traceback" not in r.output
+
+
+@pytest.mark.parametrize("path", sorted(__import__("pathlib").Path(__file__).parent.parent.glob("configs/*.yaml")),
+                         ids=lambda p: p.name)
+def test_shipped_configs_load(path, tmp_path):
+    # Every key must be a train option; flags override the file's model/data/epochs to keep this fast.
+    r = run("train", "--config", path, "--model", "resnet8", "--dataset", "synthetic", "--limit", "20",
+            "--epochs", "1", "--out", tmp_path / "c")
+    assert r.exit_code == 0, r.output
+    conf = json.loads((tmp_path / "c" / "run.json").read_text())["config"]
+    import yaml
+    for key, value in yaml.safe_load(path.read_text()).items():
+        if key.replace("-", "_") not in ("model", "dataset", "epochs"):
+            assert conf[key.replace("-", "_")] == value

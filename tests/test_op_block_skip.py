@@ -84,6 +84,9 @@ def test_opcheck(device):
     torch.library.opcheck(torch.ops.fastablate.block_skip.default, (s, r, keep, True, None))
     torch.library.opcheck(torch.ops.fastablate.block_skip.default,
                           (s, r[:2], keep, False, torch.tensor([5, 1], device=device)))
+    for a, b in ((s.transpose(2, 3), r.transpose(2, 3)),
+                 (s.to(memory_format=torch.channels_last), r.to(memory_format=torch.channels_last))):
+        torch.library.opcheck(torch.ops.fastablate.block_skip.default, (a, b, keep, True, None))
 
 
 @pytest.mark.parametrize("relu", [True, False])

@@ -165,6 +165,8 @@ def test_opcheck(device):
     x = torch.randn(2, 3, 4, 4, device=device, requires_grad=True)
     op = torch.ops.fastablate.gaussian_noise.default
     torch.library.opcheck(op, (x, 0.5, None, 0.5, None, 1, 0))
+    torch.library.opcheck(op, (x.transpose(2, 3), 0.5, None, 0.5, None, 1, 0))
+    torch.library.opcheck(op, (x.to(memory_format=torch.channels_last), 0.5, None, 1.0, None, 1, 0))
     torch.library.opcheck(op, (x, 1.0, torch.ones(3, device=device), 1.0, None, 1, 4))
     torch.library.opcheck(op, (x, 1.0, None, 1.0, torch.ones(2, 1, 1, 1, dtype=torch.bool, device=device), 1, 0))
     inplace = torch.ops.fastablate.gaussian_noise_.default

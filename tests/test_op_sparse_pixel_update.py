@@ -108,7 +108,9 @@ def test_opcheck(device):
     x, g = _inputs(device)
     lo, hi = torch.zeros(3, dtype=torch.float64, device=device), torch.ones(3, dtype=torch.float64, device=device)
     op = torch.ops.fastablate.sparse_pixel_update.default
-    torch.library.opcheck(op, (x, g, 4, 0.1, lo, hi, None, "sign"), test_utils=("test_schema", "test_faketensor"))
+    for a, b in ((x, g), (x.transpose(2, 3), g.transpose(2, 3)),
+                 (x.to(memory_format=torch.channels_last), g.to(memory_format=torch.channels_last))):
+        torch.library.opcheck(op, (a, b, 4, 0.1, lo, hi, None, "sign"))
     torch.library.opcheck(op, (x, g, 2, 0.1, lo, hi, torch.zeros(5, 2, dtype=torch.long, device=device), "l2"),
                           test_utils=("test_schema", "test_faketensor"))
 

@@ -11,6 +11,7 @@ from torch import Tensor, nn
 
 from fastablate import _ext
 from fastablate.ops import _reference
+from fastablate.ops._layout import empty_like_output
 
 
 def block_skip(shortcut: Tensor, residual: Tensor, keep: Tensor, *, relu: bool = True,
@@ -71,7 +72,7 @@ class _GatedBlockSkip(torch.autograd.Function):
 if _ext.loaded:
     @torch.library.register_fake("fastablate::block_skip")
     def _(shortcut, residual, keep, relu, index):
-        return torch.empty_like(shortcut, memory_format=torch.preserve_format)
+        return empty_like_output(shortcut)
 
     def _setup_context(ctx, inputs, output):
         _, _, keep, relu, index = inputs

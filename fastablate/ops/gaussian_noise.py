@@ -13,6 +13,7 @@ from torch import Tensor, nn
 
 from fastablate import _ext
 from fastablate.ops import _reference
+from fastablate.ops._layout import empty_like_output
 
 
 def _split_sigma(sigma: float | Tensor) -> tuple[float, Tensor | None]:
@@ -55,7 +56,7 @@ def gaussian_noise(x: Tensor, sigma: float | Tensor, *, p: float = 1.0, mask: Te
 if _ext.loaded:
     @torch.library.register_fake("fastablate::gaussian_noise")
     def _(x, sigma, channel_sigma, p, mask, seed, offset):
-        return torch.empty_like(x)
+        return empty_like_output(x)
 
     @torch.library.register_fake("fastablate::gaussian_noise_")
     def _(x, sigma, channel_sigma, p, mask, seed, offset):

@@ -14,6 +14,7 @@ from torch import Tensor
 
 from fastablate import _ext
 from fastablate.ops import _reference
+from fastablate.ops._layout import empty_like_output
 
 Bound = float | Sequence[float] | Tensor
 
@@ -53,4 +54,4 @@ def sparse_pixel_update(x_adv: Tensor, grad: Tensor, k: int, step: float, *, lo:
 if _ext.loaded:
     @torch.library.register_fake("fastablate::sparse_pixel_update")
     def _(x, grad, k, step, lo, hi, indices, mode):
-        return torch.empty_like(x), x.new_empty((x.shape[0], k), dtype=torch.int64)
+        return empty_like_output(x), x.new_empty((x.shape[0], k), dtype=torch.int64)
