@@ -5,36 +5,101 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
+
 #include "gaussian_noise.h"
 
 namespace fastablate {
 namespace {
 
-constexpr int64_t kBlock = 64;       // Philox counters per block (4 values each)
+constexpr int64_t kBlock = 64;       // Philox counters per block (4 values each); a multiple of 8
 constexpr int64_t kGrain = 1 << 14;  // elements per task
 
-// Normals (and, if u is given, uniforms) of quads quad0 .. quad0 + nquads - 1, in element
-// order. Branch-free loops the compiler vectorizes; built for AVX2 and for the baseline,
-// the one to run chosen at load time.
-__attribute__((target_clones("avx2", "default"))) void fill_block(uint64_t quad0, int64_t nquads, uint64_t seed,
-                                                                  float* __restrict__ z, uint32_t* __restrict__ u) {
-  uint32_t r[4][kBlock];
-  float zz[4][kBlock];
-  for (int64_t k = 0; k < nquads; ++k) {
-    const philox::Out4 o = philox::philox4x32_10(quad0 + k, seed);
+using Words = uint32_t[4][kBlock];   // the four output words of each counter of a block
+
+// Philox words of counters ctr0 .. ctr0 + n - 1, portable (the compiler vectorizes it).
+void philox_portable(uint64_t ctr0, int64_t n, uint64_t seed, Words& r) {
+  for (int64_t k = 0; k < n; ++k) {
+    const philox::Out4 o = philox::philox4x32_10(ctr0 + k, seed);
     for (int w = 0; w < 4; ++w) r[w][k] = o.v[w];
   }
-  for (int64_t k = 0; k < nquads; ++k) {
+}
+
+#if defined(__x86_64__)
+// The same with AVX2 on 8 counters at once: a 32x32->64 multiply is vpmuludq on the even and
+// the odd lanes, 1.7x faster than the compiler's version of philox_portable.
+__attribute__((target("avx2"))) inline void mulhilo8(__m256i a, __m256i m, __m256i& hi, __m256i& lo) {
+  const __m256i even = _mm256_mul_epu32(a, m);
+  const __m256i odd = _mm256_mul_epu32(_mm256_srli_epi64(a, 32), m);
+  lo = _mm256_blend_epi32(even, _mm256_slli_epi64(odd, 32), 0xAA);
+  hi = _mm256_blend_epi32(_mm256_srli_epi64(even, 32), odd, 0xAA);
+}
+
+__attribute__((target("avx2"))) void philox_avx2(uint64_t ctr0, int64_t n, uint64_t seed, Words& r) {
+  const __m256i m0 = _mm256_set1_epi32(static_cast<int>(0xD2511F53u));
+  const __m256i m1 = _mm256_set1_epi32(static_cast<int>(0xCD9E8D57u));
+  for (int64_t k = 0; k < n; k += 8) {  // may compute up to 7 counters past n: r has room (kBlock % 8 == 0)
+    alignas(32) uint32_t lo[8], hi[8];
+    for (int j = 0; j < 8; ++j) {
+      const uint64_t c = ctr0 + k + j;
+      lo[j] = static_cast<uint32_t>(c);
+      hi[j] = static_cast<uint32_t>(c >> 32);
+    }
+    __m256i c0 = _mm256_load_si256(reinterpret_cast<const __m256i*>(lo));
+    __m256i c1 = _mm256_load_si256(reinterpret_cast<const __m256i*>(hi));
+    __m256i c2 = _mm256_setzero_si256(), c3 = _mm256_setzero_si256();
+    uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
+    for (int round = 0; round < 10; ++round) {
+      __m256i hi0, lo0, hi1, lo1;
+      mulhilo8(c0, m0, hi0, lo0);
+      mulhilo8(c2, m1, hi1, lo1);
+      c0 = _mm256_xor_si256(_mm256_xor_si256(hi1, c1), _mm256_set1_epi32(static_cast<int>(k0)));
+      c2 = _mm256_xor_si256(_mm256_xor_si256(hi0, c3), _mm256_set1_epi32(static_cast<int>(k1)));
+      c1 = lo1;
+      c3 = lo0;
+      k0 += 0x9E3779B9u;
+      k1 += 0xBB67AE85u;
+    }
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(&r[0][k]), c0);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(&r[1][k]), c1);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(&r[2][k]), c2);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(&r[3][k]), c3);
+  }
+}
+#endif
+
+void philox_words(uint64_t ctr0, int64_t n, uint64_t seed, Words& r) {
+#if defined(__x86_64__)
+  static const bool avx2 = __builtin_cpu_supports("avx2");
+  if (avx2) return philox_avx2(ctr0, n, seed, r);
+#endif
+  philox_portable(ctr0, n, seed, r);
+}
+
+// Box-Muller on the words of a block, written out in element order; branch-free, vectorized,
+// built for AVX2 and for the baseline (chosen at load time).
+__attribute__((target_clones("avx2", "default"))) void normals_from(const Words& r, int64_t n, float* __restrict__ z) {
+  float zz[4][kBlock];
+  for (int64_t k = 0; k < n; ++k) {
     philox::box_muller(r[0][k], r[1][k], zz[0][k], zz[1][k]);
     philox::box_muller(r[2][k], r[3][k], zz[2][k], zz[3][k]);
   }
-  for (int64_t k = 0; k < nquads; ++k) {
+  for (int64_t k = 0; k < n; ++k) {
     for (int w = 0; w < 4; ++w) z[4 * k + w] = zz[w][k];
   }
+}
+
+// Normals (and, if u is given, uniforms) of quads quad0 .. quad0 + nquads - 1, in element order.
+void fill_block(uint64_t quad0, int64_t nquads, uint64_t seed, float* z, uint32_t* u) {
+  alignas(32) Words r;
+  philox_words(quad0, nquads, seed, r);
+  normals_from(r, nquads, z);
   if (u == nullptr) return;
+  philox_words(quad0 | philox::kUniformStream, nquads, seed, r);
   for (int64_t k = 0; k < nquads; ++k) {
-    const philox::Out4 o = philox::uniforms4(quad0 + k, seed);
-    for (int w = 0; w < 4; ++w) u[4 * k + w] = o.v[w];
+    for (int w = 0; w < 4; ++w) u[4 * k + w] = r[w][k];
   }
 }
 
