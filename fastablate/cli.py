@@ -220,7 +220,7 @@ def eval_(**params):
     cfg.model = model.arch
     run = _open_run("eval", cfg, device)
     try:
-        res = evaluate(model, ds, batch_size=cfg.batch_size, device=device, show_progress=True)
+        res = evaluate(model, ds, batch_size=cfg.batch_size, device=device, show_progress=True, workers=cfg.workers)
         run.timings["eval_s"] = round(res.seconds, 3)
         run.write_results(res.to_dict(), res.rows())
         _plot_confusion(res, run.plot_path("confusion"))

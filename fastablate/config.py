@@ -24,7 +24,7 @@ class CommonConfig:
     std: Optional[tuple[float, ...]] = None
     device: str = "auto"  # auto | cpu | cuda
     batch_size: int = 128  # images
-    workers: int = 0  # reserved for file-backed datasets; in-memory sets need none
+    workers: int = 0  # decoding processes for file-backed datasets; in-memory sets need none
     seed: int = 0
     out: Optional[str] = None
     download: bool = False

@@ -131,15 +131,39 @@ def balanced_subset(labels: Tensor, n: int, seed: int) -> Tensor:
     return torch.stack(picked).sort().values
 
 
+class _FileImages(torch.utils.data.Dataset):
+    """Decodes one image of a file-backed ImageSet per item (for DataLoader workers)."""
+
+    def __init__(self, ds: ImageSet):
+        self.files, self.labels, self.size = ds.files, ds.labels, ds.image_size
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, i: int) -> tuple[Tensor, Tensor]:
+        return _decode(self.files[i], self.size), self.labels[i]
+
+
+def _uint8_batches(ds: ImageSet, order: Tensor, batch_size: int, workers: int) -> Iterator[tuple[Tensor, Tensor]]:
+    chunks = [order[s:s + batch_size].tolist() for s in range(0, len(order), batch_size)]
+    if ds.images is None and workers > 0:
+        yield from torch.utils.data.DataLoader(_FileImages(ds), batch_sampler=chunks, num_workers=workers)
+        return
+    for idx in chunks:
+        index = torch.tensor(idx, dtype=torch.int64)
+        yield ds.load(index), ds.labels[index]
+
+
 def batches(ds: ImageSet, batch_size: int, *, device: torch.device | str = "cpu", shuffle: bool = False,
-            generator: torch.Generator | None = None, augment: bool = False) -> Iterator[tuple[Tensor, Tensor]]:
-    """Float batches in [0, 1] on ``device`` with their labels; the last batch may be short."""
-    n = len(ds)
-    order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
-    for start in range(0, n, batch_size):
-        idx = order[start:start + batch_size]
-        x = ds.load(idx).to(device, non_blocking=True)
-        y = ds.labels[idx].to(device, non_blocking=True)
+            generator: torch.Generator | None = None, augment: bool = False,
+            workers: int = 0) -> Iterator[tuple[Tensor, Tensor]]:
+    """Float batches in [0, 1] on ``device`` with their labels; the last batch may be short.
+
+    ``workers`` > 0 decodes a file-backed set in that many processes (in-memory sets need none).
+    """
+    order = torch.randperm(len(ds), generator=generator) if shuffle else torch.arange(len(ds))
+    for x, y in _uint8_batches(ds, order, batch_size, workers):
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         if augment:
             x = augment_batch(x, flip=ds.flip, generator=generator)
         yield x.float().div_(255), y

@@ -83,6 +83,8 @@ def test_imagefolder_streams_when_too_large(tmp_path, monkeypatch):
     assert ds.images is None and len(ds.files) == 6
     x, y = next(batches(ds, 4))
     assert x.shape == (4, 3, 12, 12) and y.tolist() == [0, 0, 0, 1]
+    parallel = list(batches(ds, 4, workers=2))  # decoded in two processes: the same batches
+    assert [b[1].tolist() for b in parallel] == [[0, 0, 0, 1], [1, 1]] and torch.equal(parallel[0][0], x)
 
 
 def test_tinyimagenet(tmp_path):

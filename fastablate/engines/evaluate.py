@@ -34,7 +34,7 @@ class EvalResult:
 
 @torch.no_grad()
 def evaluate(model: nn.Module, ds: ImageSet, *, batch_size: int = 256, device: torch.device | str = "cpu",
-             show_progress: bool = False) -> EvalResult:
+             show_progress: bool = False, workers: int = 0) -> EvalResult:
     """Evaluate ``model`` (inputs in [0, 1]) on all of ``ds`` in eval mode."""
     start = time.perf_counter()
     was_training = model.training
@@ -42,7 +42,7 @@ def evaluate(model: nn.Module, ds: ImageSet, *, batch_size: int = 256, device: t
     k = ds.num_classes
     confusion = torch.zeros(k, k, dtype=torch.int64)
     loss_sum = 0.0
-    it = batches(ds, batch_size, device=device)
+    it = batches(ds, batch_size, device=device, workers=workers)
     if show_progress:
         it = progress(it, total=-(-len(ds) // batch_size), desc="eval")
     for x, y in it:

@@ -85,7 +85,8 @@ def train(cfg: TrainConfig, model: NormalizedModel, train_set: ImageSet, test_se
         t0 = time.perf_counter()
         model.train()
         loss_sum, correct, seen = 0.0, 0, 0
-        bar = progress(batches(train_set, cfg.batch_size, device=device, shuffle=True, generator=gen, augment=True),
+        bar = progress(batches(train_set, cfg.batch_size, device=device, shuffle=True, generator=gen, augment=True,
+                               workers=cfg.workers),
                        total=steps_per_epoch, desc=f"epoch {epoch + 1}/{cfg.epochs}")
         for i, (x, y) in enumerate(bar):
             lr = _lr(cfg, epoch * steps_per_epoch + i, total)
@@ -99,7 +100,7 @@ def train(cfg: TrainConfig, model: NormalizedModel, train_set: ImageSet, test_se
             loss_sum += loss.item() * y.numel()
             correct += (logits.argmax(1) == y).sum().item()
             seen += y.numel()
-        final = evaluate(model, test_set, batch_size=max(cfg.batch_size, 256), device=device)
+        final = evaluate(model, test_set, batch_size=max(cfg.batch_size, 256), device=device, workers=cfg.workers)
         row = {"epoch": epoch + 1, "lr": lr, "train_loss": loss_sum / seen, "train_accuracy": correct / seen,
                "test_loss": final.loss, "test_accuracy": final.accuracy, "seconds": time.perf_counter() - t0}
         history.append(row)
@@ -113,7 +114,7 @@ def train(cfg: TrainConfig, model: NormalizedModel, train_set: ImageSet, test_se
         print(f"epoch {epoch + 1}/{cfg.epochs}: train loss {row['train_loss']:.4f} acc {row['train_accuracy']:.4f}"
               f" | test loss {final.loss:.4f} acc {final.accuracy:.4f} | {row['seconds']:.1f}s", flush=True)
     if final is None:  # resumed a finished run: report the saved model
-        final = evaluate(model, test_set, batch_size=max(cfg.batch_size, 256), device=device)
+        final = evaluate(model, test_set, batch_size=max(cfg.batch_size, 256), device=device, workers=cfg.workers)
     return TrainResult(history, final, run.path / MODEL_FILE, time.perf_counter() - start)
 
 
