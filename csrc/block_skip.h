@@ -1,4 +1,4 @@
-// Argument checks and row mapping shared by the CPU and CUDA kernels of block_skip.
+// Argument checks shared by the CPU and CUDA kernels of block_skip.
 #pragma once
 #include <ATen/ATen.h>
 
@@ -8,11 +8,10 @@
 
 namespace fastablate {
 
-// Checks the arguments and returns, for each output row n, the residual row added to it
-// (int64, -1 where the row keeps its shortcut alone). Dense form: row n, where keep[n].
-// Gather form: row j for output row index[j], where keep[index[j]].
-inline at::Tensor block_skip_rowmap(const at::Tensor& shortcut, const at::Tensor& residual,
-                                    const at::Tensor& keep, const c10::optional<at::Tensor>& index) {
+// Checks the arguments (index range and distinctness only on CPU: on CUDA they would cost a
+// device synchronization; the wrapper documents them as the caller's promise).
+inline void block_skip_check(const at::Tensor& shortcut, const at::Tensor& residual, const at::Tensor& keep,
+                             const c10::optional<at::Tensor>& index) {
   constexpr const char* op = "block_skip";
   check_floating(op, "shortcut", shortcut);
   check_same_device_dtype(op, "shortcut", shortcut, "residual", residual);
@@ -21,11 +20,10 @@ inline at::Tensor block_skip_rowmap(const at::Tensor& shortcut, const at::Tensor
   TORCH_CHECK(residual.dim() == shortcut.dim() && residual.sizes().slice(1) == shortcut.sizes().slice(1),
               op, ": residual has shape ", residual.sizes(), ", shortcut has shape ", shortcut.sizes(),
               " (all but the first dimension must match)");
-  auto long_opts = keep.options().dtype(at::kLong);
   if (!index.has_value()) {
     TORCH_CHECK(residual.size(0) == n, op, ": residual has ", residual.size(0),
                 " rows, shortcut has ", n, " (pass index= for the gather form)");
-    return at::where(keep, at::arange(n, long_opts), at::full({n}, -1, long_opts));
+    return;
   }
   const at::Tensor& idx = *index;
   TORCH_CHECK(idx.scalar_type() == at::kLong && idx.dim() == 1, op,
@@ -35,21 +33,15 @@ inline at::Tensor block_skip_rowmap(const at::Tensor& shortcut, const at::Tensor
   TORCH_CHECK(idx.size(0) == residual.size(0), op, ": index has ", idx.size(0),
               " entries, residual has ", residual.size(0), " rows");
   if (idx.numel() > 0 && idx.is_cpu()) {
-    // On CUDA this check would cost a device synchronization; the wrapper documents it.
     std::vector<bool> seen(n, false);
-    const int64_t* p = idx.contiguous().data_ptr<int64_t>();
+    const at::Tensor ic = idx.contiguous();
+    const int64_t* p = ic.const_data_ptr<int64_t>();
     for (int64_t j = 0; j < idx.numel(); ++j) {
       TORCH_CHECK(p[j] >= 0 && p[j] < n, op, ": index[", j, "] = ", p[j], " is out of range [0, ", n, ")");
       TORCH_CHECK(!seen[p[j]], op, ": index holds row ", p[j], " twice; rows must be distinct");
       seen[p[j]] = true;
     }
   }
-  auto rowmap = at::full({n}, -1, long_opts);
-  if (idx.numel() > 0) {
-    auto j = at::arange(idx.numel(), long_opts);
-    rowmap.index_put_({idx}, at::where(keep.index_select(0, idx), j, at::full_like(j, -1)));
-  }
-  return rowmap;
 }
 
 }  // namespace fastablate

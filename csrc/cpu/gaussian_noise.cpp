@@ -136,9 +136,10 @@ void noise_rows(const NoisePlan& plan, scalar_t* y, double sigma, uint64_t seed,
         const float* zi = z + shift;
         if (bernoulli) {
           const uint32_t* ui = u + shift;
+          const uint32_t t32 = static_cast<uint32_t>(threshold);  // < 2^32 here; same-width compare vectorizes
           for (int64_t j = 0; j < len; ++j) {
             const acc_t v = static_cast<acc_t>(xi[j]) + s * zi[j];
-            yi[j] = ui[j] < threshold ? static_cast<scalar_t>(v) : xi[j];
+            yi[j] = ui[j] < t32 ? static_cast<scalar_t>(v) : xi[j];
           }
         } else if (em) {
           const bool* mi = em + i;

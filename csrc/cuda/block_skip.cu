@@ -28,9 +28,24 @@ __global__ void block_skip_kernel(const scalar_t* __restrict__ s, const scalar_t
   }
 }
 
+// For each output row, the residual row added to it (int64, -1 where the row keeps its
+// shortcut alone), built on the device with ATen ops.
+at::Tensor rowmap_on_device(const at::Tensor& keep, const c10::optional<at::Tensor>& index) {
+  const int64_t n = keep.size(0);
+  auto long_opts = keep.options().dtype(at::kLong);
+  if (!index.has_value()) return at::where(keep, at::arange(n, long_opts), at::full({n}, -1, long_opts));
+  auto rowmap = at::full({n}, -1, long_opts);
+  if (index->numel() > 0) {
+    auto j = at::arange(index->numel(), long_opts);
+    rowmap.index_put_({*index}, at::where(keep.index_select(0, *index), j, at::full_like(j, -1)));
+  }
+  return rowmap;
+}
+
 at::Tensor block_skip_cuda(const at::Tensor& shortcut, const at::Tensor& residual, const at::Tensor& keep,
                            bool relu, const c10::optional<at::Tensor>& index) {
-  const at::Tensor rowmap = block_skip_rowmap(shortcut, residual, keep, index).contiguous();
+  block_skip_check(shortcut, residual, keep, index);
+  const at::Tensor rowmap = rowmap_on_device(keep, index);
   const c10::cuda::CUDAGuard guard(shortcut.device());
   const auto fmt = shortcut.suggest_memory_format();
   const at::Tensor s = shortcut.contiguous(fmt);
