@@ -6,6 +6,7 @@ once. Set FASTABLATE_DISABLE_EXT=1 to force the references (used by tests of the
 """
 from __future__ import annotations
 
+import functools
 import os
 import sys
 
@@ -35,9 +36,13 @@ def load_error() -> str | None:
 
 def has_kernel(device: torch.device, op: str = "block_skip") -> bool:
     """Whether a compiled kernel of ``op`` is registered for ``device``'s type."""
-    if not loaded:
-        return False
-    key = {"cpu": "CPU", "cuda": "CUDA"}.get(torch.device(device).type)
+    return loaded and _registered(torch.device(device).type, op)
+
+
+@functools.lru_cache(maxsize=None)
+def _registered(device_type: str, op: str) -> bool:
+    # Asked on every op call: registrations are fixed once the library is loaded, so cache them.
+    key = {"cpu": "CPU", "cuda": "CUDA"}.get(device_type)
     return key is not None and torch._C._dispatch_has_kernel_for_dispatch_key(f"fastablate::{op}", key)
 
 
