@@ -41,6 +41,8 @@ def _want_cuda() -> bool:
     # torch guesses CUDA_HOME from the nvcc on PATH; a wrapper script there misleads it.
     headers = [os.path.join(home or "", "include")] + _wheel_cuda_includes()
     missing = [p for p in ("bin/nvcc",) if not os.path.exists(os.path.join(home or "", p))]
+    if not glob.glob(os.path.join(home or "", "lib*", "libcudart.so*")):
+        missing.append("lib64/libcudart.so")
     missing += [h for h in ("cuda_runtime.h", "cusparse.h")
                 if not any(os.path.exists(os.path.join(d, h)) for d in headers)]
     problem = None
