@@ -5,6 +5,9 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <cstring>
+#include <type_traits>
+
 #if defined(__x86_64__)
 #include <immintrin.h>
 #endif
@@ -103,6 +106,24 @@ void fill_block(uint64_t quad0, int64_t nquads, uint64_t seed, float* z, uint32_
   }
 }
 
+// keep ? a : b as a bitwise blend through an unsigned integer of the same width: exact (x
+// stays x, -0.0 included), and unlike a ternary on floats the compiler vectorizes it.
+template <typename T>
+using BitsOf = std::conditional_t<sizeof(T) == 2, uint16_t, std::conditional_t<sizeof(T) == 4, uint32_t, uint64_t>>;
+
+template <typename T>
+inline T select_bits(bool keep, T a, T b) {
+  using U = BitsOf<T>;
+  U ua, ub;
+  std::memcpy(&ua, &a, sizeof(T));
+  std::memcpy(&ub, &b, sizeof(T));
+  const U m = static_cast<U>(U(0) - static_cast<U>(keep));
+  const U r = static_cast<U>((ua & m) | (ub & static_cast<U>(~m)));
+  T out;
+  std::memcpy(&out, &r, sizeof(T));
+  return out;
+}
+
 template <typename scalar_t>
 void noise_rows(const NoisePlan& plan, scalar_t* y, double sigma, uint64_t seed, uint64_t offset) {
   const scalar_t* x = plan.x.const_data_ptr<scalar_t>();
@@ -138,14 +159,14 @@ void noise_rows(const NoisePlan& plan, scalar_t* y, double sigma, uint64_t seed,
           const uint32_t* ui = u + shift;
           const uint32_t t32 = static_cast<uint32_t>(threshold);  // < 2^32 here; same-width compare vectorizes
           for (int64_t j = 0; j < len; ++j) {
-            const acc_t v = static_cast<acc_t>(xi[j]) + s * zi[j];
-            yi[j] = ui[j] < t32 ? static_cast<scalar_t>(v) : xi[j];
+            const scalar_t x0 = xi[j];
+            yi[j] = select_bits(ui[j] < t32, static_cast<scalar_t>(static_cast<acc_t>(x0) + s * zi[j]), x0);
           }
         } else if (em) {
           const bool* mi = em + i;
           for (int64_t j = 0; j < len; ++j) {
-            const acc_t v = static_cast<acc_t>(xi[j]) + s * zi[j];
-            yi[j] = mi[j] ? static_cast<scalar_t>(v) : xi[j];
+            const scalar_t x0 = xi[j];
+            yi[j] = select_bits(mi[j], static_cast<scalar_t>(static_cast<acc_t>(x0) + s * zi[j]), x0);
           }
         } else {
           for (int64_t j = 0; j < len; ++j) yi[j] = static_cast<scalar_t>(static_cast<acc_t>(xi[j]) + s * zi[j]);
