@@ -213,6 +213,7 @@ def test_fallback_without_extension():
 
 def test_unmasked_elements_keep_their_bits(device):
     x = torch.full((4096,), -0.0, device=device)
-    for y in (gaussian_noise(x, 1.0, p=0.5, seed=3), gaussian_noise(x, 1.0, mask=torch.rand(4096, device=device) < 0.5)):
+    mask = torch.rand(4096, device=device) < 0.5
+    for y in (gaussian_noise(x, 1.0, p=0.5, seed=3), gaussian_noise(x, 1.0, mask=mask)):
         kept = y == 0
         assert kept.any() and torch.signbit(y[kept]).all()  # -0.0 stays -0.0, not +0.0
