@@ -12,7 +12,8 @@ import torch
 from fastablate.config import CommonConfig
 from fastablate.data import ImageSet, build_dataset
 from fastablate.errors import FastablateError
-from fastablate.models import NormalizedModel, build_model, load_model
+from fastablate.models import NormalizedModel, build_model
+from fastablate.models.checkpoint import FORMAT, model_from_checkpoint, read_checkpoint
 
 T = TypeVar("T")
 
@@ -53,13 +54,12 @@ def load_or_build_model(cfg: CommonConfig, ds: ImageSet, *, default_arch: str | 
     seed_everything(cfg.seed)  # the same seed gives the same initial weights
     if cfg.weights:
         mean, std = cfg.mean, cfg.std
-        from fastablate.models.checkpoint import read_checkpoint
-
-        if mean is None and read_checkpoint(cfg.weights)["format"] != "fastablate":
+        ckpt = read_checkpoint(cfg.weights)
+        if mean is None and ckpt["format"] != FORMAT:
             print(f"note: {cfg.weights} carries no normalization; using {ds.name}'s statistics "
                   "(give --mean/--std to override)", file=sys.stderr)
             mean, std = ds.mean, ds.std
-        model = load_model(cfg.weights, arch, num_classes=None, image_size=ds.image_size, mean=mean, std=std)
+        model = model_from_checkpoint(ckpt, cfg.weights, arch, image_size=ds.image_size, mean=mean, std=std)
     else:
         if arch is None:
             raise FastablateError("no model: give --model NAME or --weights CHECKPOINT")
@@ -68,9 +68,9 @@ def load_or_build_model(cfg: CommonConfig, ds: ImageSet, *, default_arch: str | 
     if model.num_classes != ds.num_classes:
         raise FastablateError(f"model {model.arch} has {model.num_classes} outputs, dataset {ds.name} has "
                               f"{ds.num_classes} classes")
-    if model.mean.numel() != ds.load(torch.arange(1)).shape[1]:
-        raise FastablateError(f"--mean/--std have {model.mean.numel()} values, the images have "
-                              f"{ds.load(torch.arange(1)).shape[1]} channels")
+    channels = ds.load(torch.arange(1)).shape[1]
+    if model.mean.numel() != channels:
+        raise FastablateError(f"--mean/--std have {model.mean.numel()} values, the images have {channels} channels")
     return model
 
 

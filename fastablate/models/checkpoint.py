@@ -98,9 +98,16 @@ def load_model(path: str | os.PathLike, arch: str | None = None, *, num_classes:
     Foreign files need ``arch``; ``num_classes`` defaults to the rows of the last linear
     weight, and ``mean``/``std`` must be given.
     """
+    return model_from_checkpoint(read_checkpoint(path), path, arch, num_classes=num_classes,
+                                 image_size=image_size, mean=mean, std=std)
+
+
+def model_from_checkpoint(ckpt: dict, path: str | os.PathLike, arch: str | None = None, *,
+                          num_classes: int | None = None, image_size: int | None = None,
+                          mean: Sequence[float] | None = None, std: Sequence[float] | None = None):
+    """:func:`load_model` for a checkpoint already read with :func:`read_checkpoint`."""
     from fastablate.models import build_model
 
-    ckpt = read_checkpoint(path)
     if ckpt["format"] == FORMAT:
         if arch is not None and arch != ckpt["arch"]:
             raise FastablateError(f"checkpoint {str(path)!r} holds model {ckpt['arch']}, not {arch}")
