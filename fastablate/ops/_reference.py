@@ -56,16 +56,20 @@ def _box_muller(ua: Tensor, ub: Tensor) -> tuple[Tensor, Tensor]:
     return rad * torch.cos(2 * torch.pi * b), rad * torch.sin(2 * torch.pi * b)
 
 
-def philox_normals(numel: int, seed: int, offset: int, device) -> tuple[Tensor, Tensor]:
-    """The N(0, 1) values (float32) and 32-bit uniforms (int64) of elements offset ..
-    offset + numel - 1: element g is lane g & 3 of quad g >> 2, whose normals come from
-    Philox counter g >> 2 (two Box-Muller pairs) and uniforms from counter (g >> 2) | 2^63."""
+def philox_normals(numel: int, seed: int, offset: int, device, *,
+                   uniforms: bool = True) -> tuple[Tensor, Tensor | None]:
+    """The N(0, 1) values (float32) and, if ``uniforms``, the 32-bit uniforms (int64) of
+    elements offset .. offset + numel - 1: element g is lane g & 3 of quad g >> 2, whose
+    normals come from Philox counter g >> 2 (two Box-Muller pairs) and uniforms from counter
+    (g >> 2) | 2^63."""
     g = torch.arange(offset, offset + numel, device=device, dtype=torch.int64)
     quad, lane = g >> 2, g & 3
     r = philox4x32_10(quad, seed)
     z0, z1 = _box_muller(r[0], r[1])
     z2, z3 = _box_muller(r[2], r[3])
     z = torch.stack([z0, z1, z2, z3]).gather(0, lane[None]).squeeze(0)
+    if not uniforms:
+        return z.float(), None
     # quad | 2^63 as a signed int64: the top bit is the sign bit.
     w = philox4x32_10(quad | torch.iinfo(torch.int64).min, seed)
     u = torch.stack(w).gather(0, lane[None]).squeeze(0)
@@ -75,13 +79,15 @@ def philox_normals(numel: int, seed: int, offset: int, device) -> tuple[Tensor, 
 def gaussian_noise(x: Tensor, sigma: float | Tensor, *, p: float = 1.0, mask: Tensor | None = None, seed: int = 0,
                    offset: int = 0) -> Tensor:
     """x + m * sigma * z with z from Philox(seed, offset + element index); see fastablate.ops.gaussian_noise."""
-    z, u = philox_normals(x.numel(), seed, offset, x.device)
+    bernoulli = mask is None and p < 1  # like the kernels, draw the uniform stream only when used
+    z, u = philox_normals(x.numel(), seed, offset, x.device, uniforms=bernoulli)
     z = z.view(x.shape)
     if mask is not None:
         keep = mask.expand(x.shape)
+    elif bernoulli:
+        keep = (u < (int(p * 4294967296.0) if p > 0 else 0)).view(x.shape)
     else:
-        threshold = 1 << 32 if p >= 1 else int(p * 4294967296.0) if p > 0 else 0
-        keep = (u < threshold).view(x.shape)
+        keep = torch.ones((), dtype=torch.bool, device=x.device).expand(x.shape)
     if isinstance(sigma, Tensor) and sigma.dim() == 1:
         sigma = sigma.float().view((1, -1) + (1,) * (x.dim() - 2))  # float32, as the kernels hold it
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32  # the kernels' opmath type
