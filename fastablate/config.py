@@ -46,7 +46,11 @@ class TrainConfig(CommonConfig):
 
 @dataclass
 class EvalConfig(CommonConfig):
-    pass
+    lesion: tuple[str, ...] = ()  # lesion plans; empty: a clean evaluation
+    k: Optional[str] = None  # k-random: numbers of deleted units, e.g. "1,2,4"
+    samples: int = 20  # k-random: sets per k; reorder: orders
+    max_memory: Optional[str] = None  # bytes of activations per chunk of variants, e.g. "2G"
+    compare: Optional[str] = None  # a second checkpoint run through the same study
 
 
 def parse_floats(text: str | None, name: str, count: int | None = None) -> tuple[float, ...] | None:
@@ -60,6 +64,45 @@ def parse_floats(text: str | None, name: str, count: int | None = None) -> tuple
     if count is not None and len(values) != count:
         raise FastablateError(f"{name} {text!r} has {len(values)} values, expected {count} (one per channel)")
     return values
+
+
+def parse_ints(text: str | None, name: str, minimum: int = 1) -> tuple[int, ...] | None:
+    """'1,2,4' -> (1, 2, 4), each >= ``minimum``; one error line naming the option otherwise."""
+    if text is None or text == "":
+        return None
+    try:
+        values = tuple(int(v) for v in str(text).split(","))
+    except ValueError:
+        raise FastablateError(f"{name} {text!r} is not a comma-separated list of integers") from None
+    bad = [v for v in values if v < minimum]
+    if bad:
+        raise FastablateError(f"{name} {text!r}: {bad[0]} is below {minimum}")
+    return values
+
+
+def parse_size(text: str | None, name: str) -> int | None:
+    """'2G', '512M', '1.5GiB', '1000000' -> bytes."""
+    if text is None or text == "":
+        return None
+    t = str(text).strip().upper().removesuffix("IB").removesuffix("B")
+    scale = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}.get(t[-1:], 1)
+    try:
+        value = float(t[:-1] if t[-1:] in "KMGT" else t) * scale
+    except ValueError:
+        value = -1.0
+    if not (0 < value < float("inf")) or int(value) < 1:
+        raise FastablateError(f"{name} {text!r} is not a positive size such as 2G or 512M")
+    return int(value)
+
+
+LESION_PLANS = ("all-single", "k-random", "reorder", "units:NAME,NAME")
+
+
+def check_plan(text: str) -> None:
+    """The syntax of one --lesion value; unit names are checked against the model later."""
+    if text in LESION_PLANS[:3] or (text.startswith("units:") and all(text[len("units:"):].split(","))):
+        return
+    raise FastablateError(f"--lesion {text!r} is not a plan; choose from: {', '.join(LESION_PLANS)}")
 
 
 def validate(cfg: CommonConfig) -> None:
@@ -79,6 +122,18 @@ def validate(cfg: CommonConfig) -> None:
             raise FastablateError(f"--lr must be positive, got {cfg.lr}")
         if not 0 <= cfg.label_smoothing < 1:
             raise FastablateError(f"--label-smoothing must be in [0, 1), got {cfg.label_smoothing}")
+    if isinstance(cfg, EvalConfig):
+        for plan in cfg.lesion:
+            check_plan(plan)
+        parse_ints(cfg.k, "--k")
+        parse_size(cfg.max_memory, "--max-memory")
+        if cfg.samples < 1:
+            raise FastablateError(f"--samples must be >= 1, got {cfg.samples}")
+        if cfg.k and "k-random" not in cfg.lesion:
+            raise FastablateError(f"--k {cfg.k} applies to --lesion k-random, which is not given")
+        if cfg.compare and not cfg.lesion:
+            raise FastablateError("--compare draws a second model on a study's plots: give --lesion too")
 
 
-__all__ = ["CommonConfig", "EvalConfig", "TrainConfig", "parse_floats", "validate"]
+__all__ = ["CommonConfig", "EvalConfig", "TrainConfig", "check_plan", "parse_floats", "parse_ints", "parse_size",
+           "validate"]

@@ -90,13 +90,18 @@ class UnitView:
     def lesionable(self) -> list[Unit]:
         return [u for u in self.units if u.lesionable]
 
-    def forward(self, x: Tensor, lesion: Sequence[str] = ()) -> Tensor:
-        """Run the model with the units named in ``lesion`` deleted (one variant for all rows)."""
+    def forward(self, x: Tensor, lesion: Sequence[str] = (), order: Sequence[str] | None = None) -> Tensor:
+        """Run the model with the units named in ``lesion`` deleted and, with ``order``, the
+        units executed in that order (a permutation of all unit names). One variant for all
+        rows: this is the plain one-model-per-variant loop the lesion engine is checked against."""
         drop = set(lesion)
         for name in drop:
             self[name]  # unknown names fail here, before any work
+        seq = self.units if order is None else [self[name] for name in order]
+        if order is not None and sorted(u.name for u in seq) != sorted(self.names()):
+            raise FastablateError(f"order {list(order)} is not a permutation of the units {self.names()}")
         h = self.stem(x)
-        for u in self.units:
+        for u in seq:
             h = u.lesioned(h) if u.name in drop else u(h)
         return self.head(h)
 

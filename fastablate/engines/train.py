@@ -21,6 +21,7 @@ from fastablate.engines.evaluate import EvalResult, evaluate
 from fastablate.errors import FastablateError
 from fastablate.models import NormalizedModel, save_checkpoint
 from fastablate.models.checkpoint import atomic_save
+from fastablate.plots import pyplot, save
 from fastablate.results import RunDir
 
 STATE_FILE = "last.pt"  # optimizer, schedule and RNG state for --resume
@@ -119,13 +120,8 @@ def train(cfg: TrainConfig, model: NormalizedModel, train_set: ImageSet, test_se
 
 
 def plot_history(history: list[dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     epochs = [r["epoch"] for r in history]
-    fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.5))
+    fig, (a, b) = pyplot().subplots(1, 2, figsize=(9, 3.5))
     a.plot(epochs, [r["train_loss"] for r in history], label="train")
     a.plot(epochs, [r["test_loss"] for r in history], label="test")
     a.set(xlabel="epoch", ylabel="loss")
@@ -134,6 +130,4 @@ def plot_history(history: list[dict], path: Path) -> None:
     b.plot(epochs, [r["test_accuracy"] for r in history], label="test")
     b.set(xlabel="epoch", ylabel="accuracy")
     b.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save(fig, path, dpi=120)

@@ -1,0 +1,475 @@
+"""Lesion studies (Veit, Wilber, Belongie 2016): delete or reorder units at test time.
+
+A *variant* is one altered model, written as a sequence of steps, one per position:
+``(j, True)`` runs unit j there, ``(j, False)`` runs it lesioned (its shortcut alone).
+Deletion variants keep unit i at position i; reorder variants permute same-shape units.
+
+The executor runs many variants at once. Their hidden states are stacked along the batch
+dimension, and variants that share a prefix of steps share its computation: at each
+position the intact stream "forks" a lesioned copy, and the residual add of every copy
+goes through one ``block_skip`` call. For ``all-single`` over n units this costs about
+n^2/2 unit evaluations instead of the naive loop's n^2, and it returns exactly the
+naive loop's logits (tested). Variants are run in chunks whose activations fit in
+``max_memory``.
+"""
+from __future__ import annotations
+
+import itertools
+import math
+import random
+import time
+from dataclasses import dataclass, field
+from typing import Iterable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from fastablate.config import check_plan
+from fastablate.data import ImageSet, batches
+from fastablate.engines.common import progress
+from fastablate.errors import FastablateError
+from fastablate.ops import block_skip
+from fastablate.plots import pyplot, save
+from fastablate.units import Unit, UnitView, _identity, units
+
+Step = tuple[int, bool]  # (unit index, run it: True / lesioned: False)
+
+
+# --- plans -> variants ----------------------------------------------------------------------
+@dataclass(frozen=True)
+class Variant:
+    plan: str  # intact | all-single | k-random | units | reorder
+    steps: tuple[Step, ...]
+    deleted: tuple[str, ...] = ()  # names of the lesioned units
+    order: tuple[str, ...] | None = None  # reorder: unit names in execution order
+    tau: float | None = None  # reorder: Kendall's tau of the order against the original
+
+    def label(self) -> str:
+        if self.order is not None:
+            return " ".join(self.order)
+        return ",".join(self.deleted) or "(intact)"
+
+
+def _deletion(view: UnitView, plan: str, deleted: Iterable[int]) -> Variant:
+    drop = set(deleted)
+    return Variant(plan, tuple((i, i not in drop) for i in range(len(view.units))),
+                   tuple(view.units[i].name for i in sorted(drop)))
+
+
+def kendall_tau(order: Sequence[int]) -> float:
+    """Kendall's tau between ``order`` (a permutation of 0..n-1) and the identity."""
+    n = len(order)
+    if n < 2:
+        return 1.0
+    s = sum(1 if order[i] < order[j] else -1 for i in range(n) for j in range(i + 1, n))
+    return s / (n * (n - 1) / 2)
+
+
+def swappable_groups(view: UnitView) -> list[list[int]]:
+    """Positions of units that keep their shape, grouped by that shape: any two in a group may swap."""
+    groups: dict[tuple, list[int]] = {}
+    for i, u in enumerate(view.units):
+        if u.in_shape == u.out_shape:
+            groups.setdefault(u.in_shape, []).append(i)
+    return [g for g in groups.values() if len(g) > 1]
+
+
+def _reorders(view: UnitView, samples: int, rng: random.Random, model_name: str) -> list[Variant]:
+    """``samples`` distinct orders, from one random swap of same-shape units up to many
+    (Veit Fig. 5): sample s makes 1 + s * 2m / samples swaps, m = swappable units."""
+    groups = swappable_groups(view)
+    if not groups:
+        raise FastablateError(f"--lesion reorder: {model_name} has no two units of the same shape to swap")
+    m = sum(len(g) for g in groups)
+    n = len(view.units)
+    seen: set[tuple[int, ...]] = {tuple(range(n))}
+    out: list[Variant] = []
+    pairs = sum(len(g) * (len(g) - 1) // 2 for g in groups)
+    for s in range(samples * 20):  # distinct orders may run out for tiny models
+        if len(out) == samples:
+            break
+        order = list(range(n))
+        for _ in range(1 + (len(out) * 2 * m) // samples if pairs > 1 else 1):
+            g = rng.choice([g for g in groups for _ in range(len(g))])  # weight groups by size
+            a, b = rng.sample(g, 2)
+            order[a], order[b] = order[b], order[a]
+        if tuple(order) in seen:
+            continue
+        seen.add(tuple(order))
+        out.append(Variant("reorder", tuple((j, True) for j in order),
+                           order=tuple(view.units[j].name for j in order), tau=kendall_tau(order)))
+    return out
+
+
+def build_variants(view: UnitView, plans: Sequence[str], *, ks: Sequence[int] | None = None, samples: int = 20,
+                   seed: int = 0, model_name: str = "model") -> list[Variant]:
+    """The intact model followed by the variants of every plan, in plan order.
+
+    ``k-random``: for each k in ``ks`` (default 1..n), ``samples`` distinct random sets of
+    k lesionable units, or all C(n, k) sets when there are no more than ``samples``.
+    """
+    lesionable = [i for i, u in enumerate(view.units) if u.lesionable]
+    index = {u.name: i for i, u in enumerate(view.units)}
+    variants = [_deletion(view, "intact", ())]
+    for plan in plans:
+        check_plan(plan)
+        rng = random.Random(f"{seed}:{plan}")
+        if plan == "all-single":
+            if not lesionable:
+                raise FastablateError(f"--lesion all-single: {model_name} has no lesionable unit")
+            variants += [_deletion(view, plan, [i]) for i in lesionable]
+        elif plan == "k-random":
+            n = len(lesionable)
+            for k in ks or range(1, n + 1):
+                if not 1 <= k <= n:
+                    raise FastablateError(f"--k {k}: {model_name} has {n} lesionable units, so k must be in 1..{n}")
+                if math.comb(n, k) <= samples:
+                    sets = list(itertools.combinations(lesionable, k))
+                else:
+                    chosen: set[tuple[int, ...]] = set()
+                    while len(chosen) < samples:
+                        chosen.add(tuple(sorted(rng.sample(lesionable, k))))
+                    sets = sorted(chosen)
+                variants += [_deletion(view, plan, s) for s in sets]
+        elif plan == "reorder":
+            variants += _reorders(view, samples, rng, model_name)
+        else:
+            names = plan[len("units:"):].split(",")
+            for name in names:
+                if name not in index:
+                    raise FastablateError(f"--lesion {plan}: {model_name} has no unit {name!r}; "
+                                          f"units are: {', '.join(view.names())}")
+                u = view.units[index[name]]
+                if not u.lesionable:
+                    raise FastablateError(f"--lesion {plan}: unit {name} of {model_name} is not lesionable: {u.reason}")
+            variants.append(_deletion(view, "units", [index[n] for n in names]))
+    return variants
+
+
+# --- the executor ---------------------------------------------------------------------------
+def _post_is_relu(unit: Unit) -> bool | None:
+    """True/False when the unit's post-activation is ReLU/identity; None when it is neither."""
+    post = unit.parts.post
+    if post in (F.relu, torch.relu) or isinstance(post, nn.ReLU):
+        return True
+    return False if post is _identity or isinstance(post, nn.Identity) else None
+
+
+def default_max_memory(device: torch.device) -> int:
+    """Bytes of activations one chunk of variants may hold: half the free GPU memory, or a
+    quarter of the available RAM (at most 8 GiB)."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0] // 2
+    try:
+        with open("/proc/meminfo") as f:
+            avail = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable"))
+    except (OSError, StopIteration):
+        avail = 8 << 30
+    return min(avail // 4, 8 << 30)
+
+
+def _rows(t: Tensor, groups: Sequence[int], batch: int) -> Tensor:
+    """The stacked states of ``groups`` (each ``batch`` rows) of ``t``; a view when they are consecutive."""
+    groups = list(groups)
+    if groups == list(range(groups[0], groups[0] + len(groups))):
+        return t.narrow(0, groups[0] * batch, len(groups) * batch)
+    idx = torch.as_tensor(groups, device=t.device)
+    return t.unflatten(0, (-1, batch)).index_select(0, idx).flatten(0, 1)
+
+
+# Segments smaller than this many rows are stacked into one batch (CPU, CUDA). On a CPU a
+# batch of a few hundred rows keeps the cores busy; larger stacks only add copies.
+STACK_ROWS = (256, 8192)
+
+
+class LesionExecutor:
+    """Runs the variants' step sequences on batches of images, sharing common prefixes."""
+
+    def __init__(self, view: UnitView, step_lists: Sequence[tuple[Step, ...]], *, batch_size: int,
+                 max_memory: int, elem_size: int = 4, stack_rows: int = 256):
+        self.view = view
+        self.stack_rows = stack_rows
+        self.unique = sorted(set(step_lists))  # sorted: neighbours share the longest prefixes
+        self.relu = [_post_is_relu(u) for u in view.units]
+        in_bytes = [math.prod(u.in_shape) * elem_size for u in view.units]
+        out_bytes = [math.prod(u.out_shape) * elem_size for u in view.units]
+
+        def estimate(rows: list[int]) -> int:
+            # Live at position d: the stacked inputs, and about four out-sized tensors per
+            # output row (gathered shortcut, residual and its intermediates, result).
+            return batch_size * max(((rows[d - 1] if d else 1) * in_bytes[d] + 4 * rows[d] * out_bytes[d])
+                                    for d in range(len(rows))) if rows else 0
+
+        self.chunks: list[list[int]] = []  # indices into self.unique
+        self.peak_bytes = 0
+        depth = len(view.units)
+        prefixes: list[set] = [set() for _ in range(depth)]  # distinct prefixes of the open chunk
+        for i, steps in enumerate(self.unique):
+            rows = [len(p) + (steps[:d + 1] not in p) for d, p in enumerate(prefixes)]
+            if self.chunks and estimate(rows) > max_memory:  # open a new chunk
+                prefixes = [set() for _ in range(depth)]
+                rows = [1] * depth
+                self.chunks.append([])
+            if not self.chunks:
+                self.chunks.append([])
+            self.chunks[-1].append(i)
+            for d, p in enumerate(prefixes):
+                p.add(steps[:d + 1])
+            self.peak_bytes = max(self.peak_bytes, estimate(rows))
+
+    def unit_evaluations(self) -> int:
+        """Units run per image over all chunks (the naive loop runs len(unique) * n)."""
+        total = 0
+        for chunk in self.chunks:
+            seqs = [self.unique[i] for i in chunk]
+            total += sum(len({s[:d + 1] for s in seqs}) for d in range(len(seqs[0]))) if seqs else 0
+        return total
+
+    @torch.no_grad()
+    def __call__(self, x: Tensor) -> Tensor:
+        """Logits of every unique variant on ``x``: (len(unique), N, classes)."""
+        return torch.cat([self._run(x, [self.unique[i] for i in chunk]) for chunk in self.chunks])
+
+    def _run(self, x: Tensor, seqs: list[tuple[Step, ...]]) -> Tensor:
+        b = x.shape[0]
+        segments = [_Segment([list(range(len(seqs)))], self.view.stem(x))]
+        for d in range(len(self.view.units)):
+            segments = self._stack([child for seg in segments for child in self._advance(d, seg, b, seqs)], b)
+        logits = None
+        for seg in segments:
+            out = self.view.head(seg.h).unflatten(0, (len(seg.groups), b))
+            if logits is None:
+                logits = out.new_empty((len(seqs), *out.shape[1:]))
+            for i, vs in enumerate(seg.groups):  # one variant per group: the sequences are distinct
+                logits[vs[0]] = out[i]
+        return logits
+
+    def _advance(self, d: int, seg: _Segment, b: int, seqs: list[tuple[Step, ...]]) -> list[_Segment]:
+        """The segments after position d. A group that forks keeps its running child in place
+        and sends its lesioned child to a new segment, so no stacked state is copied."""
+        kids: list[dict[Step, list[int]]] = []  # per group: step -> variants taking it
+        for members in seg.groups:
+            by_step: dict[Step, list[int]] = {}
+            for v in members:
+                by_step.setdefault(seqs[v][d], []).append(v)
+            kids.append(by_step)
+        unit, relu = self.view.units[d], self.relu[d]
+        run, skip = (d, True), (d, False)
+        if unit.parts.shortcut is not None and relu is not None and all(k.keys() <= {run, skip} for k in kids):
+            s = unit.parts.shortcut(seg.h)
+            running = [g for g, k in enumerate(kids) if run in k]
+            if not running:
+                return [_Segment([k[skip] for k in kids], torch.relu(s) if relu else s)]
+            r = unit.parts.residual(_rows(seg.h, running, b))
+            keep = torch.ones(s.shape[0], dtype=torch.bool, device=s.device)
+            index = None if len(running) == len(kids) else \
+                (torch.as_tensor(running, device=s.device)[:, None] * b + torch.arange(b, device=s.device)).flatten()
+            # Rows outside ``index`` take the shortcut alone: those groups' only child is lesioned.
+            out = [_Segment([k.get(run) or k[skip] for k in kids], block_skip(s, r, keep, relu=relu, index=index))]
+            forks = [g for g, k in enumerate(kids) if len(k) == 2]
+            if forks:
+                lesioned = _rows(s, forks, b)
+                out.append(_Segment([kids[g][skip] for g in forks], torch.relu(lesioned) if relu else lesioned))
+            return out
+        by_step: dict[Step, list[tuple[int, list[int]]]] = {}
+        for g, k in enumerate(kids):
+            for step, vs in k.items():
+                by_step.setdefault(step, []).append((g, vs))
+        out = []
+        for (j, runs), items in by_step.items():
+            u, h = self.view.units[j], _rows(seg.h, [g for g, _ in items], b)
+            out.append(_Segment([vs for _, vs in items], u(h) if runs else u.lesioned(h)))
+        return out
+
+    def _stack(self, segments: list[_Segment], b: int) -> list[_Segment]:
+        """Concatenates neighbouring segments of fewer than ``stack_rows`` rows."""
+        out: list[_Segment] = []
+        pending: list[_Segment] = []
+
+        def flush():
+            if pending:
+                out.append(pending[0] if len(pending) == 1 else
+                           _Segment([g for p in pending for g in p.groups], torch.cat([p.h for p in pending])))
+                pending.clear()
+        for seg in segments:
+            if seg.h.shape[0] >= self.stack_rows:
+                out.append(seg)
+                continue
+            pending.append(seg)
+            if sum(p.h.shape[0] for p in pending) >= self.stack_rows:
+                flush()
+        flush()
+        return out
+
+
+@dataclass
+class _Segment:
+    """States of some variant groups, stacked: ``h`` holds ``len(groups)`` blocks of N rows."""
+
+    groups: list[list[int]]  # the variants behind each block
+    h: Tensor
+
+
+def naive_logits(view: UnitView, variants: Sequence[Variant], x: Tensor) -> Tensor:
+    """The reference: one altered model per variant, one at a time."""
+    with torch.no_grad():
+        return torch.stack([view.forward(x, lesion=v.deleted, order=v.order) for v in variants])
+
+
+# --- the study ------------------------------------------------------------------------------
+@dataclass
+class LesionResult:
+    model: str
+    intact: dict
+    variants: list[dict]
+    unlesionable: list[dict]
+    n: int
+    seconds: float
+    chunks: int
+    unit_evaluations: int  # per image, all variants
+    naive_unit_evaluations: int
+    peak_activation_bytes: int  # the executor's estimate for one batch
+    extra: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return {"model": self.model, "intact": self.intact, "variants": self.variants,
+                "unlesionable": self.unlesionable, "n": self.n, "seconds": self.seconds,
+                "executor": {"chunks": self.chunks, "unit_evaluations_per_image": self.unit_evaluations,
+                             "naive_unit_evaluations_per_image": self.naive_unit_evaluations,
+                             "estimated_peak_activation_bytes": self.peak_activation_bytes}}
+
+    def rows(self) -> list[dict]:
+        return [{"model": self.model, "plan": v["plan"], "units": v["units"] if isinstance(v["units"], str)
+                 else " ".join(v["units"]), "k": v["k"], "tau": v.get("tau", ""), "accuracy": v["accuracy"],
+                 "loss": v["loss"], "mean_confidence": v["mean_confidence"], "delta": v["delta"]}
+                for v in [{**self.intact, "plan": "intact", "units": "", "k": 0, "delta": 0.0}] + self.variants]
+
+
+def run_lesion(model: nn.Module, ds: ImageSet, variants: Sequence[Variant], *, view: UnitView | None = None,
+               batch_size: int = 128, device: torch.device | str = "cpu", max_memory: int | None = None,
+               show_progress: bool = False, workers: int = 0, model_name: str = "model") -> LesionResult:
+    """Accuracy, loss and mean confidence (softmax probability of the predicted class) of
+    every variant over all of ``ds``; ``variants[0]`` must be the intact model."""
+    start = time.perf_counter()
+    device = torch.device(device)
+    was_training = model.training
+    model.eval()
+    view = view or units(model, input_shape=(3, ds.image_size, ds.image_size))
+    elem = next(model.parameters()).element_size()
+    ex = LesionExecutor(view, [v.steps for v in variants], batch_size=batch_size,
+                        max_memory=max_memory or default_max_memory(device), elem_size=elem,
+                        stack_rows=STACK_ROWS[device.type == "cuda"])
+    slot = {steps: i for i, steps in enumerate(ex.unique)}
+    u = len(ex.unique)
+    correct = torch.zeros(u, dtype=torch.float64)
+    loss = torch.zeros(u, dtype=torch.float64)
+    conf = torch.zeros(u, dtype=torch.float64)
+    it = batches(ds, batch_size, device=device, workers=workers)
+    if show_progress:
+        it = progress(it, total=-(-len(ds) // batch_size), desc=f"lesion {model_name} ({u} variants)")
+    try:
+        for x, y in it:
+            logp = F.log_softmax(ex(x).float(), dim=-1)  # (variants, N, classes)
+            top, pred = logp.max(-1)
+            correct += (pred == y).sum(1).double().cpu()
+            loss -= logp.gather(2, y.expand(u, -1).unsqueeze(2)).squeeze(2).sum(1).double().cpu()
+            conf += top.exp().sum(1).double().cpu()
+    finally:
+        model.train(was_training)
+    n = len(ds)
+
+    def metrics(v: Variant) -> dict:
+        i = slot[v.steps]
+        return {"accuracy": correct[i].item() / n, "loss": loss[i].item() / n, "mean_confidence": conf[i].item() / n}
+
+    intact = metrics(variants[0])
+    rows = []
+    for v in variants[1:]:
+        m = metrics(v)
+        row = {"plan": v.plan, "units": list(v.order) if v.order is not None else list(v.deleted),
+               "k": len(v.deleted), **m, "delta": m["accuracy"] - intact["accuracy"]}
+        if v.tau is not None:
+            row["tau"] = v.tau
+        rows.append(row)
+    return LesionResult(model=model_name, intact=intact, variants=rows,
+                        unlesionable=[{"unit": x.name, "reason": x.reason} for x in view.units if not x.lesionable],
+                        n=n, seconds=time.perf_counter() - start, chunks=len(ex.chunks),
+                        unit_evaluations=ex.unit_evaluations(), naive_unit_evaluations=u * len(view.units),
+                        peak_activation_bytes=ex.peak_bytes)
+
+
+def summary(res: LesionResult) -> list[dict]:
+    """One row per single/explicit variant, per k of k-random, and for all reorders together."""
+    rows = [{"model": res.model, "variant": "intact", "accuracy": res.intact["accuracy"], "delta": 0.0, "spread": ""}]
+    by_k: dict[int, list[float]] = {}
+    taus, reorder_acc = [], []
+    for v in res.variants:
+        if v["plan"] == "k-random":
+            by_k.setdefault(v["k"], []).append(v["accuracy"])
+        elif v["plan"] == "reorder":
+            taus.append(v["tau"])
+            reorder_acc.append(v["accuracy"])
+        else:
+            rows.append({"model": res.model, "variant": f"{v['plan']} {','.join(v['units'])}",
+                         "accuracy": v["accuracy"], "delta": v["delta"], "spread": ""})
+    for k, accs in sorted(by_k.items()):
+        mean = sum(accs) / len(accs)
+        rows.append({"model": res.model, "variant": f"k-random k={k} ({len(accs)} sets)", "accuracy": mean,
+                     "delta": mean - res.intact["accuracy"], "spread": f"{min(accs):.4f}..{max(accs):.4f}"})
+    if reorder_acc:
+        mean = sum(reorder_acc) / len(reorder_acc)
+        rows.append({"model": res.model, "variant": f"reorder ({len(reorder_acc)} orders, tau "
+                     f"{min(taus):.2f}..{max(taus):.2f})", "accuracy": mean, "delta": mean - res.intact["accuracy"],
+                     "spread": f"{min(reorder_acc):.4f}..{max(reorder_acc):.4f}"})
+    return rows
+
+
+def plot_lesion(results: Sequence[LesionResult], plot_path) -> list:
+    """Veit Figs. 3-5 for each plan present: accuracy per deleted unit, error vs number of
+    deleted units (mean and min-max), error vs Kendall's tau. One series per model."""
+    plt = pyplot()
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    paths = []
+    singles = [[v for v in r.variants if v["plan"] == "all-single"] for r in results]
+    if any(singles):
+        names: list[str] = []
+        for vs in singles:
+            names += [v["units"][0] for v in vs if v["units"][0] not in names]
+        fig, ax = plt.subplots(figsize=(max(6.0, 0.3 * len(names) + 2), 4))
+        for r, vs, c in zip(results, singles, colors):
+            ax.plot([names.index(v["units"][0]) for v in vs], [v["accuracy"] for v in vs], "o-", color=c,
+                    label=f"{r.model}, one unit deleted")
+            ax.axhline(r.intact["accuracy"], ls="--", color=c, label=f"{r.model} intact")
+        ax.set_xticks(range(len(names)), names, rotation=90)
+        ax.set(ylabel="accuracy", title="Deleting one unit at test time", ylim=(0, 1.02))
+        ax.legend(fontsize=8)
+        paths.append(save(fig, plot_path("lesion-single")))
+    krand = [[v for v in r.variants if v["plan"] == "k-random"] for r in results]
+    if any(krand):
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for r, vs, c in zip(results, krand, colors):
+            by_k: dict[int, list[float]] = {0: [1 - r.intact["accuracy"]]}
+            for v in vs:
+                by_k.setdefault(v["k"], []).append(1 - v["accuracy"])
+            ks = sorted(by_k)
+            mean = [sum(by_k[k]) / len(by_k[k]) for k in ks]
+            ax.fill_between(ks, [min(by_k[k]) for k in ks], [max(by_k[k]) for k in ks], color=c, alpha=0.2)
+            ax.plot(ks, mean, "o-", color=c, label=f"{r.model} (mean, min-max)")
+        ax.set(xlabel="number of deleted units k", ylabel="error", title="Deleting k random units",
+               ylim=(0, 1.02))
+        ax.legend(fontsize=8)
+        paths.append(save(fig, plot_path("lesion-k-random")))
+    reorders = [[v for v in r.variants if v["plan"] == "reorder"] for r in results]
+    if any(reorders):
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for r, vs, c in zip(results, reorders, colors):
+            ax.scatter([1.0] + [v["tau"] for v in vs], [1 - r.intact["accuracy"]] + [1 - v["accuracy"] for v in vs],
+                       color=c, s=14, label=r.model)
+        ax.invert_xaxis()
+        ax.set(xlabel="Kendall's tau of the unit order", ylabel="error", title="Reordering units",
+               ylim=(0, 1.02))
+        ax.legend(fontsize=8)
+        paths.append(save(fig, plot_path("lesion-reorder")))
+    return paths
+
