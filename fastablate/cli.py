@@ -213,13 +213,25 @@ def train(**params):
               help="k-random: random sets per k; reorder: orders.")
 @click.option("--max-memory", default=None,
               help="Activations per chunk of lesion variants, e.g. 2G [default: 1/4 of free RAM, 1/2 of free GPU].")
+@click.option("--noise-layers", default=None,
+              help="Noise: numbers of random conv layers perturbed per trial, e.g. 1,2,3.")
+@click.option("--noise-at", default=None, help="Noise: named conv layers instead, e.g. layer1.0.conv1,layer2.1.conv2.")
+@click.option("--noise-every", type=int, default=None, help="Noise: every n-th conv layer instead.")
+@click.option("--noise-p", default="1", show_default=True,
+              help="Noise: probabilities that a chosen layer is perturbed.")
+@click.option("--noise-sigma", default=None, help="Noise: std values, e.g. 0.1,0.5,1.0.")
+@click.option("--noise-relative", is_flag=True, help="Noise: sigma times each layer's activation std.")
+@click.option("--input-noise", default=None,
+              help="Noise on the images: CIFAR-10-C gaussian_noise severities, e.g. 1,3,5.")
+@click.option("--trials", type=int, default=10, show_default=True, help="Noise: trials per grid point.")
 @click.option("--compare", type=click.Path(dir_okay=False), default=None,
               help="A second checkpoint run through the same study and drawn on the same plots.")
 def eval_(**params):
     """Evaluate a checkpoint: accuracy, loss, per-class accuracy, confusion matrix.
 
     With --lesion, a lesion study (Veit et al. 2016): units deleted or reordered at test
-    time, every variant evaluated on the same images.
+    time, every variant evaluated on the same images. With --noise-sigma, Gaussian noise on
+    the outputs of conv layers; with --input-noise, on the images.
     """
     params["lesion"] = tuple(params["lesion"])
     cfg = _config(EvalConfig, params)
@@ -233,6 +245,8 @@ def eval_(**params):
     cfg.model = model.arch
     if cfg.lesion:
         return _lesion(cfg, model, ds, device)
+    if cfg.noise:
+        return _noise(cfg, model, ds, device)
     from fastablate.engines.evaluate import evaluate
 
     run = _open_run("eval", cfg, device)
@@ -252,21 +266,13 @@ def eval_(**params):
 
 def _lesion(cfg: EvalConfig, model, ds, device) -> None:
     """eval --lesion: build every model's variants (all bad input fails here), then run and write."""
-    from dataclasses import replace
-
     from fastablate.config import parse_ints, parse_size
-    from fastablate.engines.common import load_or_build_model
     from fastablate.engines.lesion import build_variants, plot_lesion, run_lesion, summary
     from fastablate.units import units
 
-    models = [(model.arch, model)]
-    if cfg.compare:
-        other = load_or_build_model(replace(cfg, weights=cfg.compare, model=None), ds).to(device)
-        name = other.arch if other.arch != model.arch else f"{other.arch} ({Path(cfg.compare).name})"
-        models.append((name, other))
     ks = parse_ints(cfg.k, "--k")
     studies = []
-    for name, m in models:
+    for name, m in _study_models(cfg, model, ds, device):
         view = units(m, (3, ds.image_size, ds.image_size))
         studies.append((name, m, view, build_variants(view, cfg.lesion, ks=ks, samples=cfg.samples, seed=cfg.seed,
                                                         model_name=name)))
@@ -294,6 +300,62 @@ def _lesion(cfg: EvalConfig, model, ds, device) -> None:
         click.echo(f"{r.model}: {len(r.variants)} variants on {r.n} images of {ds.name}/{ds.split} in "
                    f"{r.seconds:.1f}s ({r.unit_evaluations / r.naive_unit_evaluations:.2f} of the naive loop's "
                    "unit evaluations)\n")
+    click.echo(f"results: {run.path}")
+
+
+def _study_models(cfg: EvalConfig, model, ds, device) -> list:
+    """[(name, model)]: the model, and the --compare checkpoint's."""
+    from dataclasses import replace
+
+    from fastablate.engines.common import load_or_build_model
+
+    models = [(model.arch, model)]
+    if cfg.compare:
+        other = load_or_build_model(replace(cfg, weights=cfg.compare, model=None), ds).to(device)
+        name = other.arch if other.arch != model.arch else f"{other.arch} ({Path(cfg.compare).name})"
+        models.append((name, other))
+    return models
+
+
+def _noise(cfg: EvalConfig, model, ds, device) -> None:
+    """eval --noise-sigma / --input-noise: the grid for each model, then write and print."""
+    from fastablate.config import parse_ints
+    from fastablate.engines.noise import NoiseSpec, comparison_table, conv_layers, plot_noise, resolve_layers, run_noise
+
+    spec = NoiseSpec(layers=parse_ints(cfg.noise_layers, "--noise-layers") or (),
+                     at=tuple(cfg.noise_at.split(",")) if cfg.noise_at else (), every=cfg.noise_every,
+                     p=parse_floats(cfg.noise_p, "--noise-p") or (1.0,),
+                     sigma=parse_floats(cfg.noise_sigma, "--noise-sigma") or (),
+                     relative=cfg.noise_relative, input_severities=parse_ints(cfg.input_noise, "--input-noise") or (),
+                     trials=cfg.trials, seed=cfg.seed)
+    models = _study_models(cfg, model, ds, device)
+    for name, m in models:  # bad layer choices fail before anything is written
+        if spec.sigma:
+            resolve_layers(spec, [n for n, _ in conv_layers(m)], name)
+    run = _open_run("eval", cfg, device)
+    try:
+        results = []
+        for name, m in models:
+            results.append(run_noise(m, ds, spec, batch_size=cfg.batch_size, device=device, workers=cfg.workers,
+                                     show_progress=True, model_name=name))
+            run.timings[f"noise_{name}_s"] = round(results[-1].seconds, 3)
+        out = {**results[0].to_dict(), "table": comparison_table(results)}
+        if len(results) > 1:
+            out["compare"] = results[1].to_dict()
+        run.write_results(out, [row for r in results for row in r.rows()])
+        plot_noise(results, run.plot_path)
+    except BaseException as e:
+        run.finish(error=f"{type(e).__name__}: {e}")
+        raise
+    run.finish()
+    click.echo(table([{k: r[k] for k in ("model", "kind", "layers", "p", "sigma", "severity", "accuracy_mean",
+                                          "accuracy_std", "ci95_low", "ci95_high")} for res in results
+                      for r in res.rows()]))
+    if spec.sigma:
+        click.echo("\n" + table(comparison_table(results)))
+    for r in results:
+        click.echo(f"{r.model}: clean accuracy {r.clean['accuracy']:.4f} on {r.n} images of {ds.name}/{ds.split}; "
+                   f"{len(r.grid)} grid points x {spec.trials} trials in {r.seconds:.1f}s")
     click.echo(f"results: {run.path}")
 
 

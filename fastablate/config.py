@@ -51,6 +51,18 @@ class EvalConfig(CommonConfig):
     samples: int = 20  # k-random: sets per k; reorder: orders
     max_memory: Optional[str] = None  # bytes of activations per chunk of variants, e.g. "2G"
     compare: Optional[str] = None  # a second checkpoint run through the same study
+    noise_layers: Optional[str] = None  # numbers of random conv layers perturbed per trial, e.g. "1,2,3"
+    noise_at: Optional[str] = None  # named conv layers instead
+    noise_every: Optional[int] = None  # every n-th conv layer instead
+    noise_p: str = "1"  # probabilities that a chosen layer is perturbed
+    noise_sigma: Optional[str] = None  # noise std values, absolute or x activation std
+    noise_relative: bool = False
+    input_noise: Optional[str] = None  # CIFAR-10-C gaussian_noise severities 1..5
+    trials: int = 10
+
+    @property
+    def noise(self) -> bool:
+        return bool(self.noise_sigma or self.input_noise)
 
 
 def parse_floats(text: str | None, name: str, count: int | None = None) -> tuple[float, ...] | None:
@@ -131,8 +143,40 @@ def validate(cfg: CommonConfig) -> None:
             raise FastablateError(f"--samples must be >= 1, got {cfg.samples}")
         if cfg.k and "k-random" not in cfg.lesion:
             raise FastablateError(f"--k {cfg.k} applies to --lesion k-random, which is not given")
-        if cfg.compare and not cfg.lesion:
-            raise FastablateError("--compare draws a second model on a study's plots: give --lesion too")
+        _validate_noise(cfg)
+        if cfg.lesion and cfg.noise:
+            raise FastablateError("--lesion and a noise study (--noise-sigma/--input-noise) are separate runs: "
+                                  "give one")
+        if cfg.compare and not (cfg.lesion or cfg.noise):
+            raise FastablateError("--compare draws a second model on a study's plots: give --lesion or a noise study")
+
+
+def _validate_noise(cfg: EvalConfig) -> None:
+    choices = [f for f, v in (("--noise-layers", cfg.noise_layers), ("--noise-at", cfg.noise_at),
+                              ("--noise-every", cfg.noise_every)) if v is not None]
+    if len(choices) > 1:
+        raise FastablateError(f"{' and '.join(choices)} each choose the perturbed layers: give one")
+    if choices and not cfg.noise_sigma:
+        raise FastablateError(f"{choices[0]} needs --noise-sigma (the noise std values)")
+    if cfg.noise_sigma and not choices:
+        raise FastablateError("--noise-sigma needs the layers to perturb: --noise-layers N,.., --noise-at NAME,.. "
+                              "or --noise-every N")
+    parse_ints(cfg.noise_layers, "--noise-layers")
+    if cfg.noise_every is not None and cfg.noise_every < 1:
+        raise FastablateError(f"--noise-every must be >= 1, got {cfg.noise_every}")
+    if cfg.noise_at is not None and not all(cfg.noise_at.split(",")):
+        raise FastablateError(f"--noise-at {cfg.noise_at!r} is not a comma-separated list of layer names")
+    for p in parse_floats(cfg.noise_p, "--noise-p") or ():
+        if not 0 <= p <= 1:
+            raise FastablateError(f"--noise-p {cfg.noise_p!r}: {p:g} is not a probability in [0, 1]")
+    for s in parse_floats(cfg.noise_sigma, "--noise-sigma") or ():
+        if not 0 <= s < float("inf"):
+            raise FastablateError(f"--noise-sigma {cfg.noise_sigma!r}: {s:g} is not a finite std >= 0")
+    for s in parse_ints(cfg.input_noise, "--input-noise") or ():
+        if s > 5:
+            raise FastablateError(f"--input-noise {cfg.input_noise!r}: severity {s} is not in 1..5")
+    if cfg.trials < 1:
+        raise FastablateError(f"--trials must be >= 1, got {cfg.trials}")
 
 
 __all__ = ["CommonConfig", "EvalConfig", "TrainConfig", "check_plan", "parse_floats", "parse_ints", "parse_size",

@@ -213,7 +213,7 @@ LESION_BAD = [
     (["--lesion", "all-single", "--k", "2"], "--k 2 applies to --lesion k-random, which is not given"),
     (["--lesion", "reorder", "--samples", "0"], "--samples must be >= 1, got 0"),
     (["--lesion", "all-single", "--max-memory", "lots"], "--max-memory 'lots' is not a positive size"),
-    (["--compare", "{ck}/plain20.pt"], "--compare draws a second model on a study's plots: give --lesion too"),
+    (["--compare", "{ck}/plain20.pt"], "--compare draws a second model on a study's plots: give --lesion or a noise study"),
     (["--lesion", "units:layer1.0,layer2.0", "--compare", "{ck}/plain20.pt"],
      "--lesion units:layer1.0,layer2.0: unit layer2.0 of plain20 is not lesionable: plain unit changes shape"),
 ]

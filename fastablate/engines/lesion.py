@@ -18,7 +18,7 @@ import itertools
 import math
 import random
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Iterable, Sequence
 
 import torch
@@ -330,7 +330,6 @@ class LesionResult:
     unit_evaluations: int  # per image, all variants
     naive_unit_evaluations: int
     peak_activation_bytes: int  # the executor's estimate for one batch
-    extra: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return {"model": self.model, "intact": self.intact, "variants": self.variants,
@@ -458,6 +457,7 @@ def plot_lesion(results: Sequence[LesionResult], plot_path) -> list:
             ax.plot(ks, mean, "o-", color=c, label=f"{r.model} (mean, min-max)")
         ax.set(xlabel="number of deleted units k", ylabel="error", title="Deleting k random units",
                ylim=(0, 1.02))
+        ax.xaxis.get_major_locator().set_params(integer=True)
         ax.legend(fontsize=8)
         paths.append(save(fig, plot_path("lesion-k-random")))
     reorders = [[v for v in r.variants if v["plan"] == "reorder"] for r in results]

@@ -1,0 +1,319 @@
+"""Noise robustness: Gaussian noise on the outputs of conv layers at inference, and on the
+input images at the severities of CIFAR-10-C.
+
+Activation noise: in each trial, n conv layers are drawn at random (or named, or every
+n-th), each is perturbed with probability p, and a perturbed layer's output becomes
+``out + sigma_l * z`` in place, through a forward hook calling ``fastablate.ops.gaussian_noise``.
+``sigma_l`` is ``sigma``, or ``sigma`` times the layer's activation std on a calibration
+batch (``relative``).
+
+Reproducibility: the layers and the p-draws of trial t depend on (seed, n, t) only, so
+every sigma and p of a sweep sees the same layers (common random numbers). The noise of
+layer l in trial t is the Philox stream keyed by (seed, t, l), at offset (first image of
+the batch) x (elements per image): image i gets the same noise whatever the batch size,
+thread count or memory layout. What can change with the batch size is the rounding of the
+convolutions themselves (a different algorithm may be picked), not the noise.
+"""
+from __future__ import annotations
+
+import hashlib
+import math
+import random
+import time
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from fastablate.data import ImageSet, batches
+from fastablate.engines.common import progress
+from fastablate.errors import FastablateError
+from fastablate.ops import gaussian_noise
+from fastablate.plots import pyplot, save
+
+# Hendrycks & Dietterich 2019, make_cifar_c.py: gaussian_noise severity 1..5 -> std on [0, 1] pixels.
+CIFAR_C_GAUSSIAN = (0.04, 0.06, 0.08, 0.09, 0.10)
+
+
+def conv_layers(model: nn.Module) -> list[tuple[str, nn.Conv2d]]:
+    """The model's conv layers in registration order (their order in the forward pass for
+    the registry models and torchvision ResNets/VGGs)."""
+    net = getattr(model, "net", model)
+    return [(name, m) for name, m in net.named_modules() if isinstance(m, nn.Conv2d)]
+
+
+def stream_seed(*parts) -> int:
+    """A 63-bit Philox key from the parts (run seed, trial, layer, ...)."""
+    digest = hashlib.blake2b(":".join(map(str, parts)).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
+class NoiseInjector:
+    """Forward hooks on every conv layer; ``active`` maps a layer index to (sigma, seed).
+
+    Set ``row`` to the index of the first image of the batch before each forward, so the
+    noise of an image does not depend on how the data is batched.
+    """
+
+    def __init__(self, model: nn.Module, op: Callable = gaussian_noise):
+        self.layers = conv_layers(model)
+        if not self.layers:
+            raise FastablateError(f"model {type(model).__name__} has no conv layer to perturb")
+        self.op = op
+        self.active: dict[int, tuple[float, int]] = {}
+        self.row = 0
+        self.handles = [m.register_forward_hook(self._hook(i)) for i, (_, m) in enumerate(self.layers)]
+
+    def _hook(self, i: int):
+        def hook(module, inputs, out):
+            if i in self.active:
+                sigma, seed = self.active[i]
+                return self.op(out, sigma, seed=seed, offset=self.row * out[0].numel(), inplace=True)
+        return hook
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+    @torch.no_grad()
+    def activation_std(self, model: nn.Module, x: Tensor) -> list[float]:
+        """Std of each conv layer's output on ``x`` (the calibration batch), noise off."""
+        stds: dict[int, float] = {}
+        hooks = [m.register_forward_hook(lambda mod, inp, out, i=i: stds.__setitem__(i, out.float().std().item()))
+                 for i, (_, m) in enumerate(self.layers)]
+        saved, self.active = self.active, {}
+        try:
+            model(x)
+        finally:
+            self.active = saved
+            for h in hooks:
+                h.remove()
+        return [stds[i] for i in range(len(self.layers))]
+
+
+@dataclass(frozen=True)
+class Point:
+    """One grid point: ``layers`` = n (random layers), or the named/every-n layer set."""
+
+    kind: str  # activation | input
+    layers: int | str
+    p: float
+    sigma: float
+    severity: int | None = None  # input noise: CIFAR-10-C severity
+
+
+def t_quantile_975(df: int) -> float:
+    """The 97.5% quantile of Student's t with ``df`` degrees of freedom."""
+    table = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145,
+             2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048,
+             2.045, 2.042)
+    if df <= len(table):
+        return table[df - 1]
+    z = 1.959964  # Cornish-Fisher expansion, accurate to 1e-4 beyond 30
+    return z + (z**3 + z) / (4 * df) + (5 * z**5 + 16 * z**3 + 3 * z) / (96 * df**2)
+
+
+def summarize(correct: Sequence[int], images: int) -> dict:
+    """Mean, std and 95% t interval of the accuracies ``correct[t] / images`` of the trials.
+    The mean is one division of integers, so equal trials give exactly their accuracy."""
+    n = len(correct)
+    mean = sum(correct) / (n * images)
+    std = math.sqrt(sum((c / images - mean) ** 2 for c in correct) / (n - 1)) if n > 1 else 0.0
+    half = t_quantile_975(n - 1) * std / math.sqrt(n) if n > 1 else 0.0
+    # The t interval of the mean, clipped to the range an accuracy can take.
+    return {"accuracy_mean": mean, "accuracy_std": std, "ci95": [max(0.0, mean - half), min(1.0, mean + half)],
+            "trials": n}
+
+
+@dataclass
+class NoiseSpec:
+    layers: Sequence[int] = ()  # numbers of random conv layers per trial
+    at: Sequence[str] = ()  # named conv layers (instead of random ones)
+    every: int | None = None  # every n-th conv layer (instead of random ones)
+    p: Sequence[float] = (1.0,)
+    sigma: Sequence[float] = ()
+    relative: bool = False
+    input_severities: Sequence[int] = ()
+    trials: int = 10
+    seed: int = 0
+
+
+@dataclass
+class NoiseResult:
+    model: str
+    clean: dict
+    grid: list[dict]
+    n: int
+    seconds: float
+    layer_names: list[str]
+    activation_std: list[float] | None = None
+
+    def to_dict(self) -> dict:
+        out = {"model": self.model, "clean": self.clean, "grid": self.grid, "n": self.n, "seconds": self.seconds,
+               "conv_layers": self.layer_names}
+        if self.activation_std is not None:
+            out["activation_std"] = dict(zip(self.layer_names, self.activation_std))
+        return out
+
+    def rows(self) -> list[dict]:
+        return [{"model": self.model, "kind": g["kind"], "layers": g["layers"], "p": g["p"], "sigma": g["sigma"],
+                 "severity": g.get("severity", ""), "accuracy_mean": g["accuracy_mean"],
+                 "accuracy_std": g["accuracy_std"], "ci95_low": g["ci95"][0], "ci95_high": g["ci95"][1],
+                 "trials": g["trials"]} for g in self.grid]
+
+
+def resolve_layers(spec: NoiseSpec, names: list[str], model_name: str) -> list[int | str]:
+    """The grid's layer settings: each n of ``spec.layers``, or one named/every-n set."""
+    if spec.at:
+        unknown = [a for a in spec.at if a not in names]
+        if unknown:
+            raise FastablateError(f"--noise-at: {model_name} has no conv layer {unknown[0]!r}; "
+                                  f"conv layers are: {', '.join(names)}")
+        return [",".join(spec.at)]
+    if spec.every:
+        return [f"every {spec.every}"]
+    for n in spec.layers:
+        if not 1 <= n <= len(names):
+            raise FastablateError(f"--noise-layers {n}: {model_name} has {len(names)} conv layers, "
+                                  f"so n must be in 1..{len(names)}")
+    return list(spec.layers)
+
+
+def trial_layers(setting: int | str, names: list[str], spec: NoiseSpec, trial: int, p: float) -> list[int]:
+    """The layer indices perturbed in ``trial``: chosen by (seed, setting, trial), each kept
+    if its uniform draw is below p (so a larger p perturbs a superset)."""
+    rng = random.Random(f"{spec.seed}:{setting}:{trial}")
+    if isinstance(setting, int):
+        chosen = sorted(rng.sample(range(len(names)), setting))
+    elif setting.startswith("every "):
+        chosen = list(range(spec.every - 1, len(names), spec.every))
+    else:
+        chosen = [names.index(a) for a in spec.at]
+    draws = [rng.random() for _ in chosen]
+    return [i for i, u in zip(chosen, draws) if u < p]
+
+
+@torch.no_grad()
+def _accuracy(model: nn.Module, ds: ImageSet, batch_size: int, device, workers: int, injector: NoiseInjector | None,
+              input_sigma: float = 0.0, input_seed: int = 0) -> int:
+    """The number of images of ``ds`` classified correctly."""
+    correct = 0
+    row = 0
+    for x, y in batches(ds, batch_size, device=device, workers=workers):
+        if input_sigma > 0:
+            # CIFAR-10-C: clip(x + N(0, c^2), 0, 1), stored as uint8 (truncated).
+            x = gaussian_noise(x, input_sigma, seed=input_seed, offset=row * x[0].numel(), inplace=True)
+            x = x.clamp_(0, 1).mul_(255).floor_().div_(255)
+        if injector is not None:
+            injector.row = row
+        correct += (model(x).argmax(1) == y).sum().item()
+        row += x.shape[0]
+    return correct
+
+
+def run_noise(model: nn.Module, ds: ImageSet, spec: NoiseSpec, *, batch_size: int = 128,
+              device: torch.device | str = "cpu", workers: int = 0, show_progress: bool = False,
+              model_name: str = "model", op: Callable = gaussian_noise) -> NoiseResult:
+    """Clean accuracy, then every grid point over ``spec.trials`` trials."""
+    start = time.perf_counter()
+    was_training = model.training
+    model.eval()
+    injector = NoiseInjector(model, op)
+    names = [n for n, _ in injector.layers]
+    try:
+        settings = resolve_layers(spec, names, model_name) if spec.sigma else []
+        stds = None
+        if spec.relative and spec.sigma:
+            calib = next(batches(ds.subset(torch.randperm(len(ds), generator=torch.Generator().manual_seed(spec.seed))
+                                           [:batch_size]), batch_size, device=device))[0]
+            stds = injector.activation_std(model, calib)
+        points = [Point("activation", s, p, sigma) for s in settings for p in spec.p for sigma in spec.sigma]
+        points += [Point("input", 0, 1.0, CIFAR_C_GAUSSIAN[s - 1], s) for s in spec.input_severities]
+        work = [(pt, t) for pt in points for t in range(spec.trials)]
+        it = progress(work, desc=f"noise {model_name}") if show_progress else work
+        clean = _accuracy(model, ds, batch_size, device, workers, injector)
+        correct: dict[Point, list[int]] = {pt: [] for pt in points}
+        for pt, t in it:
+            if pt.kind == "input":
+                acc = _accuracy(model, ds, batch_size, device, workers, None, pt.sigma,
+                                stream_seed(spec.seed, "input", pt.severity, t))
+            else:
+                injector.active = {i: (pt.sigma * (stds[i] if stds else 1.0), stream_seed(spec.seed, t, i))
+                                   for i in trial_layers(pt.layers, names, spec, t, pt.p) if pt.sigma > 0}
+                acc = _accuracy(model, ds, batch_size, device, workers, injector) if injector.active else clean
+                injector.active = {}
+            correct[pt].append(acc)
+    finally:
+        injector.remove()
+        model.train(was_training)
+    grid = []
+    for pt in points:
+        row = {"kind": pt.kind, "layers": pt.layers, "p": pt.p, "sigma": pt.sigma}
+        if pt.kind == "activation":
+            row["relative"] = spec.relative
+        else:
+            row["severity"] = pt.severity
+        grid.append({**row, **summarize(correct[pt], len(ds))})
+    return NoiseResult(model_name, {"accuracy": clean / len(ds)}, grid, len(ds), time.perf_counter() - start, names, stds)
+
+
+def comparison_table(results: Sequence[NoiseResult]) -> list[dict]:
+    """Rows: model and (p, sigma); columns: clean accuracy and mean accuracy per layer setting
+    (the layout of the ResNet34-vs-VGG19 table: n = 1, 2, 3)."""
+    rows = []
+    for r in results:
+        by: dict[tuple, dict] = {}
+        for g in r.grid:
+            if g["kind"] != "activation":
+                continue
+            row = by.setdefault((g["p"], g["sigma"]), {"model": r.model, "p": g["p"], "sigma": g["sigma"],
+                                                         "clean": r.clean["accuracy"]})
+            row[f"n={g['layers']}" if isinstance(g["layers"], int) else g["layers"]] = g["accuracy_mean"]
+        rows += list(by.values())
+    return rows
+
+
+def plot_noise(results: Sequence[NoiseResult], plot_path) -> list:
+    """Accuracy vs sigma, one line per layer setting and p (95% interval as error bars), one
+    colour per layer setting, one line style per model; and accuracy vs input-noise severity."""
+    plt = pyplot()
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    styles = ["-", "--", ":", "-."]
+    paths = []
+    act = [[g for g in r.grid if g["kind"] == "activation"] for r in results]
+    if any(act):
+        fig, ax = plt.subplots(figsize=(6.5, 4.2))
+        settings: list = []
+        for grid in act:
+            settings += [(g["layers"], g["p"]) for g in grid if (g["layers"], g["p"]) not in settings]
+        for r, grid, ls in zip(results, act, styles):
+            for key in settings:
+                pts = sorted((g for g in grid if (g["layers"], g["p"]) == key), key=lambda g: g["sigma"])
+                if not pts:
+                    continue
+                xs = [0.0] + [g["sigma"] for g in pts]
+                ys = [r.clean["accuracy"]] + [g["accuracy_mean"] for g in pts]
+                lo = [0.0] + [g["accuracy_mean"] - g["ci95"][0] for g in pts]
+                hi = [0.0] + [g["ci95"][1] - g["accuracy_mean"] for g in pts]
+                n = key[0] if isinstance(key[0], str) else f"n={key[0]}"
+                ax.errorbar(xs, ys, yerr=[lo, hi], ls=ls, marker="o", ms=3, capsize=2,
+                            color=colors[settings.index(key) % len(colors)],
+                            label=f"{r.model} {n}" + (f" p={key[1]:g}" if key[1] != 1 else ""))
+        relative = any(g.get("relative") for grid in act for g in grid)
+        ax.set(xlabel="sigma" + (" (x activation std)" if relative else ""), ylabel="accuracy",
+               title="Gaussian noise on conv outputs", ylim=(0, 1.02))
+        ax.legend(fontsize=7)
+        paths.append(save(fig, plot_path("noise-activation")))
+    inp = [[g for g in r.grid if g["kind"] == "input"] for r in results]
+    if any(inp):
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for r, grid, c in zip(results, inp, colors):
+            xs = [0] + [g["severity"] for g in grid]
+            ys = [r.clean["accuracy"]] + [g["accuracy_mean"] for g in grid]
+            ax.plot(xs, ys, "o-", color=c, label=r.model)
+        ax.set(xlabel="CIFAR-10-C gaussian_noise severity (0 = clean)", ylabel="accuracy",
+               title="Gaussian noise on the input", ylim=(0, 1.02))
+        ax.legend(fontsize=8)
+        paths.append(save(fig, plot_path("noise-input")))
+    return paths
