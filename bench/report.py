@@ -9,22 +9,28 @@ import sys
 from collections import defaultdict
 
 
+BASELINES = ("clean", "naive")  # groups with one of these also get each time relative to it
+
+
 def main(path: str) -> None:
     data = json.load(open(path))
-    groups: dict[str, dict[str, float]] = defaultdict(dict)
+    groups: dict[str, dict[str, dict]] = defaultdict(dict)
     for b in data["benchmarks"]:
-        groups[b["group"]][b["params"]["impl"]] = b["stats"]["median"]
+        groups[b["group"]][b["params"]["impl"]] = b
     machine = data["machine_info"]
     print(f"Machine: {machine.get('cpu', {}).get('brand_raw', machine.get('processor'))}, "
           f"{machine.get('cpu', {}).get('count', '?')} logical CPUs; Python {machine['python_version']}.\n")
-    print("| group | implementation | median (ms) | fastablate is x faster |")
-    print("|---|---|---:|---:|")
+    print("| group | implementation | median (ms) | fastablate is x faster | time / clean or naive | peak RSS (MiB) |")
+    print("|---|---|---:|---:|---:|---:|")
     for group, impls in groups.items():
-        fast = {k: v for k, v in impls.items() if k.startswith("fastablate")}
-        for impl, median in impls.items():
-            ours = fast.get("fastablate-masked" if impl.endswith("masked") else "fastablate", None)
-            ratio = f"{median / ours:.2f}" if ours and not impl.startswith("fastablate") else ""
-            print(f"| {group} | {impl} | {median * 1e3:.3f} | {ratio} |")
+        median = {k: b["stats"]["median"] for k, b in impls.items()}
+        base = next((median[k] for k in BASELINES if k in median), None)
+        for impl, m in median.items():
+            ours = median.get("fastablate-masked" if impl.endswith("masked") else "fastablate")
+            ratio = f"{m / ours:.2f}" if ours and not impl.startswith("fastablate") else ""
+            rel = f"{m / base:.3f}" if base else ""
+            rss = impls[impl].get("extra_info", {}).get("peak_rss_mib", "")
+            print(f"| {group} | {impl} | {m * 1e3:.3f} | {ratio} | {rel} | {rss} |")
 
 
 if __name__ == "__main__":

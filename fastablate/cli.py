@@ -11,7 +11,7 @@ from pathlib import Path
 import click
 
 from fastablate import __version__
-from fastablate.config import CommonConfig, EvalConfig, TrainConfig, parse_floats, validate
+from fastablate.config import ATTACKS, AttackConfig, CommonConfig, EvalConfig, TrainConfig, parse_floats, validate
 from fastablate.errors import FastablateError
 
 
@@ -301,6 +301,84 @@ def _lesion(cfg: EvalConfig, model, ds, device) -> None:
                    f"{r.seconds:.1f}s ({r.unit_evaluations / r.naive_unit_evaluations:.2f} of the naive loop's "
                    "unit evaluations)\n")
     click.echo(f"results: {run.path}")
+
+
+@cli.command()
+@common_options
+@click.option("--attack", type=click.Choice(ATTACKS), default="sparse", show_default=True)
+@click.option("--pixels", type=float, default=None,
+              help="sparse: budget as a fraction of the H*W pixels, e.g. 0.005 (5 of 32x32) [default: 0.005].")
+@click.option("--k", type=int, default=None, help="sparse: budget in pixels (instead of --pixels).")
+@click.option("--steps", type=int, default=20, show_default=True,
+              help="Gradient steps: per restart (sparse), in all (noise, pgd, pgd-l2).")
+@click.option("--restarts", type=int, default=4, show_default=True, help="sparse: pixel sets tried per image.")
+@click.option("--step", type=float, default=None, help="Step size [default: 0.25 (sparse), eps/4 (pgd, pgd-l2)].")
+@click.option("--eps", type=float, default=None,
+              help="fgsm, pgd: L-inf radius [default: 8/255]; pgd-l2: L2 radius [default: 0.5].")
+@click.option("--lam", type=float, default=0.01, show_default=True, help="noise: weight of the squared L2 norm.")
+@click.option("--lr", type=float, default=0.01, show_default=True, help="noise: Adam learning rate.")
+@click.option("--target", type=int, default=None, help="Targeted attack towards this class index.")
+@click.option("--save-examples", is_flag=True, help="Write adversarial.pt and plots/examples.png.")
+@click.option("--save-dataset", type=click.Path(dir_okay=False), default=None,
+              help="Write the split with adversarial images (uint8) to this file, for adversarial augmentation.")
+def attack(**params):
+    """Attack a checkpoint: sparse pixels (L0), optimized noise (L2), FGSM or PGD.
+
+    Only images the model classifies correctly are attacked; success_rate is the fraction of
+    them it fools.
+    """
+    cfg = _config(AttackConfig, params)
+    if not cfg.weights:
+        raise FastablateError("attack needs --weights CHECKPOINT")
+    import torch
+
+    from fastablate.engines.attacks import AttackSpec, run_attack, save_grid
+    from fastablate.engines.common import load_data, load_or_build_model, resolve_device
+    from fastablate.models.checkpoint import atomic_save
+
+    device = resolve_device(cfg.device)
+    ds = load_data(cfg)
+    model = load_or_build_model(cfg, ds).to(device)
+    cfg.model = model.arch
+    pixels = ds.image_size * ds.image_size
+    k = cfg.k if cfg.k is not None else round((cfg.pixels or 0.005) * pixels)
+    if cfg.attack == "sparse" and not 1 <= k <= pixels:
+        raise FastablateError(f"--pixels {cfg.pixels:g} rounds to {k} pixels of {ds.image_size}x{ds.image_size} images;"
+                              " give a larger fraction or --k" if cfg.k is None else
+                              f"--k {k} is more than the {pixels} pixels of an image")
+    if cfg.target is not None and cfg.target >= ds.num_classes:
+        raise FastablateError(f"--target {cfg.target} is not a class of {ds.name} (0..{ds.num_classes - 1})")
+    if cfg.target is not None and bool((ds.labels == cfg.target).all()):
+        raise FastablateError(f"--target {cfg.target} equals the label of every image: nothing to attack")
+    eps = cfg.eps or (0.5 if cfg.attack == "pgd-l2" else 8 / 255)
+    spec = AttackSpec(attack=cfg.attack, k=k, steps=cfg.steps, restarts=cfg.restarts,
+                      step=cfg.step or (0.25 if cfg.attack == "sparse" else eps / 4), eps=eps, lam=cfg.lam,
+                      lr=cfg.lr, target=cfg.target, seed=cfg.seed)
+    run = _open_run("attack", cfg, device)
+    try:
+        keep = cfg.save_examples or bool(cfg.save_dataset)
+        res, ex = run_attack(model, ds, spec, batch_size=cfg.batch_size, device=device, workers=cfg.workers,
+                             show_progress=True, model_name=model.arch, keep=keep)
+        run.timings["attack_s"] = round(res.seconds_per_image * res.attacked, 3)
+        out = {**res.to_dict(), "k": k if cfg.attack == "sparse" else None, "spec": spec.__dict__}
+        if cfg.save_examples:
+            atomic_save({key: ex[key] for key in ("x", "x_adv", "y", "pred_adv", "attacked", "success")},
+                        run.path / "adversarial.pt")
+            save_grid(ex, run.plot_path("examples"))
+        if cfg.save_dataset:
+            atomic_save({"images": ex["x_adv"].mul(255).round().to(torch.uint8), "labels": ex["y"],
+                         "success": ex["success"], "attacked": ex["attacked"], "classes": list(ds.classes),
+                         "attack": spec.__dict__, "dataset": ds.name, "split": ds.split}, cfg.save_dataset)
+        run.write_results(out, [res.to_dict()])
+    except BaseException as e:
+        run.finish(error=f"{type(e).__name__}: {e}")
+        raise
+    run.finish()
+    click.echo(table([{k_: v for k_, v in res.to_dict().items() if k_ != "model"}]))
+    budget = f" at {k} pixels" if cfg.attack == "sparse" else ""
+    click.echo(f"\n{model.arch} on {ds.name}/{ds.split}: {cfg.attack}{budget} fooled {res.success_rate:.4f} of "
+               f"{res.attacked} correctly classified images; robust accuracy {res.robust_accuracy:.4f} "
+               f"(clean {res.clean_accuracy:.4f})\nresults: {run.path}")
 
 
 def _study_models(cfg: EvalConfig, model, ds, device) -> list:

@@ -78,6 +78,25 @@ def parse_floats(text: str | None, name: str, count: int | None = None) -> tuple
     return values
 
 
+ATTACKS = ("sparse", "noise", "fgsm", "pgd", "pgd-l2")
+
+
+@dataclass
+class AttackConfig(CommonConfig):
+    attack: str = "sparse"
+    pixels: Optional[float] = None  # sparse budget as a fraction of H*W pixels
+    k: Optional[int] = None  # sparse budget in pixels
+    steps: int = 20
+    restarts: int = 4
+    step: Optional[float] = None  # default: 0.25 (sparse), eps / 4 (pgd)
+    eps: Optional[float] = None  # default: 8/255 (fgsm, pgd, L-inf), 0.5 (pgd-l2)
+    lam: float = 0.01
+    lr: float = 0.01
+    target: Optional[int] = None
+    save_examples: bool = False
+    save_dataset: Optional[str] = None
+
+
 def parse_ints(text: str | None, name: str, minimum: int = 1) -> tuple[int, ...] | None:
     """'1,2,4' -> (1, 2, 4), each >= ``minimum``; one error line naming the option otherwise."""
     if text is None or text == "":
@@ -134,6 +153,25 @@ def validate(cfg: CommonConfig) -> None:
             raise FastablateError(f"--lr must be positive, got {cfg.lr}")
         if not 0 <= cfg.label_smoothing < 1:
             raise FastablateError(f"--label-smoothing must be in [0, 1), got {cfg.label_smoothing}")
+    if isinstance(cfg, AttackConfig):
+        if cfg.attack not in ATTACKS:
+            raise FastablateError(f"unknown attack {cfg.attack!r}; choose from: {', '.join(ATTACKS)}")
+        if cfg.pixels is not None and cfg.k is not None:
+            raise FastablateError("--pixels and --k both set the pixel budget: give one")
+        if cfg.pixels is not None and not 0 < cfg.pixels <= 1:
+            raise FastablateError(f"--pixels {cfg.pixels:g} is not a fraction of the image in (0, 1]")
+        if cfg.k is not None and cfg.k < 1:
+            raise FastablateError(f"--k must be >= 1 pixel, got {cfg.k}")
+        for name, value, low in (("--steps", cfg.steps, 1), ("--restarts", cfg.restarts, 1)):
+            if value < low:
+                raise FastablateError(f"{name} must be >= {low}, got {value}")
+        for name, value in (("--eps", cfg.eps), ("--lr", cfg.lr), ("--step", cfg.step)):
+            if value is not None and not 0 < value < float("inf"):
+                raise FastablateError(f"{name} must be positive, got {value:g}")
+        if cfg.lam < 0:
+            raise FastablateError(f"--lam must be >= 0, got {cfg.lam:g}")
+        if cfg.target is not None and cfg.target < 0:
+            raise FastablateError(f"--target must be a class index >= 0, got {cfg.target}")
     if isinstance(cfg, EvalConfig):
         for plan in cfg.lesion:
             check_plan(plan)
@@ -179,5 +217,5 @@ def _validate_noise(cfg: EvalConfig) -> None:
         raise FastablateError(f"--trials must be >= 1, got {cfg.trials}")
 
 
-__all__ = ["CommonConfig", "EvalConfig", "TrainConfig", "check_plan", "parse_floats", "parse_ints", "parse_size",
-           "validate"]
+__all__ = ["ATTACKS", "AttackConfig", "CommonConfig", "EvalConfig", "TrainConfig", "check_plan", "parse_floats",
+           "parse_ints", "parse_size", "validate"]

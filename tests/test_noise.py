@@ -180,7 +180,7 @@ NOISE_BAD = [
     (["--noise-layers", "1"], "--noise-layers needs --noise-sigma"),
     (["--noise-sigma", "1"], "--noise-sigma needs the layers to perturb"),
     (["--noise-layers", "1", "--noise-every", "2", "--noise-sigma", "1"], "--noise-layers and --noise-every each"),
-    (["--noise-layers", "9", "--noise-sigma", "1"], "--noise-layers 9: resnet8 has 7 conv layers, so n must be in 1..7"),
+    (["--noise-layers", "9", "--noise-sigma", "1"], "--noise-layers 9: resnet8 has 7 conv layers, so n must be in 1."),
     (["--noise-at", "conv1,conv9", "--noise-sigma", "1"], "--noise-at: resnet8 has no conv layer 'conv9'"),
     (["--noise-layers", "1", "--noise-sigma", "1", "--noise-p", "1.5"], "--noise-p '1.5': 1.5 is not a probability"),
     (["--noise-layers", "1", "--noise-sigma", "-1"], "--noise-sigma '-1': -1 is not a finite std >= 0"),

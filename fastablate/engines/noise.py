@@ -255,7 +255,8 @@ def run_noise(model: nn.Module, ds: ImageSet, spec: NoiseSpec, *, batch_size: in
         else:
             row["severity"] = pt.severity
         grid.append({**row, **summarize(correct[pt], len(ds))})
-    return NoiseResult(model_name, {"accuracy": clean / len(ds)}, grid, len(ds), time.perf_counter() - start, names, stds)
+    return NoiseResult(model_name, {"accuracy": clean / len(ds)}, grid, len(ds), time.perf_counter() - start, names,
+                       stds)
 
 
 def comparison_table(results: Sequence[NoiseResult]) -> list[dict]:

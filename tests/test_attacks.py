@@ -1,0 +1,137 @@
+"""Attacks: budgets verified, early stop, targeted, the CLI and its outputs."""
+import json
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from fastablate.cli import cli
+from fastablate.data import batches, build_dataset
+from fastablate.errors import FastablateError
+from fastablate.engines.attacks import AttackSpec, margin, run_attack, sparse_attack
+from fastablate.models.checkpoint import load_model
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    out = tmp_path_factory.mktemp("attack-train")
+    r = CliRunner().invoke(cli, ["train", "--model", "resnet8", "--dataset", "synthetic", "--limit", "300",
+                                 "--epochs", "3", "--device", "cpu", "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    return out / "model.pt"
+
+
+@pytest.fixture(scope="module")
+def model(trained):
+    return load_model(trained).eval()
+
+
+@pytest.fixture(scope="module")
+def ds():
+    return build_dataset("synthetic", None, "test", limit=40)
+
+
+def test_margin():
+    logits = torch.tensor([[3.0, 1.0, 2.0], [0.0, 5.0, 1.0]])
+    y = torch.tensor([0, 1])
+    assert margin(logits, y, None).tolist() == [-1.0, -4.0]
+    assert margin(logits, y, torch.tensor([2, 2])).tolist() == [-1.0, -4.0]
+
+
+@pytest.mark.parametrize("k", [1, 5, 20])
+def test_sparse_attack_stays_within_k_pixels_and_range(model, ds, k):
+    x, y = next(batches(ds, 40))
+    adv, steps = sparse_attack(model, x, y, AttackSpec(k=k, steps=5, restarts=2))
+    changed = (adv != x).any(1).flatten(1).sum(1)
+    assert changed.max() <= k and adv.min() >= 0 and adv.max() <= 1
+    assert (steps >= 1).all() and (steps <= 10).all()
+    with torch.no_grad():
+        fooled = model(adv).argmax(1) != y
+    assert torch.equal(adv[~fooled], x[~fooled])  # a failure returns the original
+
+
+def test_more_pixels_fool_more(model, ds):
+    rates = [run_attack(model, ds, AttackSpec(k=k, steps=10, restarts=2))[0].success_rate for k in (1, 40)]
+    assert rates[1] > rates[0] and rates[1] > 0.3
+
+
+@pytest.mark.parametrize("attack", ["noise", "fgsm", "pgd", "pgd-l2"])
+def test_dense_attacks(model, ds, attack):
+    spec = AttackSpec(attack=attack, steps=10, eps=0.5 if attack == "pgd-l2" else 8 / 255, step=0.05)
+    res, ex = run_attack(model, ds, spec, keep=True)
+    assert 0 <= res.success_rate <= 1 and res.attacked == round(res.clean_accuracy * 40)
+    assert res.robust_accuracy == pytest.approx(res.clean_accuracy * (1 - res.success_rate))
+    d = ex["x_adv"] - ex["x"]
+    assert ex["x_adv"].min() >= 0 and ex["x_adv"].max() <= 1
+    if attack in ("fgsm", "pgd"):
+        assert d.abs().max() <= 8 / 255 + 1e-6
+    if attack == "pgd-l2":
+        assert d.flatten(1).norm(dim=1).max() <= 0.5 + 1e-5
+    assert not d[~ex["success"]].any()  # only fooled images are changed
+    assert torch.equal(ex["pred_adv"][ex["success"]] != ex["y"][ex["success"]],
+                       torch.ones(int(ex["success"].sum()), dtype=torch.bool))
+
+
+def test_noise_attack_reports_norm_and_stops_early(model, ds):
+    res, ex = run_attack(model, ds, AttackSpec(attack="noise", steps=200, lr=0.05, lam=0.01), keep=True)
+    assert res.success_rate > 0.5 and res.mean_l2 > 0 and res.steps_mean < 200
+    fooled = ex["success"]
+    norms = (ex["x_adv"] - ex["x"])[fooled].flatten(1).norm(dim=1)
+    assert res.mean_l2 == pytest.approx(norms.mean().item(), rel=1e-5)
+
+
+def test_targeted(model, ds):
+    res, ex = run_attack(model, ds, AttackSpec(attack="pgd", steps=20, eps=0.3, step=0.05, target=3), keep=True)
+    ok = ex["success"]
+    assert ok.any() and (ex["pred_adv"][ok] == 3).all()
+    assert not ex["attacked"][ex["y"] == 3].any() and res.skipped_target_class == int(
+        ((ex["y"] == 3) & (ex["pred_adv"] == 3)).sum())
+
+
+def test_target_equal_to_label_is_an_error(model, ds):
+    x, y = next(batches(ds, 4))
+    with pytest.raises(FastablateError, match=f"target class {int(y[1])} equals the label of image 1"):
+        sparse_attack(model, x, y, AttackSpec(k=2), target=torch.where(torch.arange(4) == 1, y, (y + 1) % 10))
+
+
+def test_cli_attack_outputs(trained, tmp_path):
+    out, data = tmp_path / "run", tmp_path / "adv.pt"
+    r = CliRunner().invoke(cli, ["attack", "--weights", str(trained), "--dataset", "synthetic", "--limit", "30",
+                                 "--pixels", "0.005", "--steps", "5", "--restarts", "2", "--save-examples",
+                                 "--save-dataset", str(data), "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    res = json.loads((out / "results.json").read_text())
+    for key in ("success_rate", "robust_accuracy", "clean_accuracy", "attacked", "median_l0", "mean_l2", "steps_mean",
+                "seconds_per_image"):
+        assert key in res
+    assert res["k"] == 5 and (res["median_l0"] <= 5 or res["median_l0"] != res["median_l0"])
+    adv = torch.load(out / "adversarial.pt", weights_only=True)
+    assert set(adv) >= {"x", "x_adv", "y", "pred_adv"} and adv["x"].shape == (30, 3, 32, 32)
+    assert ((adv["x_adv"] != adv["x"]).any(1).flatten(1).sum(1) <= 5).all()
+    assert (out / "plots" / "examples.png").stat().st_size > 500
+    saved = torch.load(data, weights_only=True)
+    assert saved["images"].dtype == torch.uint8 and saved["images"].shape == (30, 3, 32, 32)
+
+
+ATTACK_BAD = [
+    (["--pixels", "0.0001"], "--pixels 0.0001 rounds to 0 pixels of 32x32 images"),
+    (["--pixels", "1.5"], "--pixels 1.5 is not a fraction of the image in (0, 1]"),
+    (["--pixels", "0.01", "--k", "3"], "--pixels and --k both set the pixel budget"),
+    (["--attack", "onepixel"], "Invalid value for '--attack': 'onepixel' is not one of"),
+    (["--target", "10"], "--target 10 is not a class of synthetic (0..9)"),
+    (["--target", "-1"], "--target must be a class index >= 0, got -1"),
+    (["--target", "0", "--limit", "1"], "--target 0 equals the label of every image: nothing to attack"),
+    (["--steps", "0"], "--steps must be >= 1, got 0"),
+    (["--attack", "pgd", "--eps", "-1"], "--eps must be positive, got -1"),
+]
+
+
+@pytest.mark.parametrize("args, message", ATTACK_BAD, ids=[m[:30] for _, m in ATTACK_BAD])
+def test_cli_bad_attack_input(args, message, trained, tmp_path):
+    out = tmp_path / "out"
+    r = CliRunner().invoke(cli, ["attack", "--weights", str(trained), "--dataset", "synthetic", "--limit", "20",
+                                 *args, "--out", str(out)])
+    assert r.exit_code == 2, r.output
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("Error: ") and message in lines[0], r.stderr
+    assert not out.exists()
