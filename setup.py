@@ -100,7 +100,7 @@ setup(
         "matplotlib",
         "scikit-learn",
     ],
-    extras_require={"test": ["pytest", "pytest-benchmark"]},
+    extras_require={"test": ["pytest", "pytest-benchmark"], "bench": ["pytest-benchmark", "torchattacks==3.5.1"]},
     entry_points={"console_scripts": ["fastablate=fastablate.cli:main"]},
     ext_modules=extensions(),
     cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},

@@ -20,7 +20,7 @@ def main(path: str) -> None:
     machine = data["machine_info"]
     print(f"Machine: {machine.get('cpu', {}).get('brand_raw', machine.get('processor'))}, "
           f"{machine.get('cpu', {}).get('count', '?')} logical CPUs; Python {machine['python_version']}.\n")
-    print("| group | implementation | median (ms) | fastablate is x faster | time / clean or naive | peak RSS (MiB) |")
+    print("| group | implementation | median (ms) | fastablate is x faster | time / clean or naive | measured |")
     print("|---|---|---:|---:|---:|---:|")
     for group, impls in groups.items():
         median = {k: b["stats"]["median"] for k, b in impls.items()}
@@ -29,8 +29,8 @@ def main(path: str) -> None:
             ours = median.get("fastablate-masked" if impl.endswith("masked") else "fastablate")
             ratio = f"{m / ours:.2f}" if ours and not impl.startswith("fastablate") else ""
             rel = f"{m / base:.3f}" if base else ""
-            rss = impls[impl].get("extra_info", {}).get("peak_rss_mib", "")
-            print(f"| {group} | {impl} | {m * 1e3:.3f} | {ratio} | {rel} | {rss} |")
+            extra = ", ".join(f"{k}={v}" for k, v in impls[impl].get("extra_info", {}).items())
+            print(f"| {group} | {impl} | {m * 1e3:.3f} | {ratio} | {rel} | {extra} |")
 
 
 if __name__ == "__main__":

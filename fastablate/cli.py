@@ -154,6 +154,19 @@ def info():
     click.echo(f"{'threads':12s} {torch.get_num_threads()}")
 
 
+def _load_checkpoint(command: str, cfg: CommonConfig):
+    """(device, dataset, model on the device) of a command that needs --weights."""
+    if not cfg.weights:
+        raise FastablateError(f"{command} needs --weights CHECKPOINT")
+    from fastablate.engines.common import load_data, load_or_build_model, resolve_device
+
+    device = resolve_device(cfg.device)
+    ds = load_data(cfg)
+    model = load_or_build_model(cfg, ds).to(device)
+    cfg.model = model.arch
+    return device, ds, model
+
+
 def _open_run(command: str, cfg: CommonConfig, device, resume: bool = False):
     from fastablate.results import RunDir, default_out
 
@@ -235,14 +248,7 @@ def eval_(**params):
     """
     params["lesion"] = tuple(params["lesion"])
     cfg = _config(EvalConfig, params)
-    if not cfg.weights:
-        raise FastablateError("eval needs --weights CHECKPOINT")
-    from fastablate.engines.common import load_data, load_or_build_model, resolve_device
-
-    device = resolve_device(cfg.device)
-    ds = load_data(cfg)
-    model = load_or_build_model(cfg, ds).to(device)
-    cfg.model = model.arch
+    device, ds, model = _load_checkpoint("eval", cfg)
     if cfg.lesion:
         return _lesion(cfg, model, ds, device)
     if cfg.noise:
@@ -328,18 +334,12 @@ def attack(**params):
     them it fools.
     """
     cfg = _config(AttackConfig, params)
-    if not cfg.weights:
-        raise FastablateError("attack needs --weights CHECKPOINT")
+    device, ds, model = _load_checkpoint("attack", cfg)
     import torch
 
     from fastablate.engines.attacks import AttackSpec, run_attack, save_grid
-    from fastablate.engines.common import load_data, load_or_build_model, resolve_device
     from fastablate.models.checkpoint import atomic_save
 
-    device = resolve_device(cfg.device)
-    ds = load_data(cfg)
-    model = load_or_build_model(cfg, ds).to(device)
-    cfg.model = model.arch
     pixels = ds.image_size * ds.image_size
     k = cfg.k if cfg.k is not None else round((cfg.pixels or 0.005) * pixels)
     if cfg.attack == "sparse" and not 1 <= k <= pixels:

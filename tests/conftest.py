@@ -24,3 +24,29 @@ def run_without_extension(code: str) -> subprocess.CompletedProcess:
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     return out
+
+
+def randomize_bn(model):
+    """Non-trivial BN statistics and affine parameters, so exactness tests would catch a skipped BN; eval mode."""
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+            m.weight.data.uniform_(0.5, 1.5)
+            m.bias.data.uniform_(-0.2, 0.2)
+    return model.eval()
+
+
+@pytest.fixture(scope="session")
+def trained_resnet8(tmp_path_factory):
+    """Checkpoint of a resnet8 trained briefly on synthetic images: its predictions vary, so
+    noise and attacks can move its accuracy."""
+    from click.testing import CliRunner
+
+    from fastablate.cli import cli
+
+    out = tmp_path_factory.mktemp("trained-resnet8")
+    r = CliRunner().invoke(cli, ["train", "--model", "resnet8", "--dataset", "synthetic", "--limit", "300",
+                                 "--epochs", "3", "--device", "cpu", "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    return out / "model.pt"

@@ -13,12 +13,8 @@ from fastablate.models.checkpoint import load_model
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    out = tmp_path_factory.mktemp("attack-train")
-    r = CliRunner().invoke(cli, ["train", "--model", "resnet8", "--dataset", "synthetic", "--limit", "300",
-                                 "--epochs", "3", "--device", "cpu", "--out", str(out)])
-    assert r.exit_code == 0, r.output
-    return out / "model.pt"
+def trained(trained_resnet8):
+    return trained_resnet8
 
 
 @pytest.fixture(scope="module")

@@ -9,6 +9,7 @@ import torchvision
 from click.testing import CliRunner
 from torch import nn
 
+from conftest import randomize_bn
 from fastablate.cli import cli
 from fastablate.engines.lesion import (LesionExecutor, build_variants, kendall_tau, naive_logits, run_lesion,
                                        swappable_groups)
@@ -16,16 +17,6 @@ from fastablate.errors import FastablateError
 from fastablate.data import build_dataset
 from fastablate.models import NormalizedModel, build_model, save_checkpoint
 from fastablate.units import units
-
-
-def _randomize_bn(model):
-    for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            m.running_mean.uniform_(-0.5, 0.5)
-            m.running_var.uniform_(0.5, 2.0)
-            m.weight.data.uniform_(0.5, 1.5)
-            m.bias.data.uniform_(-0.2, 0.2)
-    return model.eval()
 
 
 def _models():
@@ -39,7 +30,7 @@ def _models():
 
 @pytest.mark.parametrize("name, model, plans", list(_models()), ids=lambda v: v if isinstance(v, str) else "")
 def test_executor_equals_naive_loop(name, model, plans, device):
-    model = _randomize_bn(model).to(device)
+    model = randomize_bn(model).to(device)
     view = units(model)
     variants = build_variants(view, plans, samples=3, seed=1)
     x = torch.rand(3, 3, 32, 32, device=device)
@@ -139,7 +130,7 @@ def test_bad_plans(plans, kw, message):
 
 def test_run_lesion_metrics_match_naive_logits():
     torch.manual_seed(0)
-    model = _randomize_bn(build_model("resnet8"))
+    model = randomize_bn(build_model("resnet8"))
     ds = build_dataset("synthetic", None, "test", limit=50)
     view = units(model)
     variants = build_variants(view, ["all-single", "k-random"], samples=2)
@@ -166,7 +157,7 @@ def checkpoints(tmp_path_factory):
     d = tmp_path_factory.mktemp("lesion")
     torch.manual_seed(0)
     for name in ("resnet20", "plain20"):
-        save_checkpoint(_randomize_bn(build_model(name)), d / f"{name}.pt")
+        save_checkpoint(randomize_bn(build_model(name)), d / f"{name}.pt")
     return d
 
 

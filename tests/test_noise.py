@@ -30,13 +30,8 @@ def _model(name="resnet8"):
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    """resnet8 trained briefly on synthetic images: its predictions vary, so noise can move accuracy."""
-    out = tmp_path_factory.mktemp("noise-train")
-    r = CliRunner().invoke(cli, ["train", "--model", "resnet8", "--dataset", "synthetic", "--limit", "200",
-                                 "--epochs", "2", "--device", "cpu", "--out", str(out)])
-    assert r.exit_code == 0, r.output
-    return load_model(out / "model.pt").eval()
+def trained(trained_resnet8):
+    return load_model(trained_resnet8).eval()
 
 
 @pytest.fixture(scope="module")

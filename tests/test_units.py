@@ -5,6 +5,7 @@ import torch.nn.functional as F
 import torchvision
 from torch import nn
 
+from conftest import randomize_bn
 from fastablate.errors import FastablateError
 from fastablate.models import MODELS, build_model
 from fastablate.units import BlockParts, register_adapter, units
@@ -12,20 +13,9 @@ from fastablate.units import BlockParts, register_adapter, units
 FAST = [n for n in MODELS if n not in ("resnet110", "plain110", "vgg19", "vgg19_bn", "vgg16", "vgg16_bn")]
 
 
-def _randomize_bn(model):
-    # Non-trivial running statistics, so an exactness test would catch a skipped BN.
-    for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            m.running_mean.uniform_(-0.5, 0.5)
-            m.running_var.uniform_(0.5, 2.0)
-            m.weight.data.uniform_(0.5, 1.5)
-            m.bias.data.uniform_(-0.2, 0.2)
-    return model.eval()
-
-
 @pytest.mark.parametrize("name", FAST)
 def test_unit_view_reproduces_forward(name):
-    model = _randomize_bn(build_model(name))
+    model = randomize_bn(build_model(name))
     x = torch.rand(2, 3, 32, 32)
     view = units(model)
     with torch.no_grad():
@@ -58,7 +48,7 @@ def test_kinds_and_shapes():
 @pytest.mark.parametrize("name, unit", [("resnet20", "layer1.1"), ("resnet20", "layer3.0"),
                                         ("resnet18", "layer2.0"), ("resnet50", "layer1.0")])
 def test_lesion_keeps_shortcut(name, unit):
-    model = _randomize_bn(build_model(name))
+    model = randomize_bn(build_model(name))
     view = units(model)
     u = view[unit]
     h = torch.randn(2, *u.in_shape)
@@ -78,7 +68,7 @@ def test_option_a_shortcut_lesion():
 
 
 def test_lesioned_forward_differs_and_plain_identity():
-    model = _randomize_bn(build_model("plain20"))
+    model = randomize_bn(build_model("plain20"))
     view = units(model)
     x = torch.rand(2, 3, 32, 32)
     with torch.no_grad():
@@ -102,7 +92,7 @@ def test_vgg_units():
 
 def test_user_torchvision_instances():
     for net in (torchvision.models.resnet18(num_classes=4), torchvision.models.vgg11(num_classes=4)):
-        net = _randomize_bn(net)
+        net = randomize_bn(net)
         x = torch.rand(1, 3, 64, 64)
         view = units(net, (3, 64, 64))
         with torch.no_grad():
