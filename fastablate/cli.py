@@ -199,18 +199,13 @@ def train(**params):
     model = load_or_build_model(cfg, train_set, default_arch="resnet8")
     cfg.model = model.arch
     state = load_resume_state(Path(cfg.out), model.arch) if cfg.resume else None
-    run = _open_run("train", cfg, device, resume=cfg.resume)
-    try:
+    with _open_run("train", cfg, device, resume=cfg.resume) as run:
         res = train_engine(cfg, model, train_set, test_set, run, device, state)
         run.timings["train_s"] = round(res.seconds, 3)
         results = {"accuracy": res.final.accuracy, "loss": res.final.loss, "epochs": len(res.history),
                    "checkpoint": str(res.checkpoint), "test": res.final.to_dict(), "history": res.history}
         run.write_results(results, res.history)
         plot_history(res.history, run.plot_path("training"))
-    except BaseException as e:
-        run.finish(error=f"{type(e).__name__}: {e}")
-        raise
-    run.finish()
     click.echo(table(res.final.rows()))
     click.echo(f"\n{model.arch} on {train_set.name}: test accuracy {res.final.accuracy:.4f} "
                f"({res.final.n} images), loss {res.final.loss:.4f}")
@@ -255,16 +250,11 @@ def eval_(**params):
         return _noise(cfg, model, ds, device)
     from fastablate.engines.evaluate import evaluate
 
-    run = _open_run("eval", cfg, device)
-    try:
+    with _open_run("eval", cfg, device) as run:
         res = evaluate(model, ds, batch_size=cfg.batch_size, device=device, show_progress=True, workers=cfg.workers)
         run.timings["eval_s"] = round(res.seconds, 3)
         run.write_results(res.to_dict(), res.rows())
         _plot_confusion(res, run.plot_path("confusion"))
-    except BaseException as e:
-        run.finish(error=f"{type(e).__name__}: {e}")
-        raise
-    run.finish()
     click.echo(table(res.rows()))
     click.echo(f"\n{model.arch} on {ds.name}/{ds.split}: accuracy {res.accuracy:.4f} ({res.n} images), "
                f"loss {res.loss:.4f}\nresults: {run.path}")
@@ -282,23 +272,14 @@ def _lesion(cfg: EvalConfig, model, ds, device) -> None:
         view = units(m, (3, ds.image_size, ds.image_size))
         studies.append((name, m, view, build_variants(view, cfg.lesion, ks=ks, samples=cfg.samples, seed=cfg.seed,
                                                         model_name=name)))
-    run = _open_run("eval", cfg, device)
-    try:
+    with _open_run("eval", cfg, device) as run:
         results = []
         for name, m, view, variants in studies:
             results.append(run_lesion(m, ds, variants, view=view, batch_size=cfg.batch_size, device=device,
                                       max_memory=parse_size(cfg.max_memory, "--max-memory"), show_progress=True,
                                       workers=cfg.workers, model_name=name))
             run.timings[f"lesion_{name}_s"] = round(results[-1].seconds, 3)
-        out = {"plans": list(cfg.lesion), **results[0].to_dict()}
-        if len(results) > 1:
-            out["compare"] = results[1].to_dict()
-        run.write_results(out, [row for r in results for row in r.rows()])
-        plot_lesion(results, run.plot_path)
-    except BaseException as e:
-        run.finish(error=f"{type(e).__name__}: {e}")
-        raise
-    run.finish()
+        _write_study(run, results, {"plans": list(cfg.lesion)}, plot_lesion)
     for r in results:
         click.echo(table(summary(r)))
         if r.unlesionable:
@@ -354,8 +335,7 @@ def attack(**params):
     spec = AttackSpec(attack=cfg.attack, k=k, steps=cfg.steps, restarts=cfg.restarts,
                       step=cfg.step or (0.25 if cfg.attack == "sparse" else eps / 4), eps=eps, lam=cfg.lam,
                       lr=cfg.lr, target=cfg.target, seed=cfg.seed)
-    run = _open_run("attack", cfg, device)
-    try:
+    with _open_run("attack", cfg, device) as run:
         keep = cfg.save_examples or bool(cfg.save_dataset)
         res, ex = run_attack(model, ds, spec, batch_size=cfg.batch_size, device=device, workers=cfg.workers,
                              show_progress=True, model_name=model.arch, keep=keep)
@@ -370,15 +350,21 @@ def attack(**params):
                          "success": ex["success"], "attacked": ex["attacked"], "classes": list(ds.classes),
                          "attack": spec.__dict__, "dataset": ds.name, "split": ds.split}, cfg.save_dataset)
         run.write_results(out, [res.to_dict()])
-    except BaseException as e:
-        run.finish(error=f"{type(e).__name__}: {e}")
-        raise
-    run.finish()
     click.echo(table([{k_: v for k_, v in res.to_dict().items() if k_ != "model"}]))
     budget = f" at {k} pixels" if cfg.attack == "sparse" else ""
     click.echo(f"\n{model.arch} on {ds.name}/{ds.split}: {cfg.attack}{budget} fooled {res.success_rate:.4f} of "
                f"{res.attacked} correctly classified images; robust accuracy {res.robust_accuracy:.4f} "
                f"(clean {res.clean_accuracy:.4f})\nresults: {run.path}")
+
+
+def _write_study(run, results: list, extra: dict, plot) -> None:
+    """results.json: the first model's study, ``extra``, and the --compare model's under "compare";
+    results.csv: the rows of both; then the plots."""
+    out = {**extra, **results[0].to_dict()}
+    if len(results) > 1:
+        out["compare"] = results[1].to_dict()
+    run.write_results(out, [row for r in results for row in r.rows()])
+    plot(results, run.plot_path)
 
 
 def _study_models(cfg: EvalConfig, model, ds, device) -> list:
@@ -410,22 +396,13 @@ def _noise(cfg: EvalConfig, model, ds, device) -> None:
     for name, m in models:  # bad layer choices fail before anything is written
         if spec.sigma:
             resolve_layers(spec, [n for n, _ in conv_layers(m)], name)
-    run = _open_run("eval", cfg, device)
-    try:
+    with _open_run("eval", cfg, device) as run:
         results = []
         for name, m in models:
             results.append(run_noise(m, ds, spec, batch_size=cfg.batch_size, device=device, workers=cfg.workers,
                                      show_progress=True, model_name=name))
             run.timings[f"noise_{name}_s"] = round(results[-1].seconds, 3)
-        out = {**results[0].to_dict(), "table": comparison_table(results)}
-        if len(results) > 1:
-            out["compare"] = results[1].to_dict()
-        run.write_results(out, [row for r in results for row in r.rows()])
-        plot_noise(results, run.plot_path)
-    except BaseException as e:
-        run.finish(error=f"{type(e).__name__}: {e}")
-        raise
-    run.finish()
+        _write_study(run, results, {"table": comparison_table(results)}, plot_noise)
     click.echo(table([{k: r[k] for k in ("model", "kind", "layers", "p", "sigma", "severity", "accuracy_mean",
                                           "accuracy_std", "ci95_low", "ci95_high")} for res in results
                       for r in res.rows()]))

@@ -115,6 +115,13 @@ class RunDir:
         (self.path / "plots").mkdir(parents=True, exist_ok=True)
         return self.path / "plots" / f"{name}.png"
 
+    def __enter__(self) -> "RunDir":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        """Marks the run complete, or failed with the exception (which propagates)."""
+        self.finish(error=f"{exc_type.__name__}: {exc}" if exc_type else None)
+
     def finish(self, error: str | None = None) -> None:
         self.timings["total_s"] = round(time.time() - self.started, 3)
         self._write_run("failed" if error else "complete", error)
