@@ -299,7 +299,8 @@ def _lesion(cfg: EvalConfig, model, ds, device) -> None:
 @click.option("--steps", type=int, default=20, show_default=True,
               help="Gradient steps: per restart (sparse), in all (noise, pgd, pgd-l2).")
 @click.option("--restarts", type=int, default=4, show_default=True, help="sparse: pixel sets tried per image.")
-@click.option("--step", type=float, default=None, help="Step size [default: 0.25 (sparse), eps/4 (pgd, pgd-l2)].")
+@click.option("--step", type=float, default=None,
+              help="Step size [default: 1 (sparse: to the corners of [0, 1]), eps/4 (pgd, pgd-l2)].")
 @click.option("--eps", type=float, default=None,
               help="fgsm, pgd: L-inf radius [default: 8/255]; pgd-l2: L2 radius [default: 0.5].")
 @click.option("--lam", type=float, default=0.01, show_default=True, help="noise: weight of the squared L2 norm.")
@@ -333,7 +334,7 @@ def attack(**params):
         raise FastablateError(f"--target {cfg.target} equals the label of every image: nothing to attack")
     eps = cfg.eps or (0.5 if cfg.attack == "pgd-l2" else 8 / 255)
     spec = AttackSpec(attack=cfg.attack, k=k, steps=cfg.steps, restarts=cfg.restarts,
-                      step=cfg.step or (0.25 if cfg.attack == "sparse" else eps / 4), eps=eps, lam=cfg.lam,
+                      step=cfg.step or (1.0 if cfg.attack == "sparse" else eps / 4), eps=eps, lam=cfg.lam,
                       lr=cfg.lr, target=cfg.target, seed=cfg.seed)
     with _open_run("attack", cfg, device) as run:
         keep = cfg.save_examples or bool(cfg.save_dataset)

@@ -87,8 +87,8 @@ class AttackConfig(CommonConfig):
     pixels: Optional[float] = None  # sparse budget as a fraction of H*W pixels
     k: Optional[int] = None  # sparse budget in pixels
     steps: int = 20
-    restarts: int = 4
-    step: Optional[float] = None  # default: 0.25 (sparse), eps / 4 (pgd)
+    restarts: int = 4  # sparse: starts of the pixel score
+    step: Optional[float] = None  # default: 1 (sparse), eps / 4 (pgd)
     eps: Optional[float] = None  # default: 8/255 (fgsm, pgd, L-inf), 0.5 (pgd-l2)
     lam: float = 0.01
     lr: float = 0.01

@@ -5,12 +5,12 @@ returns adversarial images in [0, 1] and the number of gradient steps each used;
 working on an image as soon as the image is misclassified (or, with a target, classified
 as the target).
 
-- ``sparse``: white-box, gradient-guided, k pixels in all their channels. Each restart fixes
-  a pixel set (restart 0: the k most salient pixels, sum over channels of |gradient| of the
-  margin; later restarts: k pixels drawn with probability proportional to that saliency) and
-  moves those pixels only, ``step * sign(grad)`` then clamp, through
-  ``fastablate.ops.sparse_pixel_update``. The result is checked: an image that differs from
-  its original in more than k pixels, or leaves [0, 1], is an error, never a result.
+- ``sparse``: white-box, gradient-guided, k pixels in all their channels (an L0 projected
+  gradient method in the spirit of Croce & Hein 2019): a momentum score of margin gradients
+  chooses the k pixels, which move by ``step * sign(score)`` from the original and are
+  clamped, through ``fastablate.ops.sparse_pixel_update``; random restarts for the images
+  not fooled yet. The result is checked: an image that differs from its original in more
+  than k pixels, or leaves [0, 1], is an error, never a result.
 - ``noise``: the optimized-noise attack of robust-training studies: a perturbation found by
   Adam that raises the log-probability of a wrong class (the target, or the most likely
   wrong class) while penalizing ``lam * ||delta||_2^2``; the norm it needed is reported.
@@ -39,7 +39,7 @@ class AttackSpec:
     k: int = 5  # sparse: pixels per image
     steps: int = 20  # gradient steps per restart (noise, pgd: in all)
     restarts: int = 4  # sparse: pixel sets tried per image
-    step: float = 0.25  # sparse: step per channel; pgd: step size (default eps / 4)
+    step: float = 1.0  # sparse: step per channel (1: pixels go to the corners of [0, 1]); pgd: step size
     eps: float = 8 / 255  # fgsm, pgd: L-inf radius; pgd-l2: L2 radius
     lam: float = 0.01  # noise: weight of ||delta||_2^2
     lr: float = 0.01  # noise: Adam learning rate
@@ -81,39 +81,38 @@ def _grad(model: nn.Module, x: Tensor, y: Tensor, target: Tensor | None, loss: s
 
 def sparse_attack(model: nn.Module, x: Tensor, y: Tensor, spec: AttackSpec, target: Tensor | None = None,
                   generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+    """Each step: accumulate the normalized margin gradient into a score ``u`` (momentum
+    0.9), then make the candidate from the original image with the k pixels of largest
+    sum over channels of |u| moved by ``step * sign(u)`` and clamped (one
+    ``sparse_pixel_update``). The pixel set may change from step to step; every candidate
+    differs from the original in at most k pixels. Restart 0 starts from u = 0, later
+    restarts from a random u, for the images not fooled yet."""
     _check_target(y, target)
     n, _, h, w = x.shape
     if not 1 <= spec.k <= h * w:
         raise FastablateError(f"sparse attack: k = {spec.k} pixels is not in 1..{h * w}")
     best = x.clone()
     steps = torch.zeros(n, dtype=torch.long, device=x.device)
-    todo = torch.arange(n, device=x.device)
+    todo = torch.arange(n, device=x.device)  # images not fooled yet
     for r in range(spec.restarts):
         if todo.numel() == 0:
             break
         xa, ya = x[todo], y[todo]
         ta = None if target is None else target[todo]
-        g, _ = _grad(model, xa, ya, ta)
-        idx = None
-        if r > 0:  # k distinct pixels drawn by saliency
-            sal = g.abs().sum(1).flatten(1) + 1e-12
-            idx = torch.multinomial(sal.cpu(), spec.k, replacement=False, generator=generator).to(x.device)
-        cur, live = xa.clone(), torch.arange(todo.numel(), device=x.device)
-        for _ in range(spec.steps):
-            cur_live, idx_live = cur[live], None if idx is None else idx[live]
-            new, chosen = sparse_pixel_update(cur_live, g, spec.k, spec.step, indices=idx_live)
-            if idx is None:  # restart 0: the first step chose the most salient pixels; keep them
-                idx = torch.empty((todo.numel(), spec.k), dtype=torch.long, device=x.device)
-                idx[live] = chosen
-            cur[live] = new
+        u = torch.zeros_like(xa) if r == 0 else torch.randn(xa.shape, generator=generator).to(x.device) * 0.5
+        cur, live = xa, torch.arange(todo.numel(), device=x.device)
+        for s in range(spec.steps + 1):
+            g, logits = _grad(model, cur, ya[live], None if ta is None else ta[live])
+            if s > 0:  # cur is a candidate: keep the images it fools
+                won = _succeeded(logits, ya[live], None if ta is None else ta[live])
+                best[todo[live[won]]] = cur[won]
+                live, g, u = live[~won], g[~won], u[~won]
+                if live.numel() == 0 or s == spec.steps:
+                    break
+            u = MOMENTUM * u + g / g.abs().mean((1, 2, 3), keepdim=True).clamp_min(1e-12)
+            cur, _ = sparse_pixel_update(xa[live], u, spec.k, spec.step)
             steps[todo[live]] += 1
-            g, logits = _grad(model, new, ya[live], None if ta is None else ta[live])
-            ok = _succeeded(logits, ya[live], None if ta is None else ta[live])
-            best[todo[live[ok]]] = new[ok]
-            live, g = live[~ok], g[~ok]
-            if live.numel() == 0:
-                break
-        todo = todo[live]  # the images this pixel set did not fool
+        todo = todo[live]
     changed = (best != x).any(1).flatten(1).sum(1)
     if (changed > spec.k).any() or best.min() < 0 or best.max() > 1:
         raise RuntimeError(f"sparse attack broke its budget: {int(changed.max())} pixels changed, k = {spec.k}, "
@@ -186,6 +185,8 @@ def gradient_attack(model: nn.Module, x: Tensor, y: Tensor, spec: AttackSpec, ta
     best[ok] = adv[ok]
     return best, steps
 
+
+MOMENTUM = 0.9  # sparse: weight of the past in the pixel score
 
 RUNNERS = {"sparse": sparse_attack, "noise": noise_attack, "fgsm": gradient_attack, "pgd": gradient_attack,
            "pgd-l2": gradient_attack}
