@@ -296,9 +296,10 @@ def _lesion(cfg: EvalConfig, model, ds, device) -> None:
 @click.option("--pixels", type=float, default=None,
               help="sparse: budget as a fraction of the H*W pixels, e.g. 0.005 (5 of 32x32) [default: 0.005].")
 @click.option("--k", type=int, default=None, help="sparse: budget in pixels (instead of --pixels).")
-@click.option("--steps", type=int, default=20, show_default=True,
-              help="Gradient steps: per restart (sparse), in all (noise, pgd, pgd-l2).")
-@click.option("--restarts", type=int, default=4, show_default=True, help="sparse: pixel sets tried per image.")
+@click.option("--steps", type=int, default=None,
+              help="Gradient steps: per restart (sparse) [default: 30], in all (noise [100], pgd, pgd-l2 [20]).")
+@click.option("--restarts", type=int, default=1, show_default=True,
+              help="sparse: starts of the pixel score per image (later ones random).")
 @click.option("--step", type=float, default=None,
               help="Step size [default: 1 (sparse: to the corners of [0, 1]), eps/4 (pgd, pgd-l2)].")
 @click.option("--eps", type=float, default=None,
@@ -333,7 +334,8 @@ def attack(**params):
     if cfg.target is not None and bool((ds.labels == cfg.target).all()):
         raise FastablateError(f"--target {cfg.target} equals the label of every image: nothing to attack")
     eps = cfg.eps or (0.5 if cfg.attack == "pgd-l2" else 8 / 255)
-    spec = AttackSpec(attack=cfg.attack, k=k, steps=cfg.steps, restarts=cfg.restarts,
+    steps = cfg.steps or {"sparse": 30, "noise": 100}.get(cfg.attack, 20)
+    spec = AttackSpec(attack=cfg.attack, k=k, steps=steps, restarts=cfg.restarts,
                       step=cfg.step or (1.0 if cfg.attack == "sparse" else eps / 4), eps=eps, lam=cfg.lam,
                       lr=cfg.lr, target=cfg.target, seed=cfg.seed)
     with _open_run("attack", cfg, device) as run:

@@ -86,8 +86,8 @@ class AttackConfig(CommonConfig):
     attack: str = "sparse"
     pixels: Optional[float] = None  # sparse budget as a fraction of H*W pixels
     k: Optional[int] = None  # sparse budget in pixels
-    steps: int = 20
-    restarts: int = 4  # sparse: starts of the pixel score
+    steps: Optional[int] = None  # default: 30 (sparse), 100 (noise), 20 (pgd, pgd-l2)
+    restarts: int = 1  # sparse: starts of the pixel score
     step: Optional[float] = None  # default: 1 (sparse), eps / 4 (pgd)
     eps: Optional[float] = None  # default: 8/255 (fgsm, pgd, L-inf), 0.5 (pgd-l2)
     lam: float = 0.01
@@ -163,7 +163,7 @@ def validate(cfg: CommonConfig) -> None:
         if cfg.k is not None and cfg.k < 1:
             raise FastablateError(f"--k must be >= 1 pixel, got {cfg.k}")
         for name, value, low in (("--steps", cfg.steps, 1), ("--restarts", cfg.restarts, 1)):
-            if value < low:
+            if value is not None and value < low:
                 raise FastablateError(f"{name} must be >= {low}, got {value}")
         for name, value in (("--eps", cfg.eps), ("--lr", cfg.lr), ("--step", cfg.step)):
             if value is not None and not 0 < value < float("inf"):

@@ -37,8 +37,8 @@ from fastablate.ops import sparse_pixel_update
 class AttackSpec:
     attack: str = "sparse"
     k: int = 5  # sparse: pixels per image
-    steps: int = 20  # gradient steps per restart (noise, pgd: in all)
-    restarts: int = 4  # sparse: pixel sets tried per image
+    steps: int = 30  # gradient steps per restart (noise, pgd: in all)
+    restarts: int = 1  # sparse: starts of the pixel score (later ones random)
     step: float = 1.0  # sparse: step per channel (1: pixels go to the corners of [0, 1]); pgd: step size
     eps: float = 8 / 255  # fgsm, pgd: L-inf radius; pgd-l2: L2 radius
     lam: float = 0.01  # noise: weight of ||delta||_2^2
