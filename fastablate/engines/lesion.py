@@ -437,7 +437,8 @@ def plot_lesion(results: Sequence[LesionResult], plot_path) -> list:
             names += [v["units"][0] for v in vs if v["units"][0] not in names]
         fig, ax = plt.subplots(figsize=(max(6.0, 0.3 * len(names) + 2), 4))
         for r, vs, c in zip(results, singles, colors):
-            ax.plot([names.index(v["units"][0]) for v in vs], [v["accuracy"] for v in vs], "o-", color=c,
+            acc = {v["units"][0]: v["accuracy"] for v in vs}  # a gap where this model's unit is not lesionable
+            ax.plot(range(len(names)), [acc.get(n, math.nan) for n in names], "o-", color=c,
                     label=f"{r.model}, one unit deleted")
             ax.axhline(r.intact["accuracy"], ls="--", color=c, label=f"{r.model} intact")
         ax.set_xticks(range(len(names)), names, rotation=90)

@@ -285,9 +285,10 @@ def plot_noise(results: Sequence[NoiseResult], plot_path) -> list:
     act = [[g for g in r.grid if g["kind"] == "activation"] for r in results]
     if any(act):
         fig, ax = plt.subplots(figsize=(6.5, 4.2))
-        settings: list = []
-        for grid in act:
-            settings += [(g["layers"], g["p"]) for g in grid if (g["layers"], g["p"]) not in settings]
+        settings: list = []  # (layers, p) in order of first appearance
+        for g in (g for grid in act for g in grid):
+            if (g["layers"], g["p"]) not in settings:
+                settings.append((g["layers"], g["p"]))
         for r, grid, ls in zip(results, act, styles):
             for key in settings:
                 pts = sorted((g for g in grid if (g["layers"], g["p"]) == key), key=lambda g: g["sigma"])
