@@ -45,11 +45,6 @@ class Variant:
     order: tuple[str, ...] | None = None  # reorder: unit names in execution order
     tau: float | None = None  # reorder: Kendall's tau of the order against the original
 
-    def label(self) -> str:
-        if self.order is not None:
-            return " ".join(self.order)
-        return ",".join(self.deleted) or "(intact)"
-
 
 def _deletion(view: UnitView, plan: str, deleted: Iterable[int]) -> Variant:
     drop = set(deleted)
@@ -85,12 +80,11 @@ def _reorders(view: UnitView, samples: int, rng: random.Random, model_name: str)
     n = len(view.units)
     seen: set[tuple[int, ...]] = {tuple(range(n))}
     out: list[Variant] = []
-    pairs = sum(len(g) * (len(g) - 1) // 2 for g in groups)
-    for s in range(samples * 20):  # distinct orders may run out for tiny models
+    for _ in range(samples * 20):  # a model with few swappable units has fewer distinct orders
         if len(out) == samples:
             break
         order = list(range(n))
-        for _ in range(1 + (len(out) * 2 * m) // samples if pairs > 1 else 1):
+        for _ in range(1 + (len(out) * 2 * m) // samples):
             g = rng.choice([g for g in groups for _ in range(len(g))])  # weight groups by size
             a, b = rng.sample(g, 2)
             order[a], order[b] = order[b], order[a]
