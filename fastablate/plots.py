@@ -19,3 +19,10 @@ def save(fig, path: Path, dpi: int = 110) -> Path:
     fig.savefig(path, dpi=dpi)
     pyplot().close(fig)
     return path
+
+
+def finish(fig, ax, path: Path, *, legend_size: int = 8, **labels) -> Path:
+    """Axis labels, title and limits (``ax.set(**labels)``), a legend, then :func:`save`."""
+    ax.set(**labels)
+    ax.legend(fontsize=legend_size)
+    return save(fig, path)

@@ -30,7 +30,7 @@ from fastablate.data import ImageSet, batches
 from fastablate.engines.common import progress
 from fastablate.errors import FastablateError
 from fastablate.ops import block_skip
-from fastablate.plots import pyplot, save
+from fastablate.plots import finish, pyplot
 from fastablate.units import Unit, UnitView, _identity, units
 
 Step = tuple[int, bool]  # (unit index, run it: True / lesioned: False)
@@ -436,9 +436,8 @@ def plot_lesion(results: Sequence[LesionResult], plot_path) -> list:
                     label=f"{r.model}, one unit deleted")
             ax.axhline(r.intact["accuracy"], ls="--", color=c, label=f"{r.model} intact")
         ax.set_xticks(range(len(names)), names, rotation=90)
-        ax.set(ylabel="accuracy", title="Deleting one unit at test time", ylim=(0, 1.02))
-        ax.legend(fontsize=8)
-        paths.append(save(fig, plot_path("lesion-single")))
+        paths.append(finish(fig, ax, plot_path("lesion-single"), ylabel="accuracy",
+                            title="Deleting one unit at test time", ylim=(0, 1.02)))
     krand = [[v for v in r.variants if v["plan"] == "k-random"] for r in results]
     if any(krand):
         fig, ax = plt.subplots(figsize=(6, 4))
@@ -450,11 +449,9 @@ def plot_lesion(results: Sequence[LesionResult], plot_path) -> list:
             mean = [sum(by_k[k]) / len(by_k[k]) for k in ks]
             ax.fill_between(ks, [min(by_k[k]) for k in ks], [max(by_k[k]) for k in ks], color=c, alpha=0.2)
             ax.plot(ks, mean, "o-", color=c, label=f"{r.model} (mean, min-max)")
-        ax.set(xlabel="number of deleted units k", ylabel="error", title="Deleting k random units",
-               ylim=(0, 1.02))
         ax.xaxis.get_major_locator().set_params(integer=True)
-        ax.legend(fontsize=8)
-        paths.append(save(fig, plot_path("lesion-k-random")))
+        paths.append(finish(fig, ax, plot_path("lesion-k-random"), xlabel="number of deleted units k", ylabel="error",
+                            title="Deleting k random units", ylim=(0, 1.02)))
     reorders = [[v for v in r.variants if v["plan"] == "reorder"] for r in results]
     if any(reorders):
         fig, ax = plt.subplots(figsize=(6, 4))
@@ -462,9 +459,7 @@ def plot_lesion(results: Sequence[LesionResult], plot_path) -> list:
             ax.scatter([1.0] + [v["tau"] for v in vs], [1 - r.intact["accuracy"]] + [1 - v["accuracy"] for v in vs],
                        color=c, s=14, label=r.model)
         ax.invert_xaxis()
-        ax.set(xlabel="Kendall's tau of the unit order", ylabel="error", title="Reordering units",
-               ylim=(0, 1.02))
-        ax.legend(fontsize=8)
-        paths.append(save(fig, plot_path("lesion-reorder")))
+        paths.append(finish(fig, ax, plot_path("lesion-reorder"), xlabel="Kendall's tau of the unit order",
+                            ylabel="error", title="Reordering units", ylim=(0, 1.02)))
     return paths
 

@@ -30,7 +30,7 @@ from fastablate.data import ImageSet, batches
 from fastablate.engines.common import progress
 from fastablate.errors import FastablateError
 from fastablate.ops import gaussian_noise
-from fastablate.plots import pyplot, save
+from fastablate.plots import finish, pyplot
 
 # Hendrycks & Dietterich 2019, make_cifar_c.py: gaussian_noise severity 1..5 -> std on [0, 1] pixels.
 CIFAR_C_GAUSSIAN = (0.04, 0.06, 0.08, 0.09, 0.10)
@@ -303,10 +303,9 @@ def plot_noise(results: Sequence[NoiseResult], plot_path) -> list:
                             color=colors[settings.index(key) % len(colors)],
                             label=f"{r.model} {n}" + (f" p={key[1]:g}" if key[1] != 1 else ""))
         relative = any(g.get("relative") for grid in act for g in grid)
-        ax.set(xlabel="sigma" + (" (x activation std)" if relative else ""), ylabel="accuracy",
-               title="Gaussian noise on conv outputs", ylim=(0, 1.02))
-        ax.legend(fontsize=7)
-        paths.append(save(fig, plot_path("noise-activation")))
+        paths.append(finish(fig, ax, plot_path("noise-activation"), legend_size=7, ylabel="accuracy",
+                            xlabel="sigma" + (" (x activation std)" if relative else ""),
+                            title="Gaussian noise on conv outputs", ylim=(0, 1.02)))
     inp = [[g for g in r.grid if g["kind"] == "input"] for r in results]
     if any(inp):
         fig, ax = plt.subplots(figsize=(6, 4))
@@ -314,8 +313,6 @@ def plot_noise(results: Sequence[NoiseResult], plot_path) -> list:
             xs = [0] + [g["severity"] for g in grid]
             ys = [r.clean["accuracy"]] + [g["accuracy_mean"] for g in grid]
             ax.plot(xs, ys, "o-", color=c, label=r.model)
-        ax.set(xlabel="CIFAR-10-C gaussian_noise severity (0 = clean)", ylabel="accuracy",
-               title="Gaussian noise on the input", ylim=(0, 1.02))
-        ax.legend(fontsize=8)
-        paths.append(save(fig, plot_path("noise-input")))
+        paths.append(finish(fig, ax, plot_path("noise-input"), xlabel="CIFAR-10-C gaussian_noise severity (0 = clean)",
+                            ylabel="accuracy", title="Gaussian noise on the input", ylim=(0, 1.02)))
     return paths
