@@ -323,10 +323,10 @@ def attack(**params):
     from fastablate.engines.attacks import AttackSpec, run_attack, save_grid
     from fastablate.models.checkpoint import atomic_save
 
-    pixels = ds.image_size * ds.image_size
-    k = cfg.k if cfg.k is not None else round((cfg.pixels or 0.005) * pixels)
+    pixels, fraction = ds.image_size * ds.image_size, cfg.pixels or 0.005
+    k = cfg.k if cfg.k is not None else round(fraction * pixels)
     if cfg.attack == "sparse" and not 1 <= k <= pixels:
-        raise FastablateError(f"--pixels {cfg.pixels:g} rounds to {k} pixels of {ds.image_size}x{ds.image_size} images;"
+        raise FastablateError(f"--pixels {fraction:g} rounds to {k} pixels of {ds.image_size}x{ds.image_size} images;"
                               " give a larger fraction or --k" if cfg.k is None else
                               f"--k {k} is more than the {pixels} pixels of an image")
     if cfg.target is not None and cfg.target >= ds.num_classes:

@@ -111,6 +111,7 @@ def test_cli_attack_outputs(trained, tmp_path):
 
 ATTACK_BAD = [
     (["--pixels", "0.0001"], "--pixels 0.0001 rounds to 0 pixels of 32x32 images"),
+    (["--k", "2000"], "--k 2000 is more than the 1024 pixels of an image"),
     (["--pixels", "1.5"], "--pixels 1.5 is not a fraction of the image in (0, 1]"),
     (["--pixels", "0.01", "--k", "3"], "--pixels and --k both set the pixel budget"),
     (["--attack", "onepixel"], "Invalid value for '--attack': 'onepixel' is not one of"),
