@@ -298,4 +298,5 @@ def save_grid(examples: dict, path, count: int = 8) -> None:
     d = (adv - x).abs()
     d = d / d.flatten(1).amax(1).clamp_min(1e-12).view(-1, 1, 1, 1)
     rows = torch.stack([x, adv, d], 1).flatten(0, 1)
-    save_image(rows, path, nrow=3, padding=2, pad_value=1.0)
+    scale = max(1, 96 // rows.shape[-1])  # small images enlarged, pixel for pixel, so single pixels show
+    save_image(F.interpolate(rows, scale_factor=scale, mode="nearest"), path, nrow=3, padding=2, pad_value=1.0)
