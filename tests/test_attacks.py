@@ -13,13 +13,8 @@ from fastablate.models.checkpoint import load_model
 
 
 @pytest.fixture(scope="module")
-def trained(trained_resnet8):
-    return trained_resnet8
-
-
-@pytest.fixture(scope="module")
-def model(trained):
-    return load_model(trained).eval()
+def model(trained_resnet8):
+    return load_model(trained_resnet8).eval()
 
 
 @pytest.fixture(scope="module")
@@ -90,9 +85,9 @@ def test_target_equal_to_label_is_an_error(model, ds):
         sparse_attack(model, x, y, AttackSpec(k=2), target=torch.where(torch.arange(4) == 1, y, (y + 1) % 10))
 
 
-def test_cli_attack_outputs(trained, tmp_path):
+def test_cli_attack_outputs(trained_resnet8, tmp_path):
     out, data = tmp_path / "run", tmp_path / "adv.pt"
-    r = CliRunner().invoke(cli, ["attack", "--weights", str(trained), "--dataset", "synthetic", "--limit", "30",
+    r = CliRunner().invoke(cli, ["attack", "--weights", str(trained_resnet8), "--dataset", "synthetic", "--limit", "30",
                                  "--pixels", "0.005", "--steps", "5", "--restarts", "2", "--save-examples",
                                  "--save-dataset", str(data), "--out", str(out)])
     assert r.exit_code == 0, r.output
@@ -124,9 +119,9 @@ ATTACK_BAD = [
 
 
 @pytest.mark.parametrize("args, message", ATTACK_BAD, ids=[m[:30] for _, m in ATTACK_BAD])
-def test_cli_bad_attack_input(args, message, trained, tmp_path):
+def test_cli_bad_attack_input(args, message, trained_resnet8, tmp_path):
     out = tmp_path / "out"
-    r = CliRunner().invoke(cli, ["attack", "--weights", str(trained), "--dataset", "synthetic", "--limit", "20",
+    r = CliRunner().invoke(cli, ["attack", "--weights", str(trained_resnet8), "--dataset", "synthetic", "--limit", "20",
                                  *args, "--out", str(out)])
     assert r.exit_code == 2, r.output
     lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
