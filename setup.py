@@ -63,7 +63,10 @@ def extensions():
     opt = ["-O0", "-g"] if debug else ["-O3"]
     sources = ["csrc/fastablate.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
     # -fno-math-errno: sqrtf must not set errno, or the noise kernel's loops do not vectorize.
-    cxx = opt + ["-fno-math-errno"]
+    # -fopenmp: at::parallel_for is inline; without it the kernels run on one thread. The
+    # extension then loads torch's own libgomp (same soname), so torch.set_num_threads applies.
+    cxx = opt + ["-fno-math-errno", "-fopenmp"]
+    link = ["-fopenmp"]
     use_cuda = _want_cuda()
     print(f"fastablate: building CPU kernels; CUDA kernels: {'yes' if use_cuda else 'no'}"
           f" (FASTABLATE_CUDA={os.environ.get('FASTABLATE_CUDA', 'auto')},"
@@ -71,7 +74,7 @@ def extensions():
     if not use_cuda:
         return [cpp_extension.CppExtension(
             "fastablate._C", sources, include_dirs=[os.path.abspath("csrc")],
-            extra_compile_args={"cxx": cxx})]
+            extra_compile_args={"cxx": cxx}, extra_link_args=link)]
     if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
         # No GPU to detect the architecture from: build for A100 and Hopper (H100/H200).
         os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0"
@@ -80,7 +83,7 @@ def extensions():
     nvcc = opt + ["-lineinfo"]
     return [cpp_extension.CUDAExtension(
         "fastablate._C", sources, include_dirs=[os.path.abspath("csrc")] + _wheel_cuda_includes(),
-        extra_compile_args={"cxx": cxx, "nvcc": nvcc})]
+        extra_compile_args={"cxx": cxx, "nvcc": nvcc}, extra_link_args=link)]
 
 
 setup(
