@@ -1,4 +1,4 @@
-// Argument checks and the pixel order shared by the CPU and CUDA kernels of sparse_pixel_update.
+// Argument checks shared by the CPU and CUDA kernels of sparse_pixel_update.
 #pragma once
 #include <ATen/ATen.h>
 
@@ -8,16 +8,6 @@
 #include "checks.h"
 
 namespace fastablate {
-
-// Pixel a comes before pixel b: larger saliency first, NaN before numbers (as a descending
-// stable sort orders them), ties by lower index.
-template <typename T>
-inline bool salient_before(T sa, int64_t ia, T sb, int64_t ib) {
-  const bool na = std::isnan(sa), nb = std::isnan(sb);
-  if (na != nb) return na;
-  if (!na && sa != sb) return sa > sb;
-  return ia < ib;
-}
 
 // Checks; returns true for mode "l2", false for "sign".
 inline bool sparse_pixel_check(const at::Tensor& x, const at::Tensor& grad, int64_t k, double step,

@@ -57,6 +57,22 @@ def test_ties_go_to_lower_index(device):
     assert idx.tolist() == [[8, 0, 1, 2]]
 
 
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("side", [24, 128])  # fewer tiles of 64 pixels than k, or more
+@pytest.mark.parametrize("k", [5, 40, 300])  # a sorted array, a candidate buffer
+@pytest.mark.parametrize("ties", [True, False])
+def test_large_images_equal_reference(device, dtype, side, k, ties):
+    x = torch.rand(4, 3, side, side, device=device).to(dtype)
+    # Integer gradients: saliency in 0..6, thousands of ties
+    g = (torch.randint(-2, 3, x.shape, device=device) if ties else torch.randn(x.shape, device=device)).to(dtype)
+    mode = "sign" if ties else "l2"
+    out, idx = sparse_pixel_update(x, g, k, 0.1, mode=mode)
+    ref, ref_idx = _ref(x, g, k, 0.1, mode=mode)
+    assert torch.equal(idx, ref_idx)
+    assert torch.equal(out, ref)
+
+
 def test_given_indices_and_per_channel_bounds(device):
     x, g = _inputs(device, n=2)
     idx = torch.tensor([[0, 10, 20], [71, 3, 4]], device=device)

@@ -7,6 +7,7 @@ then are clamped to the valid range. Selection, step and clamp are one pass.
 """
 from __future__ import annotations
 
+import functools
 from typing import Sequence
 
 import torch
@@ -19,9 +20,17 @@ from fastablate.ops._layout import empty_like_output
 Bound = float | Sequence[float] | Tensor
 
 
-def _bounds(b: Bound, channels: int, device) -> Tensor:
+def _bounds(b: Bound, channels: int, device: torch.device) -> Tensor:
+    if isinstance(b, (int, float)):
+        return _scalar_bounds(float(b), channels, device)
     t = torch.as_tensor(b, dtype=torch.float64).to(device)
     return t.expand(channels).contiguous() if t.dim() == 0 else t
+
+
+@functools.lru_cache(maxsize=64)
+def _scalar_bounds(b: float, channels: int, device: torch.device) -> Tensor:
+    # An attack calls the op every step with the same bounds; the op only reads them.
+    return torch.full((channels,), b, dtype=torch.float64, device=device)
 
 
 def sparse_pixel_update(x_adv: Tensor, grad: Tensor, k: int, step: float, *, lo: Bound = 0.0, hi: Bound = 1.0,
