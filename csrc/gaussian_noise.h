@@ -3,6 +3,7 @@
 #include <ATen/ATen.h>
 
 #include "checks.h"
+#include "output.h"
 #include "philox.h"
 
 namespace fastablate {
@@ -70,7 +71,7 @@ at::Tensor gaussian_noise_functional(const at::Tensor& x, double sigma, const c1
                                      double p, const c10::optional<at::Tensor>& mask, int64_t seed, int64_t offset,
                                      Run run) {
   const NoisePlan plan = gaussian_noise_plan(x, sigma, channel_sigma, p, mask, offset);
-  at::Tensor y = at::empty_like(plan.x);
+  at::Tensor y = empty_output(plan.x);
   run(plan, y, sigma, seed, offset);
   return x.is_contiguous() ? y : y.contiguous(x.suggest_memory_format());
 }

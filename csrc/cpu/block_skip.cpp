@@ -7,6 +7,7 @@
 #include <vector>
 
 #include "block_skip.h"
+#include "output.h"
 
 namespace fastablate {
 namespace {
@@ -52,7 +53,7 @@ at::Tensor block_skip_cpu(const at::Tensor& shortcut, const at::Tensor& residual
   const auto fmt = shortcut.suggest_memory_format();
   const at::Tensor s = shortcut.contiguous(fmt);
   const at::Tensor r = residual.contiguous(fmt);
-  at::Tensor out = at::empty_like(s);
+  at::Tensor out = empty_output(s);
   if (out.numel() == 0) return out;
   // For each output row, the residual row added to it, or -1 (the shortcut alone).
   const int64_t rows = s.size(0);

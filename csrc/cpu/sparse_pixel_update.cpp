@@ -14,6 +14,7 @@
 #include <immintrin.h>
 #endif
 
+#include "output.h"
 #include "sparse_pixel_update.h"
 
 namespace fastablate {
@@ -279,7 +280,7 @@ std::tuple<at::Tensor, at::Tensor> sparse_pixel_update_cpu(const at::Tensor& x, 
                                                            c10::string_view mode) {
   const bool l2 = sparse_pixel_check(x, grad, k, step, lo, hi, indices, std::string(mode));
   const at::Tensor xc = x.contiguous();
-  at::Tensor out = at::empty_like(xc);
+  at::Tensor out = empty_output(xc);
   at::Tensor idx = indices.has_value() ? indices->contiguous().clone() : at::empty({x.size(0), k}, x.options().dtype(at::kLong));
   if (out.numel() > 0) {
     const at::Tensor g = grad.contiguous();

@@ -30,7 +30,7 @@ __global__ void noise_kernel(const scalar_t* x, scalar_t* y, int64_t numel, int6
     for (int lane = 0; lane < 4; ++lane) {
       const int64_t i = static_cast<int64_t>(4 * quad + lane - offset);
       if (i < 0 || i >= numel) continue;
-      const int64_t plane = i / inner;
+      const int64_t plane = (sc || pm) ? i / inner : 0;  // a 64-bit division: only when needed
       const bool keep = pm ? pm[plane] : em ? em[i] : u.v[lane] < threshold;
       using acc_t = at::opmath_type<scalar_t>;  // double for double, float otherwise
       const acc_t s = static_cast<acc_t>(sigma) * (sc ? static_cast<acc_t>(sc[plane % channels]) : acc_t(1));
