@@ -148,6 +148,13 @@ def test_inplace(device):
     assert torch.equal(z, expected)
 
 
+def test_large_output_equals_inplace(device):
+    x = torch.randn(3, 1024, 1024, device=device)  # 12 MiB: a CPU output advised onto huge pages
+    y = x.clone()
+    gaussian_noise(y, 0.5, p=0.5, seed=8, inplace=True)
+    assert torch.equal(gaussian_noise(x, 0.5, p=0.5, seed=8), y)
+
+
 def test_empty(device):
     x = torch.empty(0, 3, 4, 4, device=device)
     assert gaussian_noise(x, 1.0, seed=1).shape == x.shape

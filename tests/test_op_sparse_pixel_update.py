@@ -73,6 +73,14 @@ def test_large_images_equal_reference(device, dtype, side, k, ties):
     assert torch.equal(out, ref)
 
 
+@needs_kernel
+def test_large_output_equals_reference(device):
+    x, g = _inputs(device, n=8, h=384, w=384)  # 14 MiB: streaming stores, huge pages on CPU
+    out, idx = sparse_pixel_update(x, g, 700, 0.1)
+    ref, ref_idx = _ref(x, g, 700, 0.1)
+    assert torch.equal(idx, ref_idx) and torch.equal(out, ref)
+
+
 def test_given_indices_and_per_channel_bounds(device):
     x, g = _inputs(device, n=2)
     idx = torch.tensor([[0, 10, 20], [71, 3, 4]], device=device)
