@@ -200,22 +200,31 @@ void select_top(const scalar_t* g, int64_t c, int64_t pixels, int64_t k, int64_t
 constexpr size_t kStreamBytes = size_t(8) << 20;
 
 #if defined(__x86_64__)
-__attribute__((target("avx2"))) void stream_copy(char* dst, const char* src, size_t bytes) {
+template <bool kStream>
+__attribute__((target("avx2"))) void copy_avx2(char* dst, const char* src, size_t bytes) {
   const size_t head = std::min(bytes, (32 - reinterpret_cast<uintptr_t>(dst) % 32) % 32);
   std::memcpy(dst, src, head);
   size_t i = head;
   for (; i + 32 <= bytes; i += 32) {
-    _mm256_stream_si256(reinterpret_cast<__m256i*>(dst + i), _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + i)));
+    const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + i));
+    if (kStream) {
+      _mm256_stream_si256(reinterpret_cast<__m256i*>(dst + i), v);
+    } else {
+      _mm256_store_si256(reinterpret_cast<__m256i*>(dst + i), v);
+    }
   }
   std::memcpy(dst + i, src + i, bytes - i);
-  _mm_sfence();
+  if (kStream) _mm_sfence();
 }
 #endif
 
 inline void copy_bytes(void* dst, const void* src, size_t bytes, bool streaming) {
 #if defined(__x86_64__)
   static const bool avx2 = __builtin_cpu_supports("avx2");
-  if (streaming && avx2) return stream_copy(static_cast<char*>(dst), static_cast<const char*>(src), bytes);
+  if (avx2) {
+    return streaming ? copy_avx2<true>(static_cast<char*>(dst), static_cast<const char*>(src), bytes)
+                     : copy_avx2<false>(static_cast<char*>(dst), static_cast<const char*>(src), bytes);
+  }
 #endif
   std::memcpy(dst, src, bytes);
 }
