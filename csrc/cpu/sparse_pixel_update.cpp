@@ -21,6 +21,7 @@ namespace fastablate {
 namespace {
 
 constexpr int64_t kInsertMax = 32;  // up to this k, a sorted insertion array; above it, a heap
+constexpr int64_t kGrain = 1 << 15;  // elements per task
 constexpr int64_t kTile = 64;       // pixels whose saliency is computed, then offered, at once
 
 // Saliency is a sum of |g|: never negative, so the bits of a float (double) order like its
@@ -240,7 +241,9 @@ void update_images(const at::Tensor& x, const at::Tensor& grad, at::Tensor& out,
   scalar_t* o = out.mutable_data_ptr<scalar_t>();
   int64_t* ix = idx.mutable_data_ptr<int64_t>();
   const bool streaming = out.nbytes() >= kStreamBytes;
-  at::parallel_for(0, n, 1, [&](int64_t begin, int64_t end) {
+  // Images per task: at least kGrain elements, or the thread hop costs more than it saves.
+  const int64_t grain = std::max<int64_t>(1, kGrain / std::max<int64_t>(1, c * pixels));
+  at::parallel_for(0, n, grain, [&](int64_t begin, int64_t end) {
     Selection<acc_t> selection;
     for (int64_t img = begin; img < end; ++img) {
       const scalar_t* gi = g + img * c * pixels;
