@@ -3,7 +3,6 @@
 #include <ATen/ATen.h>
 
 #include "checks.h"
-#include "output.h"
 #include "philox.h"
 
 namespace fastablate {
@@ -64,14 +63,15 @@ inline NoisePlan gaussian_noise_plan(const at::Tensor& x, double sigma, const c1
   return plan;
 }
 
-// The functional and in-place entry points around a backend's run(plan, y, sigma, seed, offset).
+// The functional and in-place entry points around a backend's run(plan, y, sigma, seed, offset)
+// (and, for the functional one, its empty(like) that allocates the output).
 // Noise follows x's logical (row-major) order; a non-contiguous x is worked on as a contiguous copy.
-template <typename Run>
+template <typename Empty, typename Run>
 at::Tensor gaussian_noise_functional(const at::Tensor& x, double sigma, const c10::optional<at::Tensor>& channel_sigma,
                                      double p, const c10::optional<at::Tensor>& mask, int64_t seed, int64_t offset,
-                                     Run run) {
+                                     Empty empty, Run run) {
   const NoisePlan plan = gaussian_noise_plan(x, sigma, channel_sigma, p, mask, offset);
-  at::Tensor y = empty_output(plan.x);
+  at::Tensor y = empty(plan.x);
   run(plan, y, sigma, seed, offset);
   return x.is_contiguous() ? y : y.contiguous(x.suggest_memory_format());
 }

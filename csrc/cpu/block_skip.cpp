@@ -7,7 +7,7 @@
 #include <vector>
 
 #include "block_skip.h"
-#include "output.h"
+#include "cpu/memory.h"
 
 namespace fastablate {
 namespace {

@@ -12,6 +12,7 @@
 #include <immintrin.h>
 #endif
 
+#include "cpu/memory.h"
 #include "gaussian_noise.h"
 
 namespace fastablate {
@@ -190,7 +191,7 @@ void run(const NoisePlan& plan, const at::Tensor& y, double sigma, int64_t seed,
 
 at::Tensor gaussian_noise_cpu(const at::Tensor& x, double sigma, const c10::optional<at::Tensor>& channel_sigma,
                               double p, const c10::optional<at::Tensor>& mask, int64_t seed, int64_t offset) {
-  return gaussian_noise_functional(x, sigma, channel_sigma, p, mask, seed, offset, run);
+  return gaussian_noise_functional(x, sigma, channel_sigma, p, mask, seed, offset, empty_output, run);
 }
 
 void gaussian_noise_cpu_(at::Tensor& x, double sigma, const c10::optional<at::Tensor>& channel_sigma, double p,

@@ -14,7 +14,7 @@
 #include <immintrin.h>
 #endif
 
-#include "output.h"
+#include "cpu/memory.h"
 #include "sparse_pixel_update.h"
 
 namespace fastablate {
@@ -196,40 +196,6 @@ void select_top(const scalar_t* g, int64_t c, int64_t pixels, int64_t k, int64_t
   s.best.write(chosen);
 }
 
-// An output this large leaves the cache before it is read: write it with non-temporal stores,
-// which skip reading each line before writing it.
-constexpr size_t kStreamBytes = size_t(8) << 20;
-
-#if defined(__x86_64__)
-template <bool kStream>
-__attribute__((target("avx2"))) void copy_avx2(char* dst, const char* src, size_t bytes) {
-  const size_t head = std::min(bytes, (32 - reinterpret_cast<uintptr_t>(dst) % 32) % 32);
-  std::memcpy(dst, src, head);
-  size_t i = head;
-  for (; i + 32 <= bytes; i += 32) {
-    const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + i));
-    if (kStream) {
-      _mm256_stream_si256(reinterpret_cast<__m256i*>(dst + i), v);
-    } else {
-      _mm256_store_si256(reinterpret_cast<__m256i*>(dst + i), v);
-    }
-  }
-  std::memcpy(dst + i, src + i, bytes - i);
-  if (kStream) _mm_sfence();
-}
-#endif
-
-inline void copy_bytes(void* dst, const void* src, size_t bytes, bool streaming) {
-#if defined(__x86_64__)
-  static const bool avx2 = __builtin_cpu_supports("avx2");
-  if (avx2) {
-    return streaming ? copy_avx2<true>(static_cast<char*>(dst), static_cast<const char*>(src), bytes)
-                     : copy_avx2<false>(static_cast<char*>(dst), static_cast<const char*>(src), bytes);
-  }
-#endif
-  std::memcpy(dst, src, bytes);
-}
-
 // Per image: saliency and selection, then the copy of x into out and the step, plane by plane.
 template <typename scalar_t>
 void update_images(const at::Tensor& x, const at::Tensor& grad, at::Tensor& out, at::Tensor& idx, int64_t k,
@@ -240,7 +206,7 @@ void update_images(const at::Tensor& x, const at::Tensor& grad, at::Tensor& out,
   const scalar_t* g = grad.const_data_ptr<scalar_t>();
   scalar_t* o = out.mutable_data_ptr<scalar_t>();
   int64_t* ix = idx.mutable_data_ptr<int64_t>();
-  const bool streaming = out.nbytes() >= kStreamBytes;
+  const bool streaming = out.nbytes() >= kLargeOutput;
   // Images per task: at least kGrain elements, or the thread hop costs more than it saves.
   const int64_t grain = std::max<int64_t>(1, kGrain / std::max<int64_t>(1, c * pixels));
   at::parallel_for(0, n, grain, [&](int64_t begin, int64_t end) {

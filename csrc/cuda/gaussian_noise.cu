@@ -62,7 +62,8 @@ void run(const NoisePlan& plan, const at::Tensor& y, double sigma, int64_t seed,
 
 at::Tensor gaussian_noise_cuda(const at::Tensor& x, double sigma, const c10::optional<at::Tensor>& channel_sigma,
                                double p, const c10::optional<at::Tensor>& mask, int64_t seed, int64_t offset) {
-  return gaussian_noise_functional(x, sigma, channel_sigma, p, mask, seed, offset, run);
+  const auto empty = [](const at::Tensor& like) { return at::empty_like(like); };
+  return gaussian_noise_functional(x, sigma, channel_sigma, p, mask, seed, offset, empty, run);
 }
 
 void gaussian_noise_cuda_(at::Tensor& x, double sigma, const c10::optional<at::Tensor>& channel_sigma, double p,
