@@ -34,7 +34,7 @@ void philox_portable(uint64_t ctr0, int64_t n, uint64_t seed, Words& r) {
 #if defined(__x86_64__)
 // The same with AVX2. A counter word sits in the low half of a 64-bit lane, so one vpmuludq
 // gives both halves of a round's product; the high halves are never read (vpmuludq ignores
-// them). Two sets of 4 counters per step keep both multipliers busy.
+// them). Two independent sets of 4 counters per step let their multiplies overlap.
 __attribute__((target("avx2"))) inline __m256i low_halves(__m256i a, __m256i b) {  // 8 words: a's 4, then b's
   const __m256i idx = _mm256_setr_epi32(0, 2, 4, 6, 0, 2, 4, 6);
   return _mm256_permute2x128_si256(_mm256_permutevar8x32_epi32(a, idx), _mm256_permutevar8x32_epi32(b, idx), 0x20);

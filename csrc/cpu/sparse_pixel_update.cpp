@@ -1,5 +1,5 @@
-// CPU kernel of sparse_pixel_update: per image (in parallel), the copy of x, saliency, the
-// selection of the k most salient pixels, and the step on all their channels, clamped.
+// CPU kernel of sparse_pixel_update: per image (in parallel), saliency and the selection of the
+// k most salient pixels, then the copy of x and the step on all channels of those, clamped.
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
@@ -20,7 +20,7 @@
 namespace fastablate {
 namespace {
 
-constexpr int64_t kInsertMax = 32;  // up to this k, a sorted insertion array; above it, a heap
+constexpr int64_t kInsertMax = 32;  // up to this k, a sorted insertion array; above it, a buffer
 constexpr int64_t kGrain = 1 << 15;  // elements per task
 constexpr int64_t kTile = 64;       // pixels whose saliency is computed, then offered, at once
 
