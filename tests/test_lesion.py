@@ -35,13 +35,15 @@ def test_executor_equals_naive_loop(name, model, plans, device):
     variants = build_variants(view, plans, samples=3, seed=1)
     x = torch.rand(3, 3, 32, 32, device=device)
     ref = naive_logits(view, variants, x)
-    # One chunk, stacked or one segment per variant group; one variant per chunk.
-    for max_memory, stack_rows in ((1 << 40, 256), (1 << 40, 0), (1, 256)):
+    # One chunk, stacked, stacked up to a byte limit, or one segment per variant group; one
+    # variant per chunk.
+    for max_memory, stack_rows, stack_bytes in ((1 << 40, 256, 1 << 40), (1 << 40, 256, 150_000),
+                                                (1 << 40, 0, 1 << 40), (1, 256, 1 << 40)):
         ex = LesionExecutor(view, [v.steps for v in variants], batch_size=3, max_memory=max_memory,
-                            stack_rows=stack_rows)
+                            stack_rows=stack_rows, stack_bytes=stack_bytes)
         slot = {s: i for i, s in enumerate(ex.unique)}
         got = ex(x)[[slot[v.steps] for v in variants]]
-        assert torch.equal(got, ref), (name, max_memory, stack_rows, (got - ref).abs().max())
+        assert torch.equal(got, ref), (name, max_memory, stack_rows, stack_bytes, (got - ref).abs().max())
     assert len(LesionExecutor(view, [v.steps for v in variants], batch_size=3, max_memory=1).chunks) == len(ex.unique)
 
 

@@ -172,18 +172,19 @@ def _rows(t: Tensor, groups: Sequence[int], batch: int) -> Tensor:
     return t.unflatten(0, (-1, batch)).index_select(0, idx).flatten(0, 1)
 
 
-# Segments smaller than this many rows are stacked into one batch (CPU, CUDA). On a CPU a
-# batch of a few hundred rows keeps the cores busy; larger stacks only add copies.
-STACK_ROWS = (256, 8192)
+# Neighbouring segments are stacked into one batch up to these rows and bytes (CPU, CUDA). On a
+# CPU a batch of a few hundred rows keeps the cores busy; larger stacks only add copies, and a
+# stack over 16 MiB is fresh, page-faulted memory at every step.
+STACK_LIMITS = ((256, 16 << 20), (8192, 1 << 40))
 
 
 class LesionExecutor:
     """Runs the variants' step sequences on batches of images, sharing common prefixes."""
 
     def __init__(self, view: UnitView, step_lists: Sequence[tuple[Step, ...]], *, batch_size: int,
-                 max_memory: int, elem_size: int = 4, stack_rows: int = 256):
+                 max_memory: int, elem_size: int = 4, stack_rows: int = 256, stack_bytes: int = 16 << 20):
         self.view = view
-        self.stack_rows = stack_rows
+        self.stack_rows, self.stack_bytes = stack_rows, stack_bytes
         self.unique = sorted(set(step_lists))  # sorted: neighbours share the longest prefixes
         self.relu = [_post_is_relu(u) for u in view.units]
         in_bytes = [math.prod(u.in_shape) * elem_size for u in view.units]
@@ -277,7 +278,8 @@ class LesionExecutor:
         return out
 
     def _stack(self, segments: list[_Segment], b: int) -> list[_Segment]:
-        """Concatenates neighbouring segments of fewer than ``stack_rows`` rows."""
+        """Concatenates neighbouring segments into stacks of up to ``stack_rows`` rows and
+        ``stack_bytes`` bytes; a segment at either limit stays alone."""
         out: list[_Segment] = []
         pending: list[_Segment] = []
 
@@ -286,12 +288,15 @@ class LesionExecutor:
                 out.append(pending[0] if len(pending) == 1 else
                            _Segment([g for p in pending for g in p.groups], torch.cat([p.h for p in pending])))
                 pending.clear()
+        def full(segs: list[_Segment]) -> bool:
+            return (sum(p.h.shape[0] for p in segs) >= self.stack_rows
+                    or sum(p.h.nbytes for p in segs) >= self.stack_bytes)
         for seg in segments:
-            if seg.h.shape[0] >= self.stack_rows:
+            if full([seg]):
                 out.append(seg)
                 continue
             pending.append(seg)
-            if sum(p.h.shape[0] for p in pending) >= self.stack_rows:
+            if full(pending):
                 flush()
         flush()
         return out
@@ -350,9 +355,10 @@ def run_lesion(model: nn.Module, ds: ImageSet, variants: Sequence[Variant], *, v
     model.eval()
     view = view or units(model, input_shape=(3, ds.image_size, ds.image_size))
     elem = next(model.parameters()).element_size()
+    stack_rows, stack_bytes = STACK_LIMITS[device.type == "cuda"]
     ex = LesionExecutor(view, [v.steps for v in variants], batch_size=batch_size,
                         max_memory=max_memory or default_max_memory(device), elem_size=elem,
-                        stack_rows=STACK_ROWS[device.type == "cuda"])
+                        stack_rows=stack_rows, stack_bytes=stack_bytes)
     slot = {steps: i for i, steps in enumerate(ex.unique)}
     u = len(ex.unique)
     correct = torch.zeros(u, dtype=torch.float64)
