@@ -182,7 +182,8 @@ class LesionExecutor:
     """Runs the variants' step sequences on batches of images, sharing common prefixes."""
 
     def __init__(self, view: UnitView, step_lists: Sequence[tuple[Step, ...]], *, batch_size: int,
-                 max_memory: int, elem_size: int = 4, stack_rows: int = 256, stack_bytes: int = 16 << 20):
+                 max_memory: int, elem_size: int = 4, stack_rows: int = STACK_LIMITS[0][0],
+                 stack_bytes: int = STACK_LIMITS[0][1]):
         self.view = view
         self.stack_rows, self.stack_bytes = stack_rows, stack_bytes
         self.unique = sorted(set(step_lists))  # sorted: neighbours share the longest prefixes
@@ -288,6 +289,7 @@ class LesionExecutor:
                 out.append(pending[0] if len(pending) == 1 else
                            _Segment([g for p in pending for g in p.groups], torch.cat([p.h for p in pending])))
                 pending.clear()
+
         def full(segs: list[_Segment]) -> bool:
             return (sum(p.h.shape[0] for p in segs) >= self.stack_rows
                     or sum(p.h.nbytes for p in segs) >= self.stack_bytes)
