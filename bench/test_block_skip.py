@@ -7,7 +7,7 @@ import torch
 
 from conftest import timed
 from fastablate import _ext
-from fastablate.ops import _reference, block_skip
+from fastablate.ops import reference as ref, block_skip
 
 SIZES = [(8, 16, 32, 32), (128, 16, 32, 32), (256, 64, 32, 32)]
 
@@ -16,8 +16,8 @@ def eager(s, r, keep):
     return torch.relu(s + keep.view(-1, 1, 1, 1) * r)
 
 
-def reference(s, r, keep):
-    return _reference.block_skip(s, r, keep)
+def reference_impl(s, r, keep):
+    return ref.block_skip(s, r, keep)
 
 
 def fastablate(s, r, keep):
@@ -29,17 +29,17 @@ _compiled = {}
 
 def compiled(s, r, keep):
     if "f" not in _compiled:
-        _compiled["f"] = torch.compile(_reference.block_skip, dynamic=False)
+        _compiled["f"] = torch.compile(ref.block_skip, dynamic=False)
     return _compiled["f"](s, r, keep)
 
 
-IMPLS = {"eager": eager, "reference": reference, "fastablate": fastablate, "compile": compiled}
+IMPLS = {"eager": eager, "reference": reference_impl, "fastablate": fastablate, "compile": compiled}
 
 
 @pytest.mark.parametrize("impl", list(IMPLS))
 @pytest.mark.parametrize("shape", SIZES, ids=lambda s: "x".join(map(str, s)))
 def test_block_skip(benchmark, device, shape, impl):
-    if impl == "fastablate" and not _ext.has_kernel(device):
+    if impl == "fastablate" and not _ext.has_kernel(device, "block_skip"):
         pytest.skip("no compiled kernel")
     benchmark.group = f"block_skip {device.type} {'x'.join(map(str, shape))}"
     s, r = torch.randn(shape, device=device), torch.randn(shape, device=device)

@@ -8,7 +8,7 @@ import torch
 
 from conftest import timed
 from fastablate import _ext
-from fastablate.ops import _reference, gaussian_noise
+from fastablate.ops import reference as ref, gaussian_noise
 
 SIZES = [(8, 16, 32, 32), (128, 16, 32, 32), (256, 64, 32, 32)]
 SIGMA, P = 0.5, 0.5
@@ -30,8 +30,8 @@ def fastablate_masked(x):
     return gaussian_noise(x, SIGMA, p=P, seed=1)
 
 
-def reference(x):
-    return _reference.gaussian_noise(x, SIGMA, seed=1)
+def reference_impl(x):
+    return ref.gaussian_noise(x, SIGMA, seed=1)
 
 
 _compiled = {}
@@ -46,7 +46,7 @@ def _compile(name, fn):
 
 
 IMPLS = {"eager": eager, "eager-masked": eager_masked, "compile": _compile("c", eager),
-         "compile-masked": _compile("cm", eager_masked), "reference": reference,
+         "compile-masked": _compile("cm", eager_masked), "reference": reference_impl,
          "fastablate": fastablate, "fastablate-masked": fastablate_masked}
 
 

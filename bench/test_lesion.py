@@ -15,6 +15,7 @@ import torch
 
 from fastablate.data import batches, build_dataset
 from fastablate.engines.lesion import build_variants, run_lesion
+from fastablate.engines.protocol import Runtime
 from fastablate.models import build_model
 from fastablate.units import units
 
@@ -43,7 +44,7 @@ def naive(model, view, ds, variants):
 
 
 def fastablate(model, view, ds, variants):
-    return run_lesion(model, ds, variants, view=view, batch_size=BATCH)
+    return run_lesion(model, ds, variants, Runtime(batch_size=BATCH), view=view)
 
 
 def _reset_peak_rss():

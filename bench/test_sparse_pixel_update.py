@@ -7,7 +7,7 @@ import torch
 
 from conftest import timed
 from fastablate import _ext
-from fastablate.ops import _reference, sparse_pixel_update
+from fastablate.ops import reference as ref, sparse_pixel_update
 
 # (N, C, H, W), with k = 0.5% of the pixels (5 of 32x32, 250 of 224x224)
 SIZES = [(8, 3, 32, 32), (256, 3, 32, 32), (32, 3, 224, 224)]
@@ -30,12 +30,12 @@ def fastablate(x, g, k):
 _bounds = {}
 
 
-def reference(x, g, k):
+def reference_impl(x, g, k):
     if "b" not in _bounds:
         _bounds["b"] = (torch.zeros(x.shape[1], dtype=torch.float64, device=x.device),
                         torch.ones(x.shape[1], dtype=torch.float64, device=x.device))
     lo, hi = _bounds["b"]
-    return _reference.sparse_pixel_update(x, g, k, STEP, lo=lo, hi=hi)
+    return ref.sparse_pixel_update(x, g, k, STEP, lo=lo, hi=hi)
 
 
 _compiled = {}
@@ -47,7 +47,7 @@ def compiled(x, g, k):
     return _compiled["f"](x, g, k)
 
 
-IMPLS = {"eager": eager, "compile": compiled, "reference": reference, "fastablate": fastablate}
+IMPLS = {"eager": eager, "compile": compiled, "reference": reference_impl, "fastablate": fastablate}
 
 
 @pytest.mark.parametrize("impl", list(IMPLS))

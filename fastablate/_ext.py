@@ -1,8 +1,8 @@
 """The one loader of the compiled kernels (fastablate._C).
 
-Importing ``fastablate._C`` registers ``torch.ops.fastablate.*``. When it is missing or
-fails to load, fastablate keeps working through the pure-PyTorch references, and says so
-once. Set FASTABLATE_DISABLE_EXT=1 to force the references (used by tests of the fallback).
+Importing ``fastablate._C`` registers ``torch.ops.fastablate.*``. When it is missing, fails
+to load or is disabled with FASTABLATE_DISABLE_EXT=1, fastablate keeps working through the
+pure-PyTorch references (``fastablate.ops.reference``) and says so in one warning line.
 """
 from __future__ import annotations
 
@@ -18,6 +18,8 @@ loaded = False
 
 if os.environ.get("FASTABLATE_DISABLE_EXT") == "1":
     _error = "disabled by FASTABLATE_DISABLE_EXT=1"
+    print(f"warning: fastablate: compiled kernels not loaded ({_error}); using pure-PyTorch references",
+          file=sys.stderr)
 else:
     try:
         from fastablate import _C  # noqa: F401  (the import registers the ops)
@@ -34,7 +36,7 @@ def load_error() -> str | None:
     return _error
 
 
-def has_kernel(device: torch.device, op: str = "block_skip") -> bool:
+def has_kernel(device: torch.device | str, op: str) -> bool:
     """Whether a compiled kernel of ``op`` is registered for ``device``'s type."""
     return loaded and _registered(torch.device(device).type, op)
 
@@ -44,8 +46,3 @@ def _registered(device_type: str, op: str) -> bool:
     # Asked on every op call: registrations are fixed once the library is loaded, so cache them.
     key = {"cpu": "CPU", "cuda": "CUDA"}.get(device_type)
     return key is not None and torch._C._dispatch_has_kernel_for_dispatch_key(f"fastablate::{op}", key)
-
-
-def kernel_backends(op: str = "block_skip") -> list[str]:
-    """Device types with a compiled kernel of ``op`` ("cpu", "cuda")."""
-    return [d for d in ("cpu", "cuda") if has_kernel(torch.device(d), op)]

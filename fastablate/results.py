@@ -10,28 +10,18 @@ from __future__ import annotations
 import csv
 import io
 import json
+import math
 import os
 import platform
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Iterable
 
+from fastablate.files import atomic_write_text
+
 
 def default_out(command: str) -> Path:
     return Path("runs") / f"{command}-{time.strftime('%Y%m%d-%H%M%S')}"
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def versions() -> dict[str, str]:
@@ -40,14 +30,19 @@ def versions() -> dict[str, str]:
     import torchvision
 
     import fastablate
-    from fastablate import _ext
+    from fastablate.ops import kernel_status, load_error
 
+    status = kernel_status()
+    kernels = "; ".join(f"{op}: {','.join(d for d, ok in devs.items() if ok) or 'reference'}"
+                        for op, devs in status.items())
+    if load_error():
+        kernels += f" (compiled kernels not loaded: {load_error()})"
     return {"fastablate": fastablate.__version__, "torch": torch.__version__, "torchvision": torchvision.__version__,
-            "numpy": numpy.__version__, "python": platform.python_version(),
-            "kernels": ",".join(_ext.kernel_backends()) or f"none ({_ext.load_error()})"}
+            "numpy": numpy.__version__, "python": platform.python_version(), "kernels": kernels}
 
 
 def _jsonable(obj: Any) -> Any:
+    """Plain JSON values; a non-finite float becomes None (null): NaN and Infinity are not JSON."""
     if isinstance(obj, dict):
         return {str(k): _jsonable(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
@@ -55,8 +50,27 @@ def _jsonable(obj: Any) -> Any:
     if isinstance(obj, Path):
         return str(obj)
     if hasattr(obj, "item") and callable(obj.item):  # 0-d tensors and numpy scalars
-        return obj.item()
+        obj = obj.item()
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
     return obj
+
+
+def write_json(path: Path, obj: Any) -> Path:
+    return atomic_write_text(path, json.dumps(_jsonable(obj), indent=2, allow_nan=False) + "\n")
+
+
+def write_csv(path: Path, rows: Iterable[dict]) -> Path:
+    """Rows as CSV; the columns are every key in order of first appearance."""
+    rows = [_jsonable(r) for r in rows]
+    buf = io.StringIO()
+    fields: list[str] = []
+    for r in rows:
+        fields += [k for k in r if k not in fields]
+    writer = csv.DictWriter(buf, fieldnames=fields)
+    writer.writeheader()
+    writer.writerows(rows)
+    return atomic_write_text(path, buf.getvalue())
 
 
 class RunDir:
@@ -89,31 +103,19 @@ class RunDir:
         self.write_json("run.json", info)
 
     def write_json(self, name: str, obj: Any) -> Path:
-        path = self.path / name
-        atomic_write_text(path, json.dumps(_jsonable(obj), indent=2) + "\n")
-        return path
+        return write_json(self.path / name, obj)
 
     def write_csv(self, name: str, rows: Iterable[dict]) -> Path:
-        rows = [_jsonable(r) for r in rows]
-        buf = io.StringIO()
-        fields: list[str] = []
-        for r in rows:
-            fields += [k for k in r if k not in fields]
-        writer = csv.DictWriter(buf, fieldnames=fields)
-        writer.writeheader()
-        writer.writerows(rows)
-        path = self.path / name
-        atomic_write_text(path, buf.getvalue())
-        return path
+        return write_csv(self.path / name, rows)
 
     def write_results(self, results: dict, rows: Iterable[dict]) -> None:
         """results.csv, then results.json: the json's presence means the run's result is whole."""
         self.write_csv("results.csv", rows)
         self.write_json("results.json", results)
 
-    def plot_path(self, name: str) -> Path:
+    def plot_dir(self) -> Path:
         (self.path / "plots").mkdir(parents=True, exist_ok=True)
-        return self.path / "plots" / f"{name}.png"
+        return self.path / "plots"
 
     def __enter__(self) -> "RunDir":
         return self

@@ -6,10 +6,11 @@ group with no shortcut. Lesioning a unit (Veit et al. 2016) keeps its shortcut a
 ``post(shortcut(x))``; a plain unit becomes the identity when its input and output
 shapes match and is not lesionable otherwise.
 
-Adapters cover the registry models and torchvision ResNet/VGG instances. A new block
-type needs one call::
+Model families teach the view their types from their own files (``fastablate.models``):
+a model adapter splits a model into stem, named blocks and head, and a block adapter
+says how one block computes. A new block type needs one call::
 
-    register_adapter(MyBlock, lambda b: BlockParts(residual=b.branch, shortcut=b.skip, post=F.relu))
+    register_adapter(MyBlock, lambda b: BlockParts(residual=b.branch, shortcut=b.skip, relu=True))
 """
 from __future__ import annotations
 
@@ -17,31 +18,51 @@ from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
-from torchvision.models import resnet as tv_resnet
-from torchvision.models import vgg as tv_vgg
 
 from fastablate.errors import FastablateError
-from fastablate.models import NormalizedModel
-from fastablate.models.cifar_resnet import CifarBasicBlock, CifarPlainBlock, CifarResNet
-from fastablate.models.torchvision_nets import PlainBasicBlock
+from fastablate.modes import eval_mode
 
 Fn = Callable[[Tensor], Tensor]
 KINDS = ("identity-skip", "projection-skip", "plain")
 
 
-def _identity(x: Tensor) -> Tensor:
-    return x
-
-
 @dataclass
 class BlockParts:
-    """How one block computes: ``post(shortcut(x) + residual(x))``; shortcut None for plain."""
+    """How one block computes: ``post(shortcut(x) + residual(x))``.
+
+    Args:
+        residual: the residual branch (for a plain unit: the whole unit).
+        shortcut: the shortcut; an ``nn.Identity`` instance for an identity skip; None for
+            a plain unit.
+        relu: post is a ReLU (post-activation ResNets); False: the identity.
+        post: any other post-activation (then ``relu`` is ignored); engines that fuse the
+            add with the activation (``block_skip``) fall back to the plain path for it.
+    """
 
     residual: Fn
     shortcut: Fn | None
-    post: Fn = _identity
+    relu: bool = False
+    post: Fn | None = None
+
+    @property
+    def post_kind(self) -> str:
+        """"relu", "identity" or "custom"."""
+        return "custom" if self.post is not None else "relu" if self.relu else "identity"
+
+    def apply_post(self, x: Tensor) -> Tensor:
+        if self.post is not None:
+            return self.post(x)
+        return torch.relu(x) if self.relu else x
+
+
+@dataclass
+class ModelParts:
+    """A model split for the unit view: ``head(block_n(... block_1(stem(x))))``."""
+
+    stem: Fn
+    blocks: list[tuple[str, nn.Module]]  # (name, block) in forward order
+    head: Fn
 
 
 @dataclass
@@ -67,7 +88,7 @@ class Unit:
         """The unit deleted: ``post(shortcut(x))``, or ``x`` for a plain unit."""
         if not self.lesionable:
             raise FastablateError(f"unit {self.name} is not lesionable: {self.reason}")
-        return x if self.parts.shortcut is None else self.parts.post(self.parts.shortcut(x))
+        return x if self.parts.shortcut is None else self.parts.apply_post(self.parts.shortcut(x))
 
 
 @dataclass
@@ -90,6 +111,10 @@ class UnitView:
     def lesionable(self) -> list[Unit]:
         return [u for u in self.units if u.lesionable]
 
+    def residual(self) -> list[Unit]:
+        """The units with a shortcut (the residual blocks)."""
+        return [u for u in self.units if u.parts.shortcut is not None]
+
     def forward(self, x: Tensor, lesion: Sequence[str] = (), order: Sequence[str] | None = None) -> Tensor:
         """Run the model with the units named in ``lesion`` deleted and, with ``order``, the
         units executed in that order (a permutation of all unit names). One variant for all
@@ -106,8 +131,8 @@ class UnitView:
         return self.head(h)
 
 
-# --- block adapters: block type -> BlockParts --------------------------------------------
 _BLOCK_ADAPTERS: dict[type, Callable[[nn.Module], BlockParts]] = {}
+_MODEL_ADAPTERS: dict[type, Callable[[nn.Module], ModelParts]] = {}
 
 
 def register_adapter(block_type: type, fn: Callable[[nn.Module], BlockParts]) -> None:
@@ -115,104 +140,56 @@ def register_adapter(block_type: type, fn: Callable[[nn.Module], BlockParts]) ->
     _BLOCK_ADAPTERS[block_type] = fn
 
 
-def block_parts(block: nn.Module) -> BlockParts | None:
-    for t in type(block).__mro__:
-        if t in _BLOCK_ADAPTERS:
-            return _BLOCK_ADAPTERS[t](block)
+def register_model_adapter(model_type: type, fn: Callable[[nn.Module], ModelParts]) -> None:
+    """Teach the unit view a model type: ``fn(model)`` returns its :class:`ModelParts`."""
+    _MODEL_ADAPTERS[model_type] = fn
+
+
+def _lookup(table: dict, obj):
+    for t in type(obj).__mro__:
+        if t in table:
+            return table[t]
     return None
 
 
-def _tv_basic(b: tv_resnet.BasicBlock) -> BlockParts:
-    return BlockParts(lambda x: b.bn2(b.conv2(b.relu(b.bn1(b.conv1(x))))),
-                      b.downsample if b.downsample is not None else _identity, b.relu)
+def block_parts(block: nn.Module) -> BlockParts | None:
+    adapt = _lookup(_BLOCK_ADAPTERS, block)
+    return adapt(block) if adapt else None
 
 
-def _tv_bottleneck(b: tv_resnet.Bottleneck) -> BlockParts:
-    def residual(x):
-        out = b.relu(b.bn1(b.conv1(x)))
-        out = b.relu(b.bn2(b.conv2(out)))
-        return b.bn3(b.conv3(out))
-    return BlockParts(residual, b.downsample if b.downsample is not None else _identity, b.relu)
-
-
-register_adapter(CifarBasicBlock, lambda b: BlockParts(b.residual, b.shortcut, F.relu))
-register_adapter(CifarPlainBlock, lambda b: BlockParts(lambda x: F.relu(b.residual(x)), None))
-register_adapter(tv_resnet.BasicBlock, _tv_basic)
-register_adapter(tv_resnet.Bottleneck, _tv_bottleneck)
-register_adapter(PlainBasicBlock, lambda b: BlockParts(b.forward, None))
-register_adapter(nn.Sequential, lambda s: BlockParts(s.forward, None))  # a VGG layer group
-
-
-# --- model adapters: model -> (stem, [(name, block)], head) ----------------------------------
-def _cifar_resnet(m: CifarResNet):
-    blocks = [(f"{s}.{i}", b) for s in ("layer1", "layer2", "layer3") for i, b in enumerate(getattr(m, s))]
-    return m.stem, blocks, m.head
-
-
-def _tv_resnet(m: tv_resnet.ResNet):
-    def stem(x):
-        return m.maxpool(m.relu(m.bn1(m.conv1(x))))
-
-    def head(x):
-        return m.fc(torch.flatten(m.avgpool(x), 1))
-    blocks = [(f"{s}.{i}", b) for s in ("layer1", "layer2", "layer3", "layer4") for i, b in enumerate(getattr(m, s))]
-    return stem, blocks, head
-
-
-def _tv_vgg(m: tv_vgg.VGG):
-    """One unit per conv layer with the BN/ReLU/max-pool that follow it, named by the
-    conv's index in ``features``."""
-    groups: list[tuple[str, list[nn.Module]]] = []
-    for i, layer in enumerate(m.features):
-        if isinstance(layer, nn.Conv2d) or not groups:
-            groups.append((f"features.{i}", []))
-        groups[-1][1].append(layer)
-
-    def head(x):
-        return m.classifier(torch.flatten(m.avgpool(x), 1))
-    return _identity, [(name, nn.Sequential(*layers)) for name, layers in groups], head
-
-
-_MODEL_ADAPTERS: list[tuple[type, Callable]] = [
-    (CifarResNet, _cifar_resnet), (tv_resnet.ResNet, _tv_resnet), (tv_vgg.VGG, _tv_vgg)]
+def model_parts(model: nn.Module) -> ModelParts:
+    """The stem, blocks and head of ``model`` from its registered model adapter."""
+    adapt = _lookup(_MODEL_ADAPTERS, model)
+    if adapt is None:
+        known = ", ".join(sorted(t.__name__ for t in _MODEL_ADAPTERS))
+        raise FastablateError(f"no unit adapter for model type {type(model).__name__}; supported: {known} "
+                              "(add one with fastablate.units.register_model_adapter)")
+    return adapt(model)
 
 
 def _kind(parts: BlockParts) -> str:
     if parts.shortcut is None:
         return "plain"
-    return "identity-skip" if parts.shortcut is _identity or isinstance(parts.shortcut, nn.Identity) \
-        else "projection-skip"
+    return "identity-skip" if isinstance(parts.shortcut, nn.Identity) else "projection-skip"
 
 
 def units(model: nn.Module, input_shape: Sequence[int] | None = None) -> UnitView:
-    """The unit view of ``model`` (a NormalizedModel or a bare registry/torchvision net).
+    """The unit view of ``model`` (a NormalizedModel, a registry net or a torchvision ResNet/VGG).
 
     Args:
         model: the model; a NormalizedModel's normalization becomes part of the stem.
         input_shape: (C, H, W) of one input, for the per-unit shapes; default
             (3, image_size, image_size) of the model, or (3, 32, 32).
     """
-    net, pre = model, _identity
-    if isinstance(model, NormalizedModel):
-        net, pre = model.net, model.normalize
-    for t, adapt in _MODEL_ADAPTERS:
-        if isinstance(net, t):
-            stem, blocks, head = adapt(net)
-            break
-    else:
-        raise FastablateError(f"no unit adapter for model type {type(net).__name__}; "
-                              "supported: CIFAR ResNets, torchvision ResNet and VGG")
+    mp = model_parts(model)
     out: list[Unit] = []
-    for name, block in blocks:
+    for name, block in mp.blocks:
         parts = block_parts(block)
         if parts is None:
             raise FastablateError(f"no unit adapter for block type {type(block).__name__} at {name}; "
                                   "add one with fastablate.units.register_adapter")
         out.append(Unit(name, block, _kind(parts), parts))
-
-    def full_stem(x):
-        return stem(pre(x))
-    view = UnitView(full_stem, out, head)
+    view = UnitView(mp.stem, out, mp.head)
     _probe_shapes(view, model, input_shape)
     return view
 
@@ -225,16 +202,11 @@ def _probe_shapes(view: UnitView, model: nn.Module, input_shape) -> None:
     p = next(model.parameters(), None)
     x = torch.zeros(1, *input_shape, device=p.device if p is not None else "cpu",
                     dtype=p.dtype if p is not None else torch.float32)
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            h = view.stem(x)
-            for u in view.units:
-                u.in_shape = tuple(h.shape[1:])
-                h = u(h)
-                u.out_shape = tuple(h.shape[1:])
-                if u.kind == "plain" and u.in_shape != u.out_shape:
-                    u.reason = f"plain unit changes shape {u.in_shape} -> {u.out_shape}"
-    finally:
-        model.train(was_training)
+    with eval_mode(model), torch.no_grad():
+        h = view.stem(x)
+        for u in view.units:
+            u.in_shape = tuple(h.shape[1:])
+            h = u(h)
+            u.out_shape = tuple(h.shape[1:])
+            if u.kind == "plain" and u.in_shape != u.out_shape:
+                u.reason = f"plain unit changes shape {u.in_shape} -> {u.out_shape}"

@@ -26,6 +26,13 @@ def run_without_extension(code: str) -> subprocess.CompletedProcess:
     return out
 
 
+def call_fake(fn, args):
+    """``fn(*args)`` on fake tensors (metadata, no data: what torch.compile traces with)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    with FakeTensorMode() as mode:
+        return fn(*(mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args))
+
+
 def randomize_bn(model):
     """Non-trivial BN statistics and affine parameters, so exactness tests would catch a skipped BN; eval mode."""
     for m in model.modules():

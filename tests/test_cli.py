@@ -30,7 +30,12 @@ def test_version_and_listings():
     out = run("datasets").output
     assert "digits" in out and "tinyimagenet" in out
     info = run("info").output
-    assert "torch" in info and "cpu kernels" in info and "threads" in info
+    assert "torch" in info and "threads" in info
+    from fastablate.ops import OPS, kernel_status
+    status = kernel_status()
+    for op in OPS:  # every op on every device, kernel or reference
+        line = next(ln for ln in info.splitlines() if ln.startswith(op + " "))
+        assert f"cpu: {'kernel' if status[op]['cpu'] else 'reference'}" in line and "cuda: " in line
 
 
 def test_models_listing():
@@ -128,17 +133,17 @@ BAD = [
     (["eval", "--weights", "{ck}/r8.pt", "--model", "resnet20"], "holds model resnet8, not resnet20"),
     (["eval", "--weights", "{ck}/foreign.pt", "--model", "resnet20", "--mean", "0.5,0.5,0.5", "--std", "0.2,0.2,0.2"],
      "does not fit model resnet20: missing keys layer1.1.conv1.weight"),
-    (["eval", "--weights", "{ck}/r8.pt", "--device", "tpu"], "Invalid value for '--device': 'tpu' is not one of"),
-    (["train", "--batch-size", "0"], "Invalid value for '--batch-size': 0 is not in the range x>=1"),
-    (["train", "--batch-size", "-3"], "Invalid value for '--batch-size': -3 is not in the range x>=1"),
-    (["train", "--mean", "0.5,x,0.5", "--std", "1,1,1"], "--mean '0.5,x,0.5' is not a comma-separated list of numbers"),
+    (["eval", "--weights", "{ck}/r8.pt", "--device", "tpu"], "--device 'tpu': is not one of: auto, cpu, cuda"),
+    (["train", "--batch-size", "0"], "--batch-size '0': must be in [1, 1048576]"),
+    (["train", "--batch-size", "-3"], "--batch-size '-3': must be in [1, 1048576]"),
+    (["train", "--mean", "0.5,x,0.5", "--std", "1,1,1"], "--mean '0.5,x,0.5': item 'x' is not a number"),
     (["train", "--mean", "0.5,0.5", "--std", "1,1"], "--mean/--std have 2 values, the images have 3 channels"),
     (["train", "--mean", "0.5,0.5,0.5"], "--mean and --std go together"),
     (["eval", "--weights", "{tmp}/none.pt"], "checkpoint '{tmp}/none.pt' does not exist"),
     (["eval"], "eval needs --weights CHECKPOINT"),
-    (["train", "--limit", "0"], "--limit must be >= 1, got 0"),
+    (["train", "--limit", "0"], "--limit '0': must be >= 1"),
     (["train", "--resume"], "--resume: no last.pt in"),
-    (["train", "--epochs", "0"], "Invalid value for '--epochs': 0 is not in the range x>=1"),
+    (["train", "--epochs", "0"], "--epochs '0': must be in [1, 100000]"),
 ] + ([] if torch.cuda.is_available() else [(["train", "--device", "cuda"], "--device cuda, but no CUDA device")])
 
 

@@ -11,6 +11,7 @@ from torch import nn
 
 from conftest import randomize_bn
 from fastablate.cli import cli
+from fastablate.engines.protocol import Runtime
 from fastablate.engines.lesion import (LesionExecutor, build_variants, kendall_tau, naive_logits, run_lesion,
                                        swappable_groups)
 from fastablate.errors import FastablateError
@@ -121,7 +122,7 @@ def test_kendall_tau():
 @pytest.mark.parametrize("plans, kw, message", [
     (["units:layer9.9"], {}, "resnet20-test has no unit 'layer9.9'; units are: layer1.0"),
     (["k-random"], {"ks": [10]}, "--k 10: resnet20-test has 9 lesionable units, so k must be in 1..9"),
-    (["bogus"], {}, "--lesion 'bogus' is not a plan; choose from: all-single, k-random, reorder"),
+    (["bogus"], {}, "--lesion 'bogus': is not a plan; choose from: all-single, k-random, reorder"),
 ])
 def test_bad_plans(plans, kw, message):
     with pytest.raises(FastablateError, match=message.replace(".", r"\.")):
@@ -136,7 +137,7 @@ def test_run_lesion_metrics_match_naive_logits():
     ds = build_dataset("synthetic", None, "test", limit=50)
     view = units(model)
     variants = build_variants(view, ["all-single", "k-random"], samples=2)
-    res = run_lesion(model, ds, variants, view=view, batch_size=16, max_memory=1 << 30)
+    res = run_lesion(model, ds, variants, Runtime(batch_size=16), view=view, max_memory=1 << 30)
     x = ds.load(torch.arange(len(ds))).float() / 255
     y = ds.labels
     logits = naive_logits(view, variants, x)
@@ -199,15 +200,15 @@ def test_cli_lesion_study_with_compare(checkpoints, tmp_path):
 
 LESION_BAD = [
     (["--lesion", "units:layer9.0"], "--lesion units:layer9.0: resnet20 has no unit 'layer9.0'; units are: layer1.0"),
-    (["--lesion", "everything"], "--lesion 'everything' is not a plan; choose from: all-single, k-random"),
-    (["--lesion", "units:"], "--lesion 'units:' is not a plan"),
-    (["--lesion", "k-random", "--k", "0"], "--k '0': 0 is below 1"),
-    (["--lesion", "k-random", "--k", "1,x"], "--k '1,x' is not a comma-separated list of integers"),
+    (["--lesion", "everything"], "--lesion 'everything': is not a plan; choose from: all-single, k-random"),
+    (["--lesion", "units:"], "--lesion 'units:': is not a plan"),
+    (["--lesion", "k-random", "--k", "0"], "--k '0': item 0 must be >= 1"),
+    (["--lesion", "k-random", "--k", "1,x"], "--k '1,x': item 'x' is not a whole number"),
     (["--lesion", "k-random", "--k", "12"], "--k 12: resnet20 has 9 lesionable units, so k must be in 1..9"),
     (["--lesion", "all-single", "--k", "2"], "--k 2 applies to --lesion k-random, which is not given"),
-    (["--lesion", "reorder", "--samples", "0"], "--samples must be >= 1, got 0"),
-    (["--lesion", "all-single", "--max-memory", "lots"], "--max-memory 'lots' is not a positive size"),
-    (["--compare", "{ck}/plain20.pt"], "--compare draws a second model on a study's plots: give --lesion or a noise"),
+    (["--lesion", "reorder", "--samples", "0"], "--samples '0': must be in [1, 100000]"),
+    (["--lesion", "all-single", "--max-memory", "lots"], "--max-memory 'lots': is not a size such as 2G or 512M"),
+    (["--samples", "5"], "--samples applies to the lesion study (--lesion), which is not given"),
     (["--lesion", "units:layer1.0,layer2.0", "--compare", "{ck}/plain20.pt"],
      "--lesion units:layer1.0,layer2.0: unit layer2.0 of plain20 is not lesionable: plain unit changes shape"),
 ]

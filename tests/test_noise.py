@@ -8,16 +8,17 @@ from click.testing import CliRunner
 from torch import nn
 
 from fastablate.cli import cli
+from fastablate.engines.protocol import Runtime
 from fastablate.data import build_dataset
 from fastablate.engines.noise import (CIFAR_C_GAUSSIAN, NoiseInjector, NoiseSpec, conv_layers, run_noise, stream_seed,
                                       summarize, t_quantile_975, trial_layers)
 from fastablate.models import build_model, save_checkpoint
 from fastablate.models.checkpoint import load_model
-from fastablate.ops import _reference
+from fastablate.ops import reference
 
 
 def reference_op(x, sigma, *, seed, offset, inplace):
-    return x.copy_(_reference.gaussian_noise(x, sigma, seed=seed, offset=offset))
+    return x.copy_(reference.gaussian_noise(x, sigma, seed=seed, offset=offset))
 
 
 def _model(name="resnet8"):
@@ -74,8 +75,8 @@ def test_sigma_zero_or_p_zero_gives_clean_accuracy(ds):
     def spy(x, sigma, **kw):
         sigmas.append(sigma)
         return reference_op(x, sigma, **kw)
-    res = run_noise(model, ds, NoiseSpec(layers=[1, 3], p=[0.0, 1.0], sigma=[0.0, 5.0], trials=3), batch_size=25,
-                    op=spy)
+    res = run_noise(model, ds, NoiseSpec(layers=[1, 3], p=[0.0, 1.0], sigma=[0.0, 5.0], trials=3),
+                    Runtime(batch_size=25), op=spy)
     clean = res.clean["accuracy"]
     for g in res.grid:
         if g["sigma"] == 0 or g["p"] == 0:
@@ -87,17 +88,17 @@ def test_sigma_zero_or_p_zero_gives_clean_accuracy(ds):
 def test_runs_reproduce_from_seed_and_differ_across_seeds(ds, trained):
     model = trained
     spec = dict(layers=[2], sigma=[1.0], trials=4, input_severities=[5])
-    a = run_noise(model, ds, NoiseSpec(**spec, seed=1), batch_size=25).grid
-    b = run_noise(model, ds, NoiseSpec(**spec, seed=1), batch_size=25).grid
-    c = run_noise(model, ds, NoiseSpec(**spec, seed=2), batch_size=25).grid
+    a = run_noise(model, ds, NoiseSpec(**spec), Runtime(batch_size=25, seed=1)).grid
+    b = run_noise(model, ds, NoiseSpec(**spec), Runtime(batch_size=25, seed=1)).grid
+    c = run_noise(model, ds, NoiseSpec(**spec), Runtime(batch_size=25, seed=2)).grid
     assert a == b and a != c
 
 
 def test_kernel_and_reference_grids_agree(ds, trained):
     model = trained
     spec = NoiseSpec(layers=[1, 2], sigma=[0.5, 2.0], trials=2, relative=True)
-    a = run_noise(model, ds, spec, batch_size=30).grid
-    b = run_noise(model, ds, spec, batch_size=30, op=reference_op).grid
+    a = run_noise(model, ds, spec, Runtime(batch_size=30)).grid
+    b = run_noise(model, ds, spec, Runtime(batch_size=30), op=reference_op).grid
     for ga, gb in zip(a, b):
         assert ga["accuracy_mean"] == pytest.approx(gb["accuracy_mean"], abs=1 / 60 + 1e-9)
 
@@ -105,35 +106,38 @@ def test_kernel_and_reference_grids_agree(ds, trained):
 def test_trial_layers():
     names = [n for n, _ in conv_layers(build_model("resnet20"))]
     assert len(names) == 19 and names[0] == "conv1" and names[1] == "layer1.0.conv1"
-    spec = NoiseSpec(layers=[3], seed=5)
+    spec = NoiseSpec(layers=[3], sigma=[1.0])
     for t in range(20):
-        full = trial_layers(3, names, spec, t, 1.0)
+        full = trial_layers(3, names, spec, 5, t, 1.0)
         assert len(set(full)) == 3
-        half = trial_layers(3, names, spec, t, 0.5)
+        half = trial_layers(3, names, spec, 5, t, 0.5)
         assert set(half) <= set(full)  # a larger p perturbs a superset
-        assert trial_layers(3, names, spec, t, 0.0) == []
-    assert len({tuple(trial_layers(3, names, spec, t, 1.0)) for t in range(20)}) > 10
-    assert trial_layers("every 5", names, NoiseSpec(every=5), 0, 1.0) == [4, 9, 14]
-    assert trial_layers("conv1,layer3.2.conv2", names, NoiseSpec(at=["conv1", "layer3.2.conv2"]), 0, 1.0) == [0, 18]
+        assert trial_layers(3, names, spec, 5, t, 0.0) == []
+    assert len({tuple(trial_layers(3, names, spec, 5, t, 1.0)) for t in range(20)}) > 10
+    assert trial_layers("every 5", names, NoiseSpec(every=5, sigma=[1.0]), 0, 0, 1.0) == [4, 9, 14]
+    at = NoiseSpec(at=["conv1", "layer3.2.conv2"], sigma=[1.0])
+    assert trial_layers("conv1,layer3.2.conv2", names, at, 0, 0, 1.0) == [0, 18]
 
 
 def test_summarize_and_t_quantiles():
     s = summarize([5, 6, 7], 10)
     assert s["accuracy_mean"] == pytest.approx(0.6) and s["accuracy_std"] == pytest.approx(0.1)
     assert s["ci95"] == pytest.approx([0.6 - 4.303 * 0.1 / math.sqrt(3), 0.6 + 4.303 * 0.1 / math.sqrt(3)])
-    assert summarize([4], 10)["ci95"] == [0.4, 0.4] and summarize([1, 1, 1], 10)["accuracy_mean"] == 0.1
+    # One trial: no spread to estimate, so no interval (null), not one of zero width.
+    assert summarize([4], 10)["ci95"] is None and summarize([4], 10)["accuracy_std"] is None
+    assert summarize([1, 1, 1], 10)["accuracy_mean"] == 0.1
     assert t_quantile_975(30) == 2.042 and t_quantile_975(31) == pytest.approx(2.0395, abs=2e-4)
     assert t_quantile_975(120) == pytest.approx(1.9799, abs=2e-4) and t_quantile_975(10**6) == pytest.approx(1.96, 1e-3)
 
 
 def test_input_noise_severities(ds):
-    res = run_noise(_model(), ds, NoiseSpec(input_severities=[1, 5], trials=2), batch_size=25)
+    res = run_noise(_model(), ds, NoiseSpec(input_severities=[1, 5], trials=2), Runtime(batch_size=25))
     assert [g["sigma"] for g in res.grid] == [CIFAR_C_GAUSSIAN[0], CIFAR_C_GAUSSIAN[4]] == [0.04, 0.10]
     assert [g["severity"] for g in res.grid] == [1, 5] and all(g["kind"] == "input" for g in res.grid)
 
 
 def test_relative_sigma_scales_with_activation_std(ds):
-    res = run_noise(_model(), ds, NoiseSpec(layers=[1], sigma=[0.1], relative=True, trials=1), batch_size=30)
+    res = run_noise(_model(), ds, NoiseSpec(layers=[1], sigma=[0.1], relative=True, trials=1), Runtime(batch_size=30))
     assert len(res.activation_std) == len(res.layer_names) and all(s > 0 for s in res.activation_std)
     assert res.grid[0]["relative"] is True
 
@@ -172,18 +176,22 @@ def test_cli_noise_grid_with_compare(checkpoints, tmp_path):
 
 
 NOISE_BAD = [
-    (["--noise-layers", "1"], "--noise-layers needs --noise-sigma"),
+    (["--noise-layers", "1"], "--noise-layers applies to the noise study (--noise-sigma, --input-noise), which is not"),
     (["--noise-sigma", "1"], "--noise-sigma needs the layers to perturb"),
     (["--noise-layers", "1", "--noise-every", "2", "--noise-sigma", "1"], "--noise-layers and --noise-every each"),
     (["--noise-layers", "9", "--noise-sigma", "1"], "--noise-layers 9: resnet8 has 7 conv layers, so n must be in 1."),
     (["--noise-at", "conv1,conv9", "--noise-sigma", "1"], "--noise-at: resnet8 has no conv layer 'conv9'"),
-    (["--noise-layers", "1", "--noise-sigma", "1", "--noise-p", "1.5"], "--noise-p '1.5': 1.5 is not a probability"),
-    (["--noise-layers", "1", "--noise-sigma", "-1"], "--noise-sigma '-1': -1 is not a finite std >= 0"),
-    (["--input-noise", "6"], "--input-noise '6': severity 6 is not in 1..5"),
-    (["--input-noise", "0"], "--input-noise '0': 0 is below 1"),
-    (["--input-noise", "1", "--trials", "0"], "--trials must be >= 1, got 0"),
-    (["--input-noise", "1", "--lesion", "all-single"], "--lesion and a noise study"),
-    (["--noise-every", "0", "--noise-sigma", "1"], "--noise-every must be >= 1, got 0"),
+    (["--noise-layers", "1", "--noise-sigma", "1", "--noise-p", "1.5"], "--noise-p '1.5': item 1.5 must be in [0, 1]"),
+    (["--noise-layers", "1", "--noise-sigma", "-1"], "--noise-sigma '-1': item -1 must be >= 0"),
+    (["--noise-layers", "1", "--noise-sigma", "nan"], "--noise-sigma 'nan': item nan is not a finite number"),
+    (["--input-noise", "6"], "--input-noise '6': item 6 must be in [1, 5]"),
+    (["--input-noise", "0"], "--input-noise '0': item 0 must be in [1, 5]"),
+    (["--input-noise", "1", "--trials", "0"], "--trials '0': must be in [1, 100000]"),
+    (["--input-noise", "1", "--lesion", "all-single"], "--lesion and --noise-sigma choose separate studies"),
+    (["--noise-every", "0", "--noise-sigma", "1"], "--noise-every '0': must be >= 1"),
+    (["--noise-every", "8", "--noise-sigma", "1"], "--noise-every 8: resnet8 has 7 conv layers, so no layer"),
+    (["--noise-p", "0.5"], "--noise-p applies to the noise study"),
+    (["--trials", "3", "--lesion", "all-single"], "--trials applies to the noise study"),
 ]
 
 

@@ -1,11 +1,13 @@
 """block_skip: kernel against the reference, opcheck, gradcheck, layouts, bad input, fallback."""
 
+import re
+
 import pytest
 import torch
-from conftest import run_without_extension
+from conftest import call_fake, run_without_extension
 
 from fastablate import _ext
-from fastablate.ops import BlockSkip, _reference, block_skip
+from fastablate.ops import BlockSkip, reference, block_skip
 
 needs_kernel = pytest.mark.skipif(not _ext.loaded, reason=f"extension not loaded: {_ext.load_error()}")
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
@@ -24,7 +26,7 @@ def _inputs(device, dtype=torch.float32, n=6, shape=(5, 7, 9)):
 def test_dense_equals_reference(device, dtype, relu):
     s, r, keep = _inputs(device, dtype)
     out = torch.ops.fastablate.block_skip(s, r, keep, relu, None)
-    torch.testing.assert_close(out, _reference.block_skip(s, r, keep, relu=relu), rtol=0, atol=0)
+    torch.testing.assert_close(out, reference.block_skip(s, r, keep, relu=relu), rtol=0, atol=0)
 
 
 @needs_kernel
@@ -33,14 +35,14 @@ def test_gather_form_equals_reference(device, dtype):
     s, r, keep = _inputs(device, dtype)
     index = torch.tensor([4, 0, 3], device=device)
     out = torch.ops.fastablate.block_skip(s, r[:3], keep, True, index)
-    ref = _reference.block_skip(s, r[:3], keep, relu=True, index=index)
+    ref = reference.block_skip(s, r[:3], keep, relu=True, index=index)
     torch.testing.assert_close(out, ref, rtol=0, atol=0)
     # Rows outside index, and kept rows' residuals, as the dense form would give them.
     dense_r = torch.zeros_like(r)
     dense_r[index] = r[:3]
     in_index = torch.zeros_like(keep)
     in_index[index] = True
-    torch.testing.assert_close(out, _reference.block_skip(s, dense_r, keep & in_index), rtol=0, atol=0)
+    torch.testing.assert_close(out, reference.block_skip(s, dense_r, keep & in_index), rtol=0, atol=0)
 
 
 def test_lesioned_rows_are_the_shortcut(device):
@@ -54,20 +56,20 @@ def test_lesioned_rows_are_the_shortcut(device):
 def test_large_parallel_path(device):
     # Several parallel_for chunks per row; an output over 8 MiB (advised onto huge pages on CPU)
     s, r, keep = _inputs(device, n=40, shape=(64, 32, 32))
-    torch.testing.assert_close(block_skip(s, r, keep), _reference.block_skip(s, r, keep), rtol=0, atol=0)
+    torch.testing.assert_close(block_skip(s, r, keep), reference.block_skip(s, r, keep), rtol=0, atol=0)
 
 
 def test_noncontiguous_and_channels_last(device):
     s, r, keep = _inputs(device, shape=(4, 8, 8))
     cl = block_skip(s.to(memory_format=torch.channels_last), r.to(memory_format=torch.channels_last), keep)
     assert cl.is_contiguous(memory_format=torch.channels_last)
-    torch.testing.assert_close(cl, _reference.block_skip(s, r, keep), rtol=0, atol=0)
+    torch.testing.assert_close(cl, reference.block_skip(s, r, keep), rtol=0, atol=0)
     mixed = block_skip(s.to(memory_format=torch.channels_last), r, keep)
-    torch.testing.assert_close(mixed, _reference.block_skip(s, r, keep), rtol=0, atol=0)
+    torch.testing.assert_close(mixed, reference.block_skip(s, r, keep), rtol=0, atol=0)
     st, rt = s.transpose(2, 3), r[:, :, ::2].transpose(2, 3)
     st = st[:, :, :, ::2]
     assert not st.is_contiguous() and not rt.is_contiguous()
-    torch.testing.assert_close(block_skip(st, rt, keep), _reference.block_skip(st, rt, keep), rtol=0, atol=0)
+    torch.testing.assert_close(block_skip(st, rt, keep), reference.block_skip(st, rt, keep), rtol=0, atol=0)
 
 
 def test_empty(device):
@@ -117,7 +119,7 @@ def test_backward_keep_gates_only_the_gradient(device):
 def test_module_form(device):
     s, r, keep = _inputs(device)
     m = BlockSkip(keep)
-    torch.testing.assert_close(m(s, r), _reference.block_skip(s, r, keep))
+    torch.testing.assert_close(m(s, r), reference.block_skip(s, r, keep))
     assert "kept=4/6" in repr(m)
 
 
@@ -133,17 +135,27 @@ def test_module_form(device):
     (lambda s, r, k: (s, r[:2], k, True, torch.tensor([1, 2, 3])), "index has 3 entries, residual has 2 rows"),
     (lambda s, r, k: (s, r[:2], k, True, torch.tensor([1., 2.])), "index must be a 1-d int64 tensor"),
 ])
-@needs_kernel
-def test_bad_input_messages(bad, message):
+@pytest.mark.parametrize("impl", ["kernel", "reference", "fake"])
+def test_bad_input_messages(bad, message, impl):
+    """The kernel, the reference (the fallback) and the fake kernel (torch.compile) fail alike."""
     args = bad(*_inputs("cpu"))
-    with pytest.raises(RuntimeError, match=message.replace("[", r"\[").replace("(", r"\(").replace(")", r"\)")):
-        torch.ops.fastablate.block_skip(*args)
+    if impl == "reference":
+        def call(s, r, k, relu, index):
+            return reference.block_skip(s, r, k, relu=relu, index=index)
+    else:
+        if not _ext.loaded:
+            pytest.skip(f"extension not loaded: {_ext.load_error()}")
+        call = torch.ops.fastablate.block_skip
+    if impl == "fake" and "index" in message and "must be" not in message and "entries" not in message:
+        pytest.skip("index range and distinctness are data: the fake kernel cannot see them")
+    with pytest.raises(RuntimeError, match=re.escape(message)):
+        call_fake(call, args) if impl == "fake" else call(*args)
 
 
 def test_fallback_without_extension():
-    code = ("import torch, warnings; from fastablate import _ext; from fastablate.ops import block_skip, _reference;"
-            "assert not _ext.loaded and not _ext.has_kernel(torch.device('cpu'));"
+    code = ("import torch; from fastablate.ops import block_skip, kernel_status, reference;"
+            "assert not any(ok for devs in kernel_status().values() for ok in devs.values());"
             "s, r = torch.randn(4, 3, 2, 2), torch.randn(4, 3, 2, 2); k = torch.tensor([1, 0, 1, 0]).bool();"
-            "assert torch.equal(block_skip(s, r, k), _reference.block_skip(s, r, k)); print('ok')")
+            "assert torch.equal(block_skip(s, r, k), reference.block_skip(s, r, k)); print('ok')")
     out = run_without_extension(code)
     assert out.stdout.strip() == "ok"

@@ -3,10 +3,10 @@ import re
 
 import pytest
 import torch
-from conftest import run_without_extension
+from conftest import call_fake, run_without_extension
 
 from fastablate import _ext
-from fastablate.ops import _reference, sparse_pixel_update
+from fastablate.ops import reference, sparse_pixel_update
 
 needs_kernel = pytest.mark.skipif(not _ext.loaded, reason=f"extension not loaded: {_ext.load_error()}")
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
@@ -22,7 +22,7 @@ def _ref(x, g, k, step, lo=0.0, hi=1.0, **kw):
     c = x.shape[1]
     lo_t = torch.as_tensor(lo, dtype=torch.float64, device=x.device).expand(c).contiguous()
     hi_t = torch.as_tensor(hi, dtype=torch.float64, device=x.device).expand(c).contiguous()
-    return _reference.sparse_pixel_update(x, g, k, step, lo=lo_t, hi=hi_t, **kw)
+    return reference.sparse_pixel_update(x, g, k, step, lo=lo_t, hi=hi_t, **kw)
 
 
 @needs_kernel
@@ -139,7 +139,6 @@ def test_opcheck(device):
                           test_utils=("test_schema", "test_faketensor"))
 
 
-@needs_kernel
 @pytest.mark.parametrize("args, message", [
     (lambda x, g, b: (x.long(), g.long(), 2, 0.1, b, b, None, "sign"), "x must be a floating tensor, got Long"),
     (lambda x, g, b: (x[0], g[0], 2, 0.1, b, b, None, "sign"), "x must be (N, C, H, W), got shape [3, 8, 9]"),
@@ -155,10 +154,23 @@ def test_opcheck(device):
     (lambda x, g, b: (x, g, 2, 0.1, b, b, torch.full((5, 2), 72), "sign"), "indices must be in [0, 72)"),
     (lambda x, g, b: (x, g, 2, 0.1, b, b, torch.zeros(5, 2, dtype=torch.int32), "sign"), "indices must be int64"),
 ])
-def test_bad_input_messages(args, message):
+@pytest.mark.parametrize("impl", ["kernel", "reference", "fake"])
+def test_bad_input_messages(args, message, impl):
+    """The kernel, the reference (the fallback) and the fake kernel (torch.compile) fail alike."""
     x, g = _inputs("cpu")
+    a = args(x, g, torch.zeros(3, dtype=torch.float64))
+    if impl == "reference":
+        x, g, k, step, lo, hi, indices, mode = a
+        with pytest.raises(RuntimeError, match=re.escape(message)):
+            reference.sparse_pixel_update(x, g, k, step, lo=lo, hi=hi, indices=indices, mode=mode)
+        return
+    if not _ext.loaded:
+        pytest.skip(f"extension not loaded: {_ext.load_error()}")
+    if impl == "fake" and "must be in [0, 72)" in message:
+        pytest.skip("index ranges are data: the fake kernel cannot see them")
+    op = torch.ops.fastablate.sparse_pixel_update
     with pytest.raises(RuntimeError, match=re.escape(message)):
-        torch.ops.fastablate.sparse_pixel_update(*args(x, g, torch.zeros(3, dtype=torch.float64)))
+        call_fake(op, a) if impl == "fake" else op(*a)
 
 
 def test_fallback_without_extension():

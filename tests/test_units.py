@@ -25,7 +25,7 @@ def test_unit_view_reproduces_forward(name):
         for u in view.units:
             out = u(h)
             p = u.parts
-            by_parts = p.residual(h) if p.shortcut is None else p.post(p.shortcut(h) + p.residual(h))
+            by_parts = p.residual(h) if p.shortcut is None else p.apply_post(p.shortcut(h) + p.residual(h))
             assert torch.equal(out, by_parts), u.name
             h = out
 
@@ -133,3 +133,10 @@ def test_register_adapter_for_new_block():
 def test_unknown_model_type():
     with pytest.raises(FastablateError, match="no unit adapter for model type Linear"):
         units(nn.Linear(3, 3))
+
+
+def test_post_kinds():
+    assert units(build_model("resnet20")).units[0].parts.post_kind == "relu"
+    assert units(build_model("plain20")).units[0].parts.post_kind == "identity"
+    parts = BlockParts(nn.Identity(), nn.Identity(), post=torch.tanh)
+    assert parts.post_kind == "custom" and torch.equal(parts.apply_post(torch.ones(2)), torch.tanh(torch.ones(2)))

@@ -7,6 +7,7 @@
 #include <torch/library.h>
 
 #include "block_skip.h"
+#include "launch.cuh"
 
 namespace fastablate {
 namespace {
@@ -53,12 +54,9 @@ at::Tensor block_skip_cuda(const at::Tensor& shortcut, const at::Tensor& residua
   at::Tensor out = at::empty_like(s);
   const int64_t numel = out.numel();
   if (numel == 0) return out;
-  constexpr int threads = 256;
-  const int64_t max_blocks = at::cuda::getCurrentDeviceProperties()->multiProcessorCount * 8;
-  const int blocks = static_cast<int>(std::min<int64_t>((numel + threads - 1) / threads, max_blocks));
   auto stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, s.scalar_type(), "block_skip_cuda", [&] {
-    block_skip_kernel<scalar_t><<<blocks, threads, 0, stream>>>(
+    block_skip_kernel<scalar_t><<<grid_for(numel), kThreads, 0, stream>>>(
         s.const_data_ptr<scalar_t>(), r.const_data_ptr<scalar_t>(), rowmap.const_data_ptr<int64_t>(),
         out.mutable_data_ptr<scalar_t>(), numel, s.numel() / s.size(0), relu);
     C10_CUDA_KERNEL_LAUNCH_CHECK();

@@ -7,6 +7,7 @@
 #include <torch/library.h>
 
 #include "gaussian_noise.h"
+#include "launch.cuh"
 
 namespace fastablate {
 namespace {
@@ -44,15 +45,12 @@ void run(const NoisePlan& plan, const at::Tensor& y, double sigma, int64_t seed,
   if (numel == 0) return;
   const c10::cuda::CUDAGuard guard(plan.x.device());
   const int64_t nquads = (numel + 6) / 4;
-  constexpr int threads = 256;
-  const int64_t max_blocks = at::cuda::getCurrentDeviceProperties()->multiProcessorCount * 16;
-  const int blocks = static_cast<int>(std::min<int64_t>((nquads + threads - 1) / threads, max_blocks));
   auto stream = at::cuda::getCurrentCUDAStream();
   const float* sc = plan.sigma_c.defined() ? plan.sigma_c.const_data_ptr<float>() : nullptr;
   const bool* pm = plan.plane_mask.defined() ? plan.plane_mask.const_data_ptr<bool>() : nullptr;
   const bool* em = plan.elem_mask.defined() ? plan.elem_mask.const_data_ptr<bool>() : nullptr;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, plan.x.scalar_type(), "gaussian_noise_cuda", [&] {
-    noise_kernel<scalar_t><<<blocks, threads, 0, stream>>>(
+    noise_kernel<scalar_t><<<grid_for(nquads, 16), kThreads, 0, stream>>>(
         plan.x.const_data_ptr<scalar_t>(), y.mutable_data_ptr<scalar_t>(), numel, plan.inner, plan.channels,
         sigma, sc, pm, em, plan.threshold, static_cast<uint64_t>(seed),
         static_cast<uint64_t>(offset));

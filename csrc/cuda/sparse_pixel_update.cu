@@ -8,12 +8,11 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include "launch.cuh"
 #include "sparse_pixel_update.h"
 
 namespace fastablate {
 namespace {
-
-constexpr int kThreads = 256;
 
 template <typename scalar_t, typename acc_t>
 __global__ void saliency_kernel(const scalar_t* __restrict__ g, acc_t* __restrict__ sal, int64_t n, int64_t c,
@@ -63,11 +62,6 @@ __global__ void step_kernel(const scalar_t* __restrict__ g, scalar_t* __restrict
     v = fmin(fmax(v, static_cast<acc_t>(lo[ch])), static_cast<acc_t>(hi[ch]));
     out[at] = static_cast<scalar_t>(v);
   }
-}
-
-int grid_for(int64_t work) {
-  const int64_t max_blocks = at::cuda::getCurrentDeviceProperties()->multiProcessorCount * 8;
-  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>((work + kThreads - 1) / kThreads, max_blocks)));
 }
 
 std::tuple<at::Tensor, at::Tensor> sparse_pixel_update_cuda(const at::Tensor& x, const at::Tensor& grad, int64_t k,

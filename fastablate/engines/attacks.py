@@ -19,32 +19,70 @@ as the target).
 """
 from __future__ import annotations
 
-import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fastablate.config import ATTACKS
-from fastablate.data import ImageSet, batches
-from fastablate.engines.common import progress
+from fastablate.data import ImageSet
+from fastablate.engines.protocol import Runtime, Study, batch_progress, model_name, slug, table
+from fastablate.engines.spec import Choice, Float, Int, Spec, Text, option
 from fastablate.errors import FastablateError
+from fastablate.models.checkpoint import atomic_save
+from fastablate.modes import eval_mode
 from fastablate.ops import sparse_pixel_update
 
-@dataclass
-class AttackSpec:
-    attack: str = "sparse"
-    k: int = 5  # sparse: pixels per image
-    steps: int = 30  # gradient steps per restart (noise, pgd: in all)
-    restarts: int = 1  # sparse: starts of the pixel score (later ones random)
-    step: float = 1.0  # sparse: step per channel (1: pixels go to the corners of [0, 1]); pgd: step size
-    eps: float = 8 / 255  # fgsm, pgd: L-inf radius; pgd-l2: L2 radius
-    lam: float = 0.01  # noise: weight of ||delta||_2^2
-    lr: float = 0.01  # noise: Adam learning rate
-    target: int | None = None
-    seed: int = 0
+ATTACKS = ("sparse", "noise", "fgsm", "pgd", "pgd-l2")
+DEFAULT_PIXELS = 0.005  # sparse budget: a fraction of the H*W pixels (5 of 32x32)
+DEFAULT_STEPS = {"sparse": 30, "noise": 100, "fgsm": 1, "pgd": 20, "pgd-l2": 20}
+DEFAULT_EPS = {"pgd-l2": 0.5}  # others: 8/255 (L-inf)
+
+
+@dataclass(frozen=True)
+class AttackSpec(Spec):
+    """An attack's options; a None is the attack's default (:meth:`resolved` fills it in)."""
+
+    attack: str = option("sparse", "The attack.", type=Choice(*ATTACKS))
+    pixels: Optional[float] = option(None, f"sparse: budget as a fraction of the H*W pixels, e.g. 0.005 (5 of 32x32) "
+                                           f"[default: {DEFAULT_PIXELS}].", type=Float(0, 1, min_open=True))
+    k: Optional[int] = option(None, "sparse: budget in pixels (instead of --pixels).", type=Int(min=1))
+    steps: Optional[int] = option(None, "Gradient steps: per restart (sparse) [default: 30], in all (noise [100], "
+                                        "pgd, pgd-l2 [20]).", type=Int(min=1, max=1_000_000))
+    restarts: int = option(1, "sparse: starts of the pixel score per image (later ones random).",
+                           type=Int(min=1, max=10_000))
+    step: Optional[float] = option(None, "Step size [default: 1 (sparse: to the corners of [0, 1]), eps/4 "
+                                         "(pgd, pgd-l2)].", type=Float(0, 1e6, min_open=True))
+    eps: Optional[float] = option(None, "fgsm, pgd: L-inf radius [default: 8/255]; pgd-l2: L2 radius "
+                                        "[default: 0.5].", type=Float(0, 1e6, min_open=True))
+    lam: float = option(0.01, "noise: weight of the squared L2 norm.", type=Float(0, 1e6))
+    lr: float = option(0.01, "noise: Adam learning rate.", type=Float(0, 1e3, min_open=True))
+    target: Optional[int] = option(None, "Targeted attack towards this class index.", type=Int(min=0))
+    save_examples: bool = option(False, "Write adversarial.pt and plots/examples.png.")
+    save_dataset: Optional[str] = option(None, "Write the split with adversarial images (uint8) to this file, for "
+                                               "adversarial augmentation.", type=Text("FILE"))
+
+    def validate(self) -> None:
+        if self.pixels is not None and self.k is not None:
+            raise FastablateError("--pixels and --k both set the pixel budget: give one")
+
+    def budget(self, image_size: int) -> int:
+        """The sparse budget in pixels of an image_size x image_size image."""
+        return self.k if self.k is not None else round((self.pixels or DEFAULT_PIXELS) * image_size * image_size)
+
+    def resolved(self, image_size: int = 32) -> "AttackSpec":
+        """Every default filled in: budget, steps, eps and step of this attack."""
+        eps = self.eps or DEFAULT_EPS.get(self.attack, 8 / 255)
+        return replace(self, k=self.budget(image_size), pixels=None, steps=self.steps or DEFAULT_STEPS[self.attack],
+                       eps=eps, step=self.step or (1.0 if self.attack == "sparse" else eps / 4))
+
+    def record(self, seed: int) -> dict:
+        """The resolved options as results.json's ``spec`` records them."""
+        return {"attack": self.attack, "k": self.k, "steps": self.steps, "restarts": self.restarts, "step": self.step,
+                "eps": self.eps, "lam": self.lam, "lr": self.lr, "target": self.target, "seed": seed}
 
 
 def margin(logits: Tensor, y: Tensor, target: Tensor | None) -> Tensor:
@@ -89,6 +127,7 @@ def sparse_attack(model: nn.Module, x: Tensor, y: Tensor, spec: AttackSpec, targ
     restarts from a random u, for the images not fooled yet."""
     _check_target(y, target)
     n, _, h, w = x.shape
+    spec = spec.resolved(w)
     if not 1 <= spec.k <= h * w:
         raise FastablateError(f"sparse attack: k = {spec.k} pixels is not in 1..{h * w}")
     best = x.clone()
@@ -123,6 +162,7 @@ def sparse_attack(model: nn.Module, x: Tensor, y: Tensor, spec: AttackSpec, targ
 def noise_attack(model: nn.Module, x: Tensor, y: Tensor, spec: AttackSpec, target: Tensor | None = None,
                  generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
     _check_target(y, target)
+    spec = spec.resolved(x.shape[-1])
     n = x.shape[0]
     delta = torch.zeros_like(x, requires_grad=True)
     opt = torch.optim.Adam([delta], lr=spec.lr)
@@ -152,6 +192,7 @@ def gradient_attack(model: nn.Module, x: Tensor, y: Tensor, spec: AttackSpec, ta
                     generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
     """FGSM (one step of eps), PGD L-inf or L2 (random start, ``spec.steps`` steps of ``spec.step``)."""
     _check_target(y, target)
+    spec = spec.resolved(x.shape[-1])
     n = x.shape[0]
     view = (-1, 1, 1, 1)
     if spec.attack == "fgsm":
@@ -192,6 +233,9 @@ RUNNERS = {"sparse": sparse_attack, "noise": noise_attack, "fgsm": gradient_atta
            "pgd-l2": gradient_attack}
 
 
+EXAMPLE_KEYS = ("x", "x_adv", "y", "pred_adv", "attacked", "success")
+
+
 @dataclass
 class AttackResult:
     model: str
@@ -201,44 +245,55 @@ class AttackResult:
     success_rate: float
     attacked: int
     images: int
-    median_l0: float
-    mean_l2: float
+    median_l0: float | None  # None when no image was fooled
+    mean_l2: float | None
     steps_mean: float
     seconds_per_image: float
     skipped_target_class: int
+    k: int | None = None  # the sparse budget
+    spec: dict = field(default_factory=dict)  # the resolved options
+    examples: dict | None = field(default=None, repr=False)  # EXAMPLE_KEYS -> tensors, when kept
+
+    def summary(self) -> dict:
+        """The figures of the result (results.csv's row)."""
+        return {k: v for k, v in self.__dict__.items() if k not in ("k", "spec", "examples")}
 
     def to_dict(self) -> dict:
-        return dict(self.__dict__)
+        return {**self.summary(), "k": self.k, "spec": self.spec}
+
+    def rows(self) -> list[dict]:
+        return [self.summary()]
+
+    def plot(self, directory: Path, *others: "AttackResult") -> list[Path]:
+        """plots/examples.png (examples-<model>.png for compared models) when examples were kept."""
+        out = []
+        for i, r in enumerate((self, *others)):
+            if r.examples is not None:
+                out.append(save_grid(r.examples, directory / ("examples.png" if i == 0 else
+                                                              f"examples-{slug(r.model)}.png")))
+        return out
 
 
-def run_attack(model: nn.Module, ds: ImageSet, spec: AttackSpec, *, batch_size: int = 128,
-               device: torch.device | str = "cpu", workers: int = 0, show_progress: bool = False,
-               model_name: str = "model", keep: bool = False):
+def run_attack(model: nn.Module, ds: ImageSet, spec: AttackSpec, runtime: Runtime, *,
+               keep: bool = False) -> AttackResult:
     """Attack every correctly classified image of ``ds`` (not of the target class).
 
-    Returns (AttackResult, examples): with ``keep``, examples holds ``x``, ``x_adv``, ``y``,
-    ``pred_adv``, ``attacked`` and ``success`` for every image of ``ds`` (an image not
-    attacked, or not fooled, keeps ``x_adv == x``); otherwise None.
+    With ``keep``, the result's ``examples`` hold ``x``, ``x_adv``, ``y``, ``pred_adv``,
+    ``attacked`` and ``success`` for every image of ``ds`` (an image not attacked, or not
+    fooled, keeps ``x_adv == x``).
     """
-    if spec.attack not in RUNNERS:
-        raise FastablateError(f"unknown attack {spec.attack!r}; choose from: {', '.join(ATTACKS)}")
     if spec.target is not None and not 0 <= spec.target < ds.num_classes:
         raise FastablateError(f"--target {spec.target} is not a class of {ds.name} (0..{ds.num_classes - 1})")
-    was_training = model.training
-    model.eval()
-    for p in model.parameters():
-        p.requires_grad_(False)
-    gen = torch.Generator().manual_seed(spec.seed)
-    run = RUNNERS[spec.attack]
+    spec = spec.resolved(ds.image_size)
+    gen = torch.Generator().manual_seed(runtime.seed)
+    attack = RUNNERS[spec.attack]
     correct = fooled = attacked = skipped = 0
     l0s, l2s, steps_all = [], [], []
     seconds = 0.0
-    kept: dict[str, list[Tensor]] = {k: [] for k in ("x", "x_adv", "y", "pred_adv", "attacked", "success")}
-    it = batches(ds, batch_size, device=device, workers=workers)
-    if show_progress:
-        it = progress(it, total=-(-len(ds) // batch_size), desc=f"{spec.attack} attack {model_name}")
-    try:
-        for x, y in it:
+    kept: dict[str, list[Tensor]] = {k: [] for k in EXAMPLE_KEYS}
+    name = model_name(model)
+    with eval_mode(model, frozen=True):
+        for x, y in batch_progress(ds, runtime, f"{spec.attack} attack {name}"):
             with torch.no_grad():
                 pred = model(x).argmax(1)
             ok = pred == y
@@ -252,7 +307,7 @@ def run_attack(model: nn.Module, ds: ImageSet, spec: AttackSpec, *, batch_size: 
                 xs, ys = x[sel], y[sel]
                 ts = None if spec.target is None else torch.full_like(ys, spec.target)
                 start = time.perf_counter()
-                adv, steps = run(model, xs, ys, spec, ts, gen)
+                adv, steps = attack(model, xs, ys, spec, ts, gen)
                 if x.device.type == "cuda":
                     torch.cuda.synchronize()
                 seconds += time.perf_counter() - start
@@ -269,25 +324,21 @@ def run_attack(model: nn.Module, ds: ImageSet, spec: AttackSpec, *, batch_size: 
             if keep:
                 with torch.no_grad():
                     pred_adv = model(x_adv).argmax(1)
-                for k, v in (("x", x), ("x_adv", x_adv), ("y", y), ("pred_adv", pred_adv), ("attacked", ok),
-                             ("success", success)):
+                for k, v in zip(EXAMPLE_KEYS, (x, x_adv, y, pred_adv, ok, success)):
                     kept[k].append(v.detach().cpu())
-    finally:
-        for p in model.parameters():
-            p.requires_grad_(True)
-        model.train(was_training)
     n = len(ds)
-    res = AttackResult(model=model_name, attack=spec.attack, clean_accuracy=correct / n,
-                       robust_accuracy=(correct - fooled) / n, success_rate=fooled / attacked if attacked else 0.0,
-                       attacked=attacked, images=n,
-                       median_l0=float(torch.tensor(l0s, dtype=torch.float64).median()) if l0s else math.nan,
-                       mean_l2=sum(l2s) / len(l2s) if l2s else math.nan,
-                       steps_mean=sum(steps_all) / len(steps_all) if steps_all else 0.0,
-                       seconds_per_image=seconds / attacked if attacked else 0.0, skipped_target_class=skipped)
-    return res, ({k: torch.cat(v) for k, v in kept.items()} if keep else None)
+    return AttackResult(model=name, attack=spec.attack, clean_accuracy=correct / n,
+                        robust_accuracy=(correct - fooled) / n, success_rate=fooled / attacked if attacked else 0.0,
+                        attacked=attacked, images=n,
+                        median_l0=float(torch.tensor(l0s, dtype=torch.float64).median()) if l0s else None,
+                        mean_l2=sum(l2s) / len(l2s) if l2s else None,
+                        steps_mean=sum(steps_all) / len(steps_all) if steps_all else 0.0,
+                        seconds_per_image=seconds / attacked if attacked else 0.0, skipped_target_class=skipped,
+                        k=spec.k if spec.attack == "sparse" else None, spec=spec.record(runtime.seed),
+                        examples={k: torch.cat(v) for k, v in kept.items()} if keep else None)
 
 
-def save_grid(examples: dict, path, count: int = 8) -> None:
+def save_grid(examples: dict, path: Path, count: int = 8) -> Path:
     """PNG: one row per fooled image: original | adversarial | difference amplified to full range."""
     from torchvision.utils import save_image
 
@@ -300,3 +351,49 @@ def save_grid(examples: dict, path, count: int = 8) -> None:
     rows = torch.stack([x, adv, d], 1).flatten(0, 1)
     scale = max(1, 96 // rows.shape[-1])  # small images enlarged, pixel for pixel, so single pixels show
     save_image(F.interpolate(rows, scale_factor=scale, mode="nearest"), path, nrow=3, padding=2, pad_value=1.0)
+    return path
+
+
+class AttackStudy(Study):
+    """Attack a checkpoint: sparse pixels (L0), optimized noise (L2), FGSM or PGD. Only images
+    the model classifies correctly are attacked; success_rate is the fraction of them it fools."""
+
+    name = "attack"
+    command = "attack"
+    spec_class = AttackSpec
+
+    def check(self, models, data, spec):
+        pixels = data.image_size * data.image_size
+        k = spec.budget(data.image_size)
+        if spec.attack == "sparse" and not 1 <= k <= pixels:
+            raise FastablateError(
+                f"--pixels {spec.pixels or DEFAULT_PIXELS:g} rounds to {k} pixels of {data.image_size}x"
+                f"{data.image_size} images; give a larger fraction or --k" if spec.k is None else
+                f"--k {k} is more than the {pixels} pixels of an image")
+        if spec.target is not None and spec.target >= data.num_classes:
+            raise FastablateError(f"--target {spec.target} is not a class of {data.name} (0..{data.num_classes - 1})")
+        if spec.target is not None and bool((data.labels == spec.target).all()):
+            raise FastablateError(f"--target {spec.target} equals the label of every image: nothing to attack")
+        if spec.save_dataset and len(models) > 1:
+            raise FastablateError("--save-dataset writes one model's adversarial set: give no --compare")
+
+    def run(self, model, data, spec, runtime):
+        res = run_attack(model, data, spec, runtime, keep=spec.save_examples or bool(spec.save_dataset))
+        ex = res.examples
+        if spec.save_examples:
+            atomic_save(ex, runtime.artifact("adversarial.pt"))
+        if spec.save_dataset:
+            atomic_save({"images": ex["x_adv"].mul(255).round().to(torch.uint8), "labels": ex["y"],
+                         "success": ex["success"], "attacked": ex["attacked"], "classes": list(data.classes),
+                         "attack": res.spec, "dataset": data.name, "split": data.split}, spec.save_dataset)
+        if not spec.save_examples:
+            res.examples = None  # kept for the dataset only: no grid
+        return res
+
+    def report(self, results: Sequence[AttackResult], spec) -> str:
+        out = [table([{k: v for k, v in r.summary().items()} for r in results])]
+        for r in results:
+            budget = f" at {r.k} pixels" if r.k is not None else ""
+            out.append(f"{r.model}: {r.attack}{budget} fooled {r.success_rate:.4f} of {r.attacked} correctly "
+                       f"classified images; robust accuracy {r.robust_accuracy:.4f} (clean {r.clean_accuracy:.4f})")
+        return "\n".join(out)

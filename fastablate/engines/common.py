@@ -1,21 +1,58 @@
-"""What every engine does first: pick the device, load the data, build or load the model.
+"""The options every model/data command shares (:class:`Setup`), and what the runner does
+first with them: pick the device, load the data, build or load the models.
 
 All bad input surfaces here, before a run directory is created.
 """
 from __future__ import annotations
 
 import sys
-from typing import Iterable, TypeVar
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Optional
 
 import torch
 
-from fastablate.config import CommonConfig
 from fastablate.data import ImageSet, build_dataset
+from fastablate.engines.protocol import Runtime
+from fastablate.engines.spec import Choice, Float, Int, List, Spec, Text, option
 from fastablate.errors import FastablateError
 from fastablate.models import NormalizedModel, build_model
 from fastablate.models.checkpoint import FORMAT, model_from_checkpoint, read_checkpoint
 
-T = TypeVar("T")
+
+@dataclass(frozen=True)
+class Setup(Spec):
+    """The shared model and data options."""
+
+    model: Optional[str] = option(None, "Registry model name (fastablate models).", type=Text("NAME"))
+    weights: Optional[str] = option(None, "Checkpoint: ours, or a foreign state_dict (then --model, --mean/--std).",
+                                    type=Text("FILE"))
+    dataset: str = option("digits", "Registry dataset (fastablate datasets).", type=Text("NAME"))
+    data_dir: Optional[str] = option(None, "Root of the dataset on disk.", type=Text("DIR"))
+    split: str = option("test", "Split to use.", type=Choice("train", "test"))
+    limit: Optional[int] = option(None, "Seeded class-balanced subset of N examples.", type=Int(min=1))
+    mean: Optional[tuple[float, ...]] = option(None, "Input normalization mean per channel, e.g. 0.49,0.48,0.45.",
+                                               type=List(Float(-1e6, 1e6)))
+    std: Optional[tuple[float, ...]] = option(None, "Input normalization std per channel.",
+                                              type=List(Float(0, 1e6, min_open=True)))
+    device: str = option("auto", "Device.", type=Choice("auto", "cpu", "cuda"))
+    batch_size: int = option(128, "Images per batch.", type=Int(min=1, max=1 << 20))
+    workers: int = option(0, "Loader processes for file-backed datasets.", type=Int(min=0, max=256))
+    seed: int = option(0, "Seed of every random choice.", type=Int(min=0))
+    out: Optional[str] = option(None, "Output directory [default: runs/<command>-<timestamp>].", type=Text("DIR"))
+    download: bool = option(False, "Let torchvision download CIFAR when absent.")
+    compare: tuple[str, ...] = option((), "A checkpoint run through the same study on the same images and drawn "
+                                          "on the same plots (repeatable).", type=Text("FILE"), multiple=True)
+
+    def validate(self) -> None:
+        if (self.mean is None) != (self.std is None):
+            raise FastablateError("--mean and --std go together: give both or neither")
+        if self.mean is not None and len(self.mean) != len(self.std):
+            raise FastablateError(f"--mean has {len(self.mean)} values and --std {len(self.std)}: give one per channel")
+
+    def runtime(self, progress: bool = False) -> Runtime:
+        return Runtime(device=resolve_device(self.device), batch_size=self.batch_size, workers=self.workers,
+                       seed=self.seed, progress=progress)
 
 
 def seed_everything(seed: int) -> None:
@@ -40,31 +77,31 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def load_data(cfg: CommonConfig, split: str | None = None, image_size: int | None = None) -> ImageSet:
-    return build_dataset(cfg.dataset, cfg.data_dir, split or cfg.split, limit=cfg.limit, seed=cfg.seed,
-                         download=cfg.download, image_size=image_size)
+def load_data(setup: Setup, split: str | None = None, image_size: int | None = None) -> ImageSet:
+    return build_dataset(setup.dataset, setup.data_dir, split or setup.split, limit=setup.limit, seed=setup.seed,
+                         download=setup.download, image_size=image_size)
 
 
-def load_or_build_model(cfg: CommonConfig, ds: ImageSet, *, default_arch: str | None = None) -> NormalizedModel:
-    """The model of ``cfg.weights`` (our checkpoint or a foreign one), or a fresh ``cfg.model``.
-
-    Normalization: --mean/--std, else the checkpoint's, else the dataset's statistics.
-    """
-    arch = cfg.model or default_arch
-    seed_everything(cfg.seed)  # the same seed gives the same initial weights
-    if cfg.weights:
-        mean, std = cfg.mean, cfg.std
-        ckpt = read_checkpoint(cfg.weights)
+def load_or_build_model(setup: Setup, ds: ImageSet, *, weights: str | None = None,
+                        default_arch: str | None = None) -> NormalizedModel:
+    """The model of ``weights`` (default ``--weights``; our checkpoint or a foreign one), or a
+    fresh ``--model``. Normalization: --mean/--std, else the checkpoint's, else the dataset's."""
+    weights = weights if weights is not None else setup.weights
+    arch = setup.model or default_arch
+    seed_everything(setup.seed)  # the same seed gives the same initial weights
+    if weights:
+        mean, std = setup.mean, setup.std
+        ckpt = read_checkpoint(weights)
         if mean is None and ckpt["format"] != FORMAT:
-            print(f"note: {cfg.weights} carries no normalization; using {ds.name}'s statistics "
+            print(f"note: {weights} carries no normalization; using {ds.name}'s statistics "
                   "(give --mean/--std to override)", file=sys.stderr)
             mean, std = ds.mean, ds.std
-        model = model_from_checkpoint(ckpt, cfg.weights, arch, image_size=ds.image_size, mean=mean, std=std)
+        model = model_from_checkpoint(ckpt, weights, arch, image_size=ds.image_size, mean=mean, std=std)
     else:
         if arch is None:
             raise FastablateError("no model: give --model NAME or --weights CHECKPOINT")
         model = build_model(arch, ds.num_classes, image_size=ds.image_size,
-                            mean=cfg.mean or ds.mean, std=cfg.std or ds.std)
+                            mean=setup.mean or ds.mean, std=setup.std or ds.std)
     if model.num_classes != ds.num_classes:
         raise FastablateError(f"model {model.arch} has {model.num_classes} outputs, dataset {ds.name} has "
                               f"{ds.num_classes} classes")
@@ -74,8 +111,16 @@ def load_or_build_model(cfg: CommonConfig, ds: ImageSet, *, default_arch: str | 
     return model
 
 
-def progress(items: Iterable[T], *, total: int | None = None, desc: str = "", leave: bool = False) -> Iterable[T]:
-    """A progress bar on stderr when it is a terminal; the items unchanged otherwise."""
-    from tqdm.auto import tqdm
-
-    return tqdm(items, total=total, desc=desc, leave=leave, disable=None, dynamic_ncols=True)
+def load_checkpoints(setup: Setup, ds: ImageSet, runtime: Runtime, *, command: str) -> list[NormalizedModel]:
+    """``--weights`` and each ``--compare`` checkpoint, on the runtime's device. A compare
+    model of the same architecture is named after its file too."""
+    if not setup.weights:
+        raise FastablateError(f"{command} needs --weights CHECKPOINT")
+    first = load_or_build_model(setup, ds).to(runtime.device)
+    models = [first]
+    for path in setup.compare:
+        other = load_or_build_model(replace(setup, model=None), ds, weights=path)
+        if other.name in [m.name for m in models]:
+            other.name = f"{other.arch} ({Path(path).name})"
+        models.append(other.to(runtime.device))
+    return models

@@ -3,56 +3,95 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fastablate.data import ImageSet, batches
-from fastablate.engines.common import progress
+from fastablate.data import ImageSet
+from fastablate.engines.protocol import Runtime, Study, batch_progress, model_name, slug, table
+from fastablate.engines.spec import Spec
+from fastablate.modes import eval_mode
+from fastablate.plots import pyplot, save
 
 
 @dataclass
 class EvalResult:
+    model: str
     accuracy: float  # fraction in [0, 1]
     loss: float  # mean cross-entropy, nats
     n: int
-    per_class: list[float]  # accuracy of each class
+    per_class: list[float | None]  # accuracy of each class; None for a class with no images
     confusion: list[list[int]]  # [true][predicted] counts
     classes: list[str]
     seconds: float
 
     def to_dict(self) -> dict:
+        # A class with no images has no accuracy: it is left out of per_class, not reported as 0.
         return {"accuracy": self.accuracy, "loss": self.loss, "n": self.n,
-                "per_class": dict(zip(self.classes, self.per_class)), "confusion": self.confusion,
-                "classes": self.classes, "seconds": self.seconds}
+                "per_class": {c: a for c, a in zip(self.classes, self.per_class) if a is not None},
+                "confusion": self.confusion, "classes": self.classes, "seconds": self.seconds}
 
     def rows(self) -> list[dict]:
-        return [{"class": c, "accuracy": a, "count": sum(self.confusion[i])}
+        return [{"model": self.model, "class": c, "accuracy": a, "count": sum(self.confusion[i])}
                 for i, (c, a) in enumerate(zip(self.classes, self.per_class))]
+
+    def plot(self, directory: Path, *others: "EvalResult") -> list[Path]:
+        """plots/confusion.png, and confusion-<model>.png for each compared model."""
+        return [_plot_confusion(r, directory / ("confusion.png" if i == 0 else f"confusion-{slug(r.model)}.png"))
+                for i, r in enumerate((self, *others))]
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, ds: ImageSet, *, batch_size: int = 256, device: torch.device | str = "cpu",
-             show_progress: bool = False, workers: int = 0) -> EvalResult:
+def evaluate(model: nn.Module, ds: ImageSet, runtime: Runtime, *, desc: str = "eval") -> EvalResult:
     """Evaluate ``model`` (inputs in [0, 1]) on all of ``ds`` in eval mode."""
     start = time.perf_counter()
-    was_training = model.training
-    model.eval()
     k = ds.num_classes
     confusion = torch.zeros(k, k, dtype=torch.int64)
     loss_sum = 0.0
-    it = batches(ds, batch_size, device=device, workers=workers)
-    if show_progress:
-        it = progress(it, total=-(-len(ds) // batch_size), desc="eval")
-    for x, y in it:
-        logits = model(x)
-        loss_sum += F.cross_entropy(logits.float(), y, reduction="sum").item()
-        pred = logits.argmax(1)
-        confusion += torch.bincount((y * k + pred).cpu(), minlength=k * k).view(k, k)
-    model.train(was_training)
+    with eval_mode(model):
+        for x, y in batch_progress(ds, runtime, desc):
+            logits = model(x)
+            loss_sum += F.cross_entropy(logits.float(), y, reduction="sum").item()
+            pred = logits.argmax(1)
+            confusion += torch.bincount((y * k + pred).cpu(), minlength=k * k).view(k, k)
     n = int(confusion.sum())
-    counts = confusion.sum(1).clamp(min=1)
-    return EvalResult(accuracy=confusion.diag().sum().item() / max(n, 1), loss=loss_sum / max(n, 1), n=n,
-                      per_class=(confusion.diag() / counts).tolist(), confusion=confusion.tolist(),
+    counts = confusion.sum(1)
+    per_class = [(confusion[i, i] / counts[i]).item() if counts[i] else None for i in range(k)]
+    return EvalResult(model=model_name(model), accuracy=confusion.diag().sum().item() / max(n, 1),
+                      loss=loss_sum / max(n, 1), n=n, per_class=per_class, confusion=confusion.tolist(),
                       classes=list(ds.classes), seconds=time.perf_counter() - start)
+
+
+def _plot_confusion(res: EvalResult, path: Path) -> Path:
+    k = len(res.classes)
+    fig, ax = pyplot().subplots(figsize=(1.2 + 0.45 * k, 1 + 0.45 * k))
+    ax.imshow(res.confusion, cmap="Blues")
+    ax.set(xticks=range(k), yticks=range(k), xlabel="predicted", ylabel="true",
+           title=f"{res.model}: accuracy {res.accuracy:.4f}")
+    ax.set_xticklabels(res.classes, rotation=90)
+    ax.set_yticklabels(res.classes)
+    return save(fig, path)
+
+
+@dataclass(frozen=True)
+class EvaluateSpec(Spec):
+    """A clean evaluation has no options beyond the shared ones."""
+
+
+class EvaluateStudy(Study):
+    """Evaluate a checkpoint: accuracy, loss, per-class accuracy, confusion matrix."""
+
+    name = "evaluate"
+    command = "eval"
+    spec_class = EvaluateSpec
+
+    def run(self, model, data, spec, runtime):
+        return evaluate(model, data, runtime)
+
+    def report(self, results: Sequence[EvalResult], spec) -> str:
+        lines = [table([r for res in results for r in res.rows()])]
+        lines += [f"{r.model}: accuracy {r.accuracy:.4f} ({r.n} images), loss {r.loss:.4f}" for r in results]
+        return "\n".join(lines)

@@ -19,24 +19,44 @@ import math
 import random
 import time
 from dataclasses import dataclass
-from typing import Iterable, Sequence
+from pathlib import Path
+from typing import Iterable, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fastablate.config import check_plan
-from fastablate.data import ImageSet, batches
-from fastablate.engines.common import progress
+from fastablate.data import ImageSet
+from fastablate.engines.protocol import Runtime, Study, batch_progress, model_name, table
+from fastablate.engines.spec import Int, List, Size, Spec, Value, option
 from fastablate.errors import FastablateError
+from fastablate.modes import eval_mode
 from fastablate.ops import block_skip
 from fastablate.plots import finish, pyplot
-from fastablate.units import Unit, UnitView, _identity, units
+from fastablate.units import UnitView, units
 
 Step = tuple[int, bool]  # (unit index, run it: True / lesioned: False)
 
 
 # --- plans -> variants ----------------------------------------------------------------------
+PLANS = ("all-single", "k-random", "reorder", "units:NAME,NAME")
+
+
+class Plan(Value):
+    """One --lesion value; unit names are checked against the model later."""
+
+    metavar = "PLAN"
+
+    def parse(self, raw):
+        return str(raw).strip()
+
+    def problem(self, value):
+        if value in PLANS[:3] or (isinstance(value, str) and value.startswith("units:")
+                                  and all(value[len("units:"):].split(","))):
+            return None
+        return f"is not a plan; choose from: {', '.join(PLANS)}"
+
+
 @dataclass(frozen=True)
 class Variant:
     plan: str  # intact | all-single | k-random | units | reorder
@@ -107,7 +127,9 @@ def build_variants(view: UnitView, plans: Sequence[str], *, ks: Sequence[int] | 
     index = {u.name: i for i, u in enumerate(view.units)}
     variants = [_deletion(view, "intact", ())]
     for plan in plans:
-        check_plan(plan)
+        problem = Plan().problem(plan)
+        if problem:
+            raise FastablateError(f"--lesion {plan!r}: {problem}")
         rng = random.Random(f"{seed}:{plan}")
         if plan == "all-single":
             if not lesionable:
@@ -142,14 +164,6 @@ def build_variants(view: UnitView, plans: Sequence[str], *, ks: Sequence[int] | 
 
 
 # --- the executor ---------------------------------------------------------------------------
-def _post_is_relu(unit: Unit) -> bool | None:
-    """True/False when the unit's post-activation is ReLU/identity; None when it is neither."""
-    post = unit.parts.post
-    if post in (F.relu, torch.relu) or isinstance(post, nn.ReLU):
-        return True
-    return False if post is _identity or isinstance(post, nn.Identity) else None
-
-
 def default_max_memory(device: torch.device) -> int:
     """Bytes of activations one chunk of variants may hold: half the free GPU memory, or a
     quarter of the available RAM (at most 8 GiB)."""
@@ -187,7 +201,7 @@ class LesionExecutor:
         self.view = view
         self.stack_rows, self.stack_bytes = stack_rows, stack_bytes
         self.unique = sorted(set(step_lists))  # sorted: neighbours share the longest prefixes
-        self.relu = [_post_is_relu(u) for u in view.units]
+        self.relu = [{"relu": True, "identity": False}.get(u.parts.post_kind) for u in view.units]
         in_bytes = [math.prod(u.in_shape) * elem_size for u in view.units]
         out_bytes = [math.prod(u.out_shape) * elem_size for u in view.units]
 
@@ -345,20 +359,20 @@ class LesionResult:
                  "loss": v["loss"], "mean_confidence": v["mean_confidence"], "delta": v["delta"]}
                 for v in [{**self.intact, "plan": "intact", "units": "", "k": 0, "delta": 0.0}] + self.variants]
 
+    def plot(self, directory: Path, *others: "LesionResult") -> list[Path]:
+        return plot_lesion([self, *others], directory)
 
-def run_lesion(model: nn.Module, ds: ImageSet, variants: Sequence[Variant], *, view: UnitView | None = None,
-               batch_size: int = 128, device: torch.device | str = "cpu", max_memory: int | None = None,
-               show_progress: bool = False, workers: int = 0, model_name: str = "model") -> LesionResult:
+
+def run_lesion(model: nn.Module, ds: ImageSet, variants: Sequence[Variant], runtime: Runtime, *,
+               view: UnitView | None = None, max_memory: int | None = None) -> LesionResult:
     """Accuracy, loss and mean confidence (softmax probability of the predicted class) of
     every variant over all of ``ds``; ``variants[0]`` must be the intact model."""
     start = time.perf_counter()
-    device = torch.device(device)
-    was_training = model.training
-    model.eval()
+    device = runtime.device
     view = view or units(model, input_shape=(3, ds.image_size, ds.image_size))
     elem = next(model.parameters()).element_size()
     stack_rows, stack_bytes = STACK_LIMITS[device.type == "cuda"]
-    ex = LesionExecutor(view, [v.steps for v in variants], batch_size=batch_size,
+    ex = LesionExecutor(view, [v.steps for v in variants], batch_size=runtime.batch_size,
                         max_memory=max_memory or default_max_memory(device), elem_size=elem,
                         stack_rows=stack_rows, stack_bytes=stack_bytes)
     slot = {steps: i for i, steps in enumerate(ex.unique)}
@@ -366,18 +380,13 @@ def run_lesion(model: nn.Module, ds: ImageSet, variants: Sequence[Variant], *, v
     correct = torch.zeros(u, dtype=torch.float64)
     loss = torch.zeros(u, dtype=torch.float64)
     conf = torch.zeros(u, dtype=torch.float64)
-    it = batches(ds, batch_size, device=device, workers=workers)
-    if show_progress:
-        it = progress(it, total=-(-len(ds) // batch_size), desc=f"lesion {model_name} ({u} variants)")
-    try:
-        for x, y in it:
+    with eval_mode(model):
+        for x, y in batch_progress(ds, runtime, f"lesion {model_name(model)} ({u} variants)"):
             logp = F.log_softmax(ex(x).float(), dim=-1)  # (variants, N, classes)
             top, pred = logp.max(-1)
             correct += (pred == y).sum(1).double().cpu()
             loss -= logp.gather(2, y.expand(u, -1).unsqueeze(2)).squeeze(2).sum(1).double().cpu()
             conf += top.exp().sum(1).double().cpu()
-    finally:
-        model.train(was_training)
     n = len(ds)
 
     def metrics(v: Variant) -> dict:
@@ -393,7 +402,7 @@ def run_lesion(model: nn.Module, ds: ImageSet, variants: Sequence[Variant], *, v
         if v.tau is not None:
             row["tau"] = v.tau
         rows.append(row)
-    return LesionResult(model=model_name, intact=intact, variants=rows,
+    return LesionResult(model=model_name(model), intact=intact, variants=rows,
                         unlesionable=[{"unit": x.name, "reason": x.reason} for x in view.units if not x.lesionable],
                         n=n, seconds=time.perf_counter() - start, chunks=len(ex.chunks),
                         unit_evaluations=ex.unit_evaluations(), naive_unit_evaluations=u * len(view.units),
@@ -426,7 +435,7 @@ def summary(res: LesionResult) -> list[dict]:
     return rows
 
 
-def plot_lesion(results: Sequence[LesionResult], plot_path) -> list:
+def plot_lesion(results: Sequence[LesionResult], directory: Path) -> list[Path]:
     """Veit Figs. 3-5 for each plan present: accuracy per deleted unit, error vs number of
     deleted units (mean and min-max), error vs Kendall's tau. One series per model."""
     plt = pyplot()
@@ -444,7 +453,7 @@ def plot_lesion(results: Sequence[LesionResult], plot_path) -> list:
                     label=f"{r.model}, one unit deleted")
             ax.axhline(r.intact["accuracy"], ls="--", color=c, label=f"{r.model} intact")
         ax.set_xticks(range(len(names)), names, rotation=90)
-        paths.append(finish(fig, ax, plot_path("lesion-single"), ylabel="accuracy",
+        paths.append(finish(fig, ax, directory / "lesion-single.png", ylabel="accuracy",
                             title="Deleting one unit at test time", ylim=(0, 1.02)))
     krand = [[v for v in r.variants if v["plan"] == "k-random"] for r in results]
     if any(krand):
@@ -458,8 +467,8 @@ def plot_lesion(results: Sequence[LesionResult], plot_path) -> list:
             ax.fill_between(ks, [min(by_k[k]) for k in ks], [max(by_k[k]) for k in ks], color=c, alpha=0.2)
             ax.plot(ks, mean, "o-", color=c, label=f"{r.model} (mean, min-max)")
         ax.xaxis.get_major_locator().set_params(integer=True)
-        paths.append(finish(fig, ax, plot_path("lesion-k-random"), xlabel="number of deleted units k", ylabel="error",
-                            title="Deleting k random units", ylim=(0, 1.02)))
+        paths.append(finish(fig, ax, directory / "lesion-k-random.png", xlabel="number of deleted units k",
+                            ylabel="error", title="Deleting k random units", ylim=(0, 1.02)))
     reorders = [[v for v in r.variants if v["plan"] == "reorder"] for r in results]
     if any(reorders):
         fig, ax = plt.subplots(figsize=(6, 4))
@@ -467,7 +476,59 @@ def plot_lesion(results: Sequence[LesionResult], plot_path) -> list:
             ax.scatter([1.0] + [v["tau"] for v in vs], [1 - r.intact["accuracy"]] + [1 - v["accuracy"] for v in vs],
                        color=c, s=14, label=r.model)
         ax.invert_xaxis()
-        paths.append(finish(fig, ax, plot_path("lesion-reorder"), xlabel="Kendall's tau of the unit order",
+        paths.append(finish(fig, ax, directory / "lesion-reorder.png", xlabel="Kendall's tau of the unit order",
                             ylabel="error", title="Reordering units", ylim=(0, 1.02)))
     return paths
 
+
+
+# --- the study ------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class LesionSpec(Spec):
+    plans: tuple[str, ...] = option((), "Lesion study (repeatable): all-single | k-random | reorder | units:NAME,NAME.",
+                                    type=Plan(), flag="--lesion", multiple=True)
+    ks: Optional[tuple[int, ...]] = option(None, "k-random: numbers of deleted units, e.g. 1,2,4 [default: 1..all].",
+                                           type=List(Int(min=1)), flag="--k")
+    samples: int = option(20, "k-random: random sets per k; reorder: orders.", type=Int(min=1, max=100_000))
+    max_memory: Optional[int] = option(None, "Activations per chunk of variants, e.g. 2G "
+                                             "[default: 1/4 of free RAM, 1/2 of free GPU].", type=Size())
+
+    def validate(self) -> None:
+        if self.ks and "k-random" not in self.plans:
+            raise FastablateError(f"--k {','.join(map(str, self.ks))} applies to --lesion k-random, which is not given")
+
+
+class LesionStudy(Study):
+    """Lesion study (Veit et al. 2016): units deleted or reordered at test time, every variant
+    evaluated on the same images."""
+
+    name = "lesion"
+    command = "eval"
+    spec_class = LesionSpec
+    triggers = ("plans",)
+
+    def variants(self, model: nn.Module, ds: ImageSet, spec: LesionSpec, seed: int) -> tuple[UnitView, list[Variant]]:
+        view = units(model, (3, ds.image_size, ds.image_size))
+        return view, build_variants(view, spec.plans, ks=spec.ks, samples=spec.samples, seed=seed,
+                                    model_name=model_name(model))
+
+    def check(self, models, data, spec):
+        for m in models:  # an impossible plan for any model fails before anything is written
+            self.variants(m, data, spec, 0)
+
+    def run(self, model, data, spec, runtime):
+        view, variants = self.variants(model, data, spec, runtime.seed)
+        return run_lesion(model, data, variants, runtime, view=view, max_memory=spec.max_memory)
+
+    def document(self, results, spec):
+        return {"plans": list(spec.plans), **super().document(results, spec)}
+
+    def report(self, results: Sequence[LesionResult], spec) -> str:
+        out = []
+        for r in results:
+            out.append(table(summary(r)))
+            if r.unlesionable:
+                out.append("not lesionable: " + "; ".join(f"{u['unit']} ({u['reason']})" for u in r.unlesionable))
+            out.append(f"{r.model}: {len(r.variants)} variants on {r.n} images in {r.seconds:.1f}s "
+                       f"({r.unit_evaluations / r.naive_unit_evaluations:.2f} of the naive loop's unit evaluations)\n")
+        return "\n".join(out)

@@ -21,14 +21,17 @@ import math
 import random
 import time
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from pathlib import Path
+from typing import Callable, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
 
 from fastablate.data import ImageSet, batches
-from fastablate.engines.common import progress
+from fastablate.engines.protocol import Runtime, Study, model_name, progress, table
+from fastablate.engines.spec import Float, Int, List, Spec, Text, option
 from fastablate.errors import FastablateError
+from fastablate.modes import eval_mode
 from fastablate.ops import gaussian_noise
 from fastablate.plots import finish, pyplot
 
@@ -116,27 +119,46 @@ def t_quantile_975(df: int) -> float:
 
 def summarize(correct: Sequence[int], images: int) -> dict:
     """Mean, std and 95% t interval of the accuracies ``correct[t] / images`` of the trials.
-    The mean is one division of integers, so equal trials give exactly their accuracy."""
+    The mean is one division of integers, so equal trials give exactly their accuracy. One
+    trial has no spread to estimate: its std and interval are None (null), not zero."""
     n = len(correct)
     mean = sum(correct) / (n * images)
-    std = math.sqrt(sum((c / images - mean) ** 2 for c in correct) / (n - 1)) if n > 1 else 0.0
-    half = t_quantile_975(n - 1) * std / math.sqrt(n) if n > 1 else 0.0
+    if n < 2:
+        return {"accuracy_mean": mean, "accuracy_std": None, "ci95": None, "trials": n}
+    std = math.sqrt(sum((c / images - mean) ** 2 for c in correct) / (n - 1))
+    half = t_quantile_975(n - 1) * std / math.sqrt(n)
     # The t interval of the mean, clipped to the range an accuracy can take.
     return {"accuracy_mean": mean, "accuracy_std": std, "ci95": [max(0.0, mean - half), min(1.0, mean + half)],
             "trials": n}
 
 
-@dataclass
-class NoiseSpec:
-    layers: Sequence[int] = ()  # numbers of random conv layers per trial
-    at: Sequence[str] = ()  # named conv layers (instead of random ones)
-    every: int | None = None  # every n-th conv layer (instead of random ones)
-    p: Sequence[float] = (1.0,)
-    sigma: Sequence[float] = ()
-    relative: bool = False
-    input_severities: Sequence[int] = ()
-    trials: int = 10
-    seed: int = 0
+@dataclass(frozen=True)
+class NoiseSpec(Spec):
+    layers: tuple[int, ...] = option((), "Numbers of random conv layers perturbed per trial, e.g. 1,2,3.",
+                                     type=List(Int(min=1)), flag="--noise-layers")
+    at: tuple[str, ...] = option((), "Named conv layers instead, e.g. layer1.0.conv1,layer2.1.conv2.",
+                                 type=List(Text()), flag="--noise-at")
+    every: Optional[int] = option(None, "Every n-th conv layer instead.", type=Int(min=1), flag="--noise-every")
+    p: tuple[float, ...] = option((1.0,), "Probabilities that a chosen layer is perturbed.",
+                                  type=List(Float(0, 1)), flag="--noise-p")
+    sigma: tuple[float, ...] = option((), "Noise std values, e.g. 0.1,0.5,1.0.", type=List(Float(min=0)),
+                                      flag="--noise-sigma")
+    relative: bool = option(False, "sigma times each layer's activation std.", flag="--noise-relative")
+    input_severities: tuple[int, ...] = option((), "Noise on the images: CIFAR-10-C gaussian_noise severities, "
+                                                   "e.g. 1,3,5.", type=List(Int(1, 5)), flag="--input-noise")
+    trials: int = option(10, "Trials per grid point.", type=Int(min=1, max=100_000))
+
+    def validate(self) -> None:
+        choices = [self.flag(n) for n in ("layers", "at", "every") if getattr(self, n) not in ((), None)]
+        if len(choices) > 1:
+            raise FastablateError(f"{' and '.join(choices)} each choose the perturbed layers: give one")
+        if choices and not self.sigma:
+            raise FastablateError(f"{choices[0]} needs --noise-sigma (the noise std values)")
+        if self.sigma and not choices:
+            raise FastablateError("--noise-sigma needs the layers to perturb: --noise-layers N,.., --noise-at NAME,.. "
+                                  "or --noise-every N")
+        if self.relative and not self.sigma:
+            raise FastablateError("--noise-relative scales --noise-sigma, which is not given")
 
 
 @dataclass
@@ -159,31 +181,38 @@ class NoiseResult:
     def rows(self) -> list[dict]:
         return [{"model": self.model, "kind": g["kind"], "layers": g["layers"], "p": g["p"], "sigma": g["sigma"],
                  "severity": g.get("severity", ""), "accuracy_mean": g["accuracy_mean"],
-                 "accuracy_std": g["accuracy_std"], "ci95_low": g["ci95"][0], "ci95_high": g["ci95"][1],
+                 "accuracy_std": g["accuracy_std"], "ci95_low": g["ci95"] and g["ci95"][0],
+                 "ci95_high": g["ci95"] and g["ci95"][1],
                  "trials": g["trials"]} for g in self.grid]
 
+    def plot(self, directory: Path, *others: "NoiseResult") -> list[Path]:
+        return plot_noise([self, *others], directory)
 
-def resolve_layers(spec: NoiseSpec, names: list[str], model_name: str) -> list[int | str]:
+
+def resolve_layers(spec: NoiseSpec, names: list[str], name: str) -> list[int | str]:
     """The grid's layer settings: each n of ``spec.layers``, or one named/every-n set."""
     if spec.at:
         unknown = [a for a in spec.at if a not in names]
         if unknown:
-            raise FastablateError(f"--noise-at: {model_name} has no conv layer {unknown[0]!r}; "
+            raise FastablateError(f"--noise-at: {name} has no conv layer {unknown[0]!r}; "
                                   f"conv layers are: {', '.join(names)}")
         return [",".join(spec.at)]
     if spec.every:
+        if spec.every > len(names):
+            raise FastablateError(f"--noise-every {spec.every}: {name} has {len(names)} conv layers, so no layer "
+                                  f"would be perturbed; n must be in 1..{len(names)}")
         return [f"every {spec.every}"]
     for n in spec.layers:
         if not 1 <= n <= len(names):
-            raise FastablateError(f"--noise-layers {n}: {model_name} has {len(names)} conv layers, "
+            raise FastablateError(f"--noise-layers {n}: {name} has {len(names)} conv layers, "
                                   f"so n must be in 1..{len(names)}")
     return list(spec.layers)
 
 
-def trial_layers(setting: int | str, names: list[str], spec: NoiseSpec, trial: int, p: float) -> list[int]:
+def trial_layers(setting: int | str, names: list[str], spec: NoiseSpec, seed: int, trial: int, p: float) -> list[int]:
     """The layer indices perturbed in ``trial``: chosen by (seed, setting, trial), each kept
     if its uniform draw is below p (so a larger p perturbs a superset)."""
-    rng = random.Random(f"{spec.seed}:{setting}:{trial}")
+    rng = random.Random(f"{seed}:{setting}:{trial}")
     if isinstance(setting, int):
         chosen = sorted(rng.sample(range(len(names)), setting))
     elif setting.startswith("every "):
@@ -195,12 +224,12 @@ def trial_layers(setting: int | str, names: list[str], spec: NoiseSpec, trial: i
 
 
 @torch.no_grad()
-def _accuracy(model: nn.Module, ds: ImageSet, batch_size: int, device, workers: int, injector: NoiseInjector | None,
+def _accuracy(model: nn.Module, ds: ImageSet, runtime: Runtime, injector: NoiseInjector | None,
               input_sigma: float = 0.0, input_seed: int = 0) -> int:
     """The number of images of ``ds`` classified correctly."""
     correct = 0
     row = 0
-    for x, y in batches(ds, batch_size, device=device, workers=workers):
+    for x, y in batches(ds, runtime.batch_size, device=runtime.device, workers=runtime.workers):
         if input_sigma > 0:
             # CIFAR-10-C: clip(x + N(0, c^2), 0, 1), stored as uint8 (truncated).
             x = gaussian_noise(x, input_sigma, seed=input_seed, offset=row * x[0].numel(), inplace=True)
@@ -212,41 +241,38 @@ def _accuracy(model: nn.Module, ds: ImageSet, batch_size: int, device, workers: 
     return correct
 
 
-def run_noise(model: nn.Module, ds: ImageSet, spec: NoiseSpec, *, batch_size: int = 128,
-              device: torch.device | str = "cpu", workers: int = 0, show_progress: bool = False,
-              model_name: str = "model", op: Callable = gaussian_noise) -> NoiseResult:
+def run_noise(model: nn.Module, ds: ImageSet, spec: NoiseSpec, runtime: Runtime, *,
+              op: Callable = gaussian_noise) -> NoiseResult:
     """Clean accuracy, then every grid point over ``spec.trials`` trials."""
     start = time.perf_counter()
-    was_training = model.training
-    model.eval()
+    name, seed = model_name(model), runtime.seed
     injector = NoiseInjector(model, op)
     names = [n for n, _ in injector.layers]
     try:
-        settings = resolve_layers(spec, names, model_name) if spec.sigma else []
-        stds = None
-        if spec.relative and spec.sigma:
-            calib = next(batches(ds.subset(torch.randperm(len(ds), generator=torch.Generator().manual_seed(spec.seed))
-                                           [:batch_size]), batch_size, device=device))[0]
-            stds = injector.activation_std(model, calib)
-        points = [Point("activation", s, p, sigma) for s in settings for p in spec.p for sigma in spec.sigma]
-        points += [Point("input", 0, 1.0, CIFAR_C_GAUSSIAN[s - 1], s) for s in spec.input_severities]
-        work = [(pt, t) for pt in points for t in range(spec.trials)]
-        it = progress(work, desc=f"noise {model_name}") if show_progress else work
-        clean = _accuracy(model, ds, batch_size, device, workers, injector)
-        correct: dict[Point, list[int]] = {pt: [] for pt in points}
-        for pt, t in it:
-            if pt.kind == "input":
-                acc = _accuracy(model, ds, batch_size, device, workers, None, pt.sigma,
-                                stream_seed(spec.seed, "input", pt.severity, t))
-            else:
-                injector.active = {i: (pt.sigma * (stds[i] if stds else 1.0), stream_seed(spec.seed, t, i))
-                                   for i in trial_layers(pt.layers, names, spec, t, pt.p) if pt.sigma > 0}
-                acc = _accuracy(model, ds, batch_size, device, workers, injector) if injector.active else clean
-                injector.active = {}
-            correct[pt].append(acc)
+        with eval_mode(model):
+            settings = resolve_layers(spec, names, name) if spec.sigma else []
+            stds = None
+            if spec.relative and spec.sigma:
+                order = torch.randperm(len(ds), generator=torch.Generator().manual_seed(seed))
+                calib = next(batches(ds.subset(order[:runtime.batch_size]), runtime.batch_size,
+                                     device=runtime.device))[0]
+                stds = injector.activation_std(model, calib)
+            points = [Point("activation", s, p, sigma) for s in settings for p in spec.p for sigma in spec.sigma]
+            points += [Point("input", 0, 1.0, CIFAR_C_GAUSSIAN[s - 1], s) for s in spec.input_severities]
+            work = [(pt, t) for pt in points for t in range(spec.trials)]
+            clean = _accuracy(model, ds, runtime, injector)
+            correct: dict[Point, list[int]] = {pt: [] for pt in points}
+            for pt, t in progress(work, desc=f"noise {name}", enabled=runtime.progress):
+                if pt.kind == "input":
+                    acc = _accuracy(model, ds, runtime, None, pt.sigma, stream_seed(seed, "input", pt.severity, t))
+                else:
+                    injector.active = {i: (pt.sigma * (stds[i] if stds else 1.0), stream_seed(seed, t, i))
+                                       for i in trial_layers(pt.layers, names, spec, seed, t, pt.p) if pt.sigma > 0}
+                    acc = _accuracy(model, ds, runtime, injector) if injector.active else clean
+                    injector.active = {}
+                correct[pt].append(acc)
     finally:
         injector.remove()
-        model.train(was_training)
     grid = []
     for pt in points:
         row = {"kind": pt.kind, "layers": pt.layers, "p": pt.p, "sigma": pt.sigma}
@@ -255,8 +281,7 @@ def run_noise(model: nn.Module, ds: ImageSet, spec: NoiseSpec, *, batch_size: in
         else:
             row["severity"] = pt.severity
         grid.append({**row, **summarize(correct[pt], len(ds))})
-    return NoiseResult(model_name, {"accuracy": clean / len(ds)}, grid, len(ds), time.perf_counter() - start, names,
-                       stds)
+    return NoiseResult(name, {"accuracy": clean / len(ds)}, grid, len(ds), time.perf_counter() - start, names, stds)
 
 
 def comparison_table(results: Sequence[NoiseResult]) -> list[dict]:
@@ -275,7 +300,7 @@ def comparison_table(results: Sequence[NoiseResult]) -> list[dict]:
     return rows
 
 
-def plot_noise(results: Sequence[NoiseResult], plot_path) -> list:
+def plot_noise(results: Sequence[NoiseResult], directory: Path) -> list[Path]:
     """Accuracy vs sigma, one line per layer setting and p (95% interval as error bars), one
     colour per layer setting, one line style per model; and accuracy vs input-noise severity."""
     plt = pyplot()
@@ -296,14 +321,14 @@ def plot_noise(results: Sequence[NoiseResult], plot_path) -> list:
                     continue
                 xs = [0.0] + [g["sigma"] for g in pts]
                 ys = [r.clean["accuracy"]] + [g["accuracy_mean"] for g in pts]
-                lo = [0.0] + [g["accuracy_mean"] - g["ci95"][0] for g in pts]
-                hi = [0.0] + [g["ci95"][1] - g["accuracy_mean"] for g in pts]
+                lo = [0.0] + [g["accuracy_mean"] - g["ci95"][0] if g["ci95"] else 0.0 for g in pts]
+                hi = [0.0] + [g["ci95"][1] - g["accuracy_mean"] if g["ci95"] else 0.0 for g in pts]
                 n = key[0] if isinstance(key[0], str) else f"n={key[0]}"
                 ax.errorbar(xs, ys, yerr=[lo, hi], ls=ls, marker="o", ms=3, capsize=2,
                             color=colors[settings.index(key) % len(colors)],
                             label=f"{r.model} {n}" + (f" p={key[1]:g}" if key[1] != 1 else ""))
         relative = any(g.get("relative") for grid in act for g in grid)
-        paths.append(finish(fig, ax, plot_path("noise-activation"), legend_size=7, ylabel="accuracy",
+        paths.append(finish(fig, ax, directory / "noise-activation.png", legend_size=7, ylabel="accuracy",
                             xlabel="sigma" + (" (x activation std)" if relative else ""),
                             title="Gaussian noise on conv outputs", ylim=(0, 1.02)))
     inp = [[g for g in r.grid if g["kind"] == "input"] for r in results]
@@ -313,6 +338,38 @@ def plot_noise(results: Sequence[NoiseResult], plot_path) -> list:
             xs = [0] + [g["severity"] for g in grid]
             ys = [r.clean["accuracy"]] + [g["accuracy_mean"] for g in grid]
             ax.plot(xs, ys, "o-", color=c, label=r.model)
-        paths.append(finish(fig, ax, plot_path("noise-input"), xlabel="CIFAR-10-C gaussian_noise severity (0 = clean)",
-                            ylabel="accuracy", title="Gaussian noise on the input", ylim=(0, 1.02)))
+        paths.append(finish(fig, ax, directory / "noise-input.png", ylabel="accuracy", ylim=(0, 1.02),
+                            xlabel="CIFAR-10-C gaussian_noise severity (0 = clean)",
+                            title="Gaussian noise on the input"))
     return paths
+
+
+class NoiseStudy(Study):
+    """Noise study: Gaussian noise on the outputs of conv layers (--noise-sigma) or on the
+    images at CIFAR-10-C severities (--input-noise), over repeated trials."""
+
+    name = "noise"
+    command = "eval"
+    spec_class = NoiseSpec
+    triggers = ("sigma", "input_severities")
+
+    def check(self, models, data, spec):
+        for m in models:  # bad layer choices fail before anything is written
+            if spec.sigma:
+                resolve_layers(spec, [n for n, _ in conv_layers(m)], model_name(m))
+
+    def run(self, model, data, spec, runtime):
+        return run_noise(model, data, spec, runtime)
+
+    def document(self, results, spec):
+        return {"table": comparison_table(results), **super().document(results, spec)}
+
+    def report(self, results: Sequence[NoiseResult], spec) -> str:
+        cols = ("model", "kind", "layers", "p", "sigma", "severity", "accuracy_mean", "accuracy_std", "ci95_low",
+                "ci95_high")
+        out = [table([r for res in results for r in res.rows()], cols)]
+        if spec.sigma:
+            out.append("\n" + table(comparison_table(results)))
+        out += [f"{r.model}: clean accuracy {r.clean['accuracy']:.4f} on {r.n} images; {len(r.grid)} grid points x "
+                f"{spec.trials} trials in {r.seconds:.1f}s" for r in results]
+        return "\n".join(out)

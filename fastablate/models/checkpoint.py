@@ -11,31 +11,20 @@ without DataParallel's ``module.`` prefix; they need ``arch`` and the normalizat
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 from typing import Any, Sequence
 
 import torch
 
 from fastablate.errors import FastablateError
+from fastablate.files import atomic_write
 
 FORMAT = "fastablate"
 
 
 def atomic_save(obj: Any, path: str | os.PathLike) -> None:
-    """torch.save to a temporary file beside ``path``, then rename: never a half-written file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """torch.save through :func:`fastablate.files.atomic_write`: never a half-written file."""
+    atomic_write(path, lambda f: torch.save(obj, f))
 
 
 def save_checkpoint(model, path: str | os.PathLike, meta: dict | None = None) -> None:

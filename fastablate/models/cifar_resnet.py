@@ -12,6 +12,9 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from fastablate.models.registry import register_model
+from fastablate.units import BlockParts, ModelParts, register_adapter, register_model_adapter
+
 
 def _conv3x3(cin: int, cout: int, stride: int) -> nn.Conv2d:
     return nn.Conv2d(cin, cout, 3, stride=stride, padding=1, bias=False)
@@ -95,3 +98,16 @@ class CifarResNet(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.head(self.layer3(self.layer2(self.layer1(self.stem(x)))))
+
+
+DEPTHS = (8, 14, 20, 32, 44, 56, 110)
+for _d in DEPTHS:
+    register_model(f"resnet{_d}", "cifar-resnet", lambda c, s, d=_d: CifarResNet(d, c),
+                   f"CIFAR ResNet-{_d} (He et al. 2016), option-A shortcuts")
+    register_model(f"plain{_d}", "cifar-plain", lambda c, s, d=_d: CifarResNet(d, c, plain=True),
+                   f"plain twin of resnet{_d} (no shortcuts)")
+
+register_adapter(CifarBasicBlock, lambda b: BlockParts(b.residual, b.shortcut, relu=True))
+register_adapter(CifarPlainBlock, lambda b: BlockParts(b.forward, None))
+register_model_adapter(CifarResNet, lambda m: ModelParts(
+    m.stem, [(f"{s}.{i}", b) for s in ("layer1", "layer2", "layer3") for i, b in enumerate(getattr(m, s))], m.head))

@@ -10,8 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from fastablate import _ext
-from fastablate.ops import _reference
-from fastablate.ops._layout import empty_like_output
+from fastablate.ops import checks, reference
 
 
 def block_skip(shortcut: Tensor, residual: Tensor, keep: Tensor, *, relu: bool = True,
@@ -35,9 +34,9 @@ def block_skip(shortcut: Tensor, residual: Tensor, keep: Tensor, *, relu: bool =
     """
     if backward_keep is not None:
         return _GatedBlockSkip.apply(shortcut, residual, keep, relu, index, backward_keep)
-    if _ext.has_kernel(shortcut.device):
+    if _ext.has_kernel(shortcut.device, "block_skip"):
         return torch.ops.fastablate.block_skip.default(shortcut, residual, keep, relu, index)
-    return _reference.block_skip(shortcut, residual, keep, relu=relu, index=index)
+    return reference.block_skip(shortcut, residual, keep, relu=relu, index=index)
 
 
 def _grads(grad: Tensor, out: Tensor, gate: Tensor, relu: bool, index: Tensor | None):
@@ -72,7 +71,8 @@ class _GatedBlockSkip(torch.autograd.Function):
 if _ext.loaded:
     @torch.library.register_fake("fastablate::block_skip")
     def _(shortcut, residual, keep, relu, index):
-        return empty_like_output(shortcut)
+        checks.block_skip(shortcut, residual, keep, relu, index)
+        return checks.empty_like_output(shortcut)
 
     def _setup_context(ctx, inputs, output):
         _, _, keep, relu, index = inputs

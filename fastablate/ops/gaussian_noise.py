@@ -12,16 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from fastablate import _ext
-from fastablate.ops import _reference
-from fastablate.ops._layout import empty_like_output
-
-
-def _split_sigma(sigma: float | Tensor) -> tuple[float, Tensor | None]:
-    if isinstance(sigma, Tensor):
-        if sigma.dim() == 0:
-            return float(sigma), None
-        return 1.0, sigma
-    return float(sigma), None
+from fastablate.ops import checks, reference
 
 
 def gaussian_noise(x: Tensor, sigma: float | Tensor, *, p: float = 1.0, mask: Tensor | None = None, seed: int = 0,
@@ -42,24 +33,26 @@ def gaussian_noise(x: Tensor, sigma: float | Tensor, *, p: float = 1.0, mask: Te
     Returns:
         A tensor like ``x`` (``x`` itself when ``inplace``). The gradient w.r.t. ``x`` is the identity.
     """
-    scalar, channel = _split_sigma(sigma)
+    scalar, channel = reference.split_sigma(sigma)
     if _ext.has_kernel(x.device, "gaussian_noise"):
         args = (x, scalar, channel, float(p), mask, int(seed), int(offset))
         if inplace:
             torch.ops.fastablate.gaussian_noise_.default(*args)
             return x
         return torch.ops.fastablate.gaussian_noise.default(*args)
-    out = _reference.gaussian_noise(x, sigma, p=p, mask=mask, seed=seed, offset=offset)
+    out = reference.gaussian_noise(x, sigma, p=p, mask=mask, seed=seed, offset=offset)
     return x.copy_(out) if inplace else out
 
 
 if _ext.loaded:
     @torch.library.register_fake("fastablate::gaussian_noise")
     def _(x, sigma, channel_sigma, p, mask, seed, offset):
-        return empty_like_output(x)
+        checks.gaussian_noise(x, sigma, channel_sigma, p, mask, seed, offset)
+        return checks.empty_like_output(x)
 
     @torch.library.register_fake("fastablate::gaussian_noise_")
     def _(x, sigma, channel_sigma, p, mask, seed, offset):
+        checks.gaussian_noise(x, sigma, channel_sigma, p, mask, seed, offset)
         return None
 
     def _setup_context(ctx, inputs, output):

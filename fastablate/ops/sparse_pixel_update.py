@@ -14,8 +14,7 @@ import torch
 from torch import Tensor
 
 from fastablate import _ext
-from fastablate.ops import _reference
-from fastablate.ops._layout import empty_like_output
+from fastablate.ops import checks, reference
 
 Bound = float | Sequence[float] | Tensor
 
@@ -56,11 +55,12 @@ def sparse_pixel_update(x_adv: Tensor, grad: Tensor, k: int, step: float, *, lo:
     if _ext.has_kernel(x_adv.device, "sparse_pixel_update"):
         return torch.ops.fastablate.sparse_pixel_update.default(x_adv, grad, int(k), float(step), lo_t, hi_t,
                                                                 indices, mode)
-    return _reference.sparse_pixel_update(x_adv, grad, int(k), float(step), lo=lo_t, hi=hi_t, indices=indices,
+    return reference.sparse_pixel_update(x_adv, grad, int(k), float(step), lo=lo_t, hi=hi_t, indices=indices,
                                           mode=mode)
 
 
 if _ext.loaded:
     @torch.library.register_fake("fastablate::sparse_pixel_update")
     def _(x, grad, k, step, lo, hi, indices, mode):
-        return empty_like_output(x), x.new_empty((x.shape[0], k), dtype=torch.int64)
+        checks.sparse_pixel_update(x, grad, k, step, lo, hi, indices, mode)
+        return checks.empty_like_output(x), x.new_empty((x.shape[0], k), dtype=torch.int64)

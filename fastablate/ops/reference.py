@@ -1,17 +1,21 @@
 """Pure-PyTorch references of the fastablate ops.
 
 Each is used three times: as the fallback when no compiled kernel exists for a device,
-as the oracle in tests, and as the baseline in bench/.
+as the oracle in tests, and as the baseline in bench/. Each checks its arguments first
+with :mod:`fastablate.ops.checks`, which raises the compiled kernels' messages.
 """
 from __future__ import annotations
 
 import torch
 from torch import Tensor
 
+from fastablate.ops import checks
+
 
 def block_skip(shortcut: Tensor, residual: Tensor, keep: Tensor, *, relu: bool = True,
                index: Tensor | None = None) -> Tensor:
     """post(shortcut + keep[row] * residual); see fastablate.ops.block_skip."""
+    checks.block_skip(shortcut, residual, keep, relu, index)
     view = (-1,) + (1,) * (shortcut.dim() - 1)
     if index is None:
         # where, not keep * residual: a dropped row must not turn inf/nan in residual into nan.
@@ -76,9 +80,19 @@ def philox_normals(numel: int, seed: int, offset: int, device, *,
     return z.float(), u
 
 
+def split_sigma(sigma: float | Tensor) -> tuple[float, Tensor | None]:
+    """(scalar, per-channel tensor or None): the two sigma arguments of the kernels."""
+    if isinstance(sigma, Tensor):
+        if sigma.dim() == 0:
+            return float(sigma), None
+        return 1.0, sigma
+    return float(sigma), None
+
+
 def gaussian_noise(x: Tensor, sigma: float | Tensor, *, p: float = 1.0, mask: Tensor | None = None, seed: int = 0,
                    offset: int = 0) -> Tensor:
     """x + m * sigma * z with z from Philox(seed, offset + element index); see fastablate.ops.gaussian_noise."""
+    checks.gaussian_noise(x, *split_sigma(sigma), p, mask, seed, offset)
     bernoulli = mask is None and p < 1  # like the kernels, draw the uniform stream only when used
     z, u = philox_normals(x.numel(), seed, offset, x.device, uniforms=bernoulli)
     z = z.view(x.shape)
@@ -98,8 +112,7 @@ def gaussian_noise(x: Tensor, sigma: float | Tensor, *, p: float = 1.0, mask: Te
 def sparse_pixel_update(x_adv: Tensor, grad: Tensor, k: int, step: float, *, lo: Tensor, hi: Tensor,
                         indices: Tensor | None = None, mode: str = "sign") -> tuple[Tensor, Tensor]:
     """See fastablate.ops.sparse_pixel_update; ``lo``/``hi`` are float64 (C,) tensors here."""
-    if mode not in ("sign", "l2"):
-        raise ValueError(f"sparse_pixel_update: mode must be 'sign' or 'l2', got '{mode}'")
+    checks.sparse_pixel_update(x_adv, grad, k, step, lo, hi, indices, mode)
     n, c, h, w = x_adv.shape
     acc = torch.float64 if x_adv.dtype == torch.float64 else torch.float32
     g = grad.reshape(n, c, h * w)

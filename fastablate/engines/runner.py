@@ -1,0 +1,55 @@
+"""The runner: one study on a model, or on a model and its ``--compare`` models over the
+same images, from the shared options to a finished run directory.
+
+Order of work: every check first (options, data, models, the study's own checks), so bad
+input fails before anything is written; then the run directory (``run.json`` first), the
+study on each model, the plots, and ``results.csv``/``results.json`` last: a run that
+fails midway never presents a result.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from fastablate.engines.common import Setup
+from fastablate.engines.protocol import Result, Study, model_name, slug
+from fastablate.engines.spec import Spec
+from fastablate.errors import FastablateError
+from fastablate.results import RunDir, default_out
+
+
+@dataclass
+class Outcome:
+    path: Path  # the run directory
+    results: list[Result]  # one per model, the --compare models after the first
+    document: dict  # what results.json holds
+    report: str  # what the terminal shows
+
+
+def run_study(study: Study, setup: Setup, spec: Spec, *, progress: bool = False) -> Outcome:
+    """Run ``study`` as the CLI does and write its run directory (``setup.out``, default
+    ``runs/<command>-<timestamp>``)."""
+    if study.setup_excludes:
+        given = [Setup.flag(n) for n in setup.given() if n in study.setup_excludes]
+        if given:
+            raise FastablateError(f"{given[0]} does not apply to {study.command}")
+    runtime = setup.runtime(progress)
+    data = study.load_data(setup, spec, runtime)
+    models = study.load_models(setup, spec, data, runtime)
+    study.check(models, data, spec)
+    config = {"study": study.name, **setup.to_dict(), **spec.to_dict()}
+    with RunDir(setup.out or default_out(study.command), study.command, config, device=str(runtime.device),
+                seed=setup.seed).start(resume=study.resumes(spec)) as run:
+        results: list[Any] = []
+        for i, model in enumerate(models):
+            name = model_name(model)
+            t0 = time.perf_counter()
+            results.append(study.run(model, data, spec, runtime.with_(out=run.path,
+                                                                       suffix="" if i == 0 else f"-{slug(name)}")))
+            run.timings[f"{study.name}_{name}_s"] = round(time.perf_counter() - t0, 3)
+        results[0].plot(run.plot_dir(), *results[1:])
+        document = study.document(results, spec)
+        run.write_results(document, [row for r in results for row in r.rows()])
+    return Outcome(run.path, results, document, study.report(results, spec))

@@ -1,0 +1,327 @@
+"""Study specs: dataclasses whose fields are a study's options, defaults and validation.
+
+A spec field is declared once with :func:`option` (default, help text, value type, flag);
+the CLI makes its options from these declarations, and the spec checks every value when
+it is built, from the CLI or from Python. Values from text (flags, environment variables)
+and from YAML are read by the same value types, so ``--lr nan``, ``FASTABLATE_TRAIN_LR=nan``
+and ``lr: .nan`` in a config file fail alike. Nothing here imports torch.
+"""
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import MISSING, asdict, dataclass, field, fields
+from typing import Any, Sequence
+
+from fastablate.errors import FastablateError
+
+INT64_MAX = 2**63 - 1
+
+
+class Value:
+    """How one option's value is read and checked. ``parse`` takes text (a flag or an
+    environment variable) or a YAML value and returns the typed value; ``problem`` returns
+    what is wrong with a typed value, or None. Both speak of the value only; the caller names
+    the option."""
+
+    metavar = "TEXT"
+
+    def parse(self, raw: Any) -> Any:
+        return raw
+
+    def problem(self, value: Any) -> str | None:
+        return None
+
+    def normalize(self, value: Any) -> Any:
+        """The stored form of a typed value (lists become tuples)."""
+        return value
+
+    def show(self, value: Any) -> str:
+        return str(value)
+
+
+class Text(Value):
+    def __init__(self, metavar: str = "TEXT", nonempty: bool = True):
+        self.metavar, self.nonempty = metavar, nonempty
+
+    def parse(self, raw):
+        if isinstance(raw, (dict, list, tuple)) or isinstance(raw, bool):
+            raise ValueError("is not a text value")
+        return str(raw)
+
+    def problem(self, value):
+        if not isinstance(value, str):
+            return "is not a text value"
+        if self.nonempty and not value.strip():
+            return "is empty"
+        return None
+
+
+class Flag(Value):
+    metavar = ""
+
+    def parse(self, raw):
+        if isinstance(raw, bool):
+            return raw
+        text = str(raw).strip().lower()
+        if text in ("1", "true", "yes", "on"):
+            return True
+        if text in ("0", "false", "no", "off", ""):
+            return False
+        raise ValueError("is not a yes/no value (true, false, 1, 0)")
+
+    def problem(self, value):
+        return None if isinstance(value, bool) else "is not true or false"
+
+
+def _num(v) -> str:
+    return str(v) if isinstance(v, int) else f"{v:g}"
+
+
+def _bounds(lo, hi, lo_open, hi_open) -> str:
+    if lo is not None and hi is not None:
+        return f"in {'(' if lo_open else '['}{_num(lo)}, {_num(hi)}{')' if hi_open else ']'}"
+    if lo is not None:
+        return f"{'>' if lo_open else '>='} {_num(lo)}"
+    return f"{'<' if hi_open else '<='} {_num(hi)}"
+
+
+class Int(Value):
+    """A whole number (``1.9`` from YAML is an error, not 1), within [min, max]."""
+
+    metavar = "INT"
+
+    def __init__(self, min: int | None = None, max: int | None = INT64_MAX):
+        self.min, self.max = min, max
+
+    def parse(self, raw):
+        if isinstance(raw, bool):
+            raise ValueError("is not a whole number")
+        if isinstance(raw, int):
+            return raw
+        if isinstance(raw, float):
+            if raw.is_integer():
+                return int(raw)
+            raise ValueError("is not a whole number")
+        text = str(raw).strip()
+        if not re.fullmatch(r"[+-]?\d+", text):
+            raise ValueError("is not a whole number")
+        return int(text)
+
+    def problem(self, value):
+        if isinstance(value, bool) or not isinstance(value, int):
+            return "is not a whole number"
+        if (self.min is not None and value < self.min) or (self.max is not None and value > self.max):
+            if self.max == INT64_MAX and self.min is not None and value >= self.min:
+                return f"is too large (at most {INT64_MAX})"
+            return f"must be {_bounds(self.min, None if self.max == INT64_MAX else self.max, False, False)}"
+        return None
+
+
+class Float(Value):
+    """A finite number within the bounds (``min_open``/``max_open``: the bound itself is excluded)."""
+
+    metavar = "FLOAT"
+
+    def __init__(self, min: float | None = None, max: float | None = None, *, min_open: bool = False,
+                 max_open: bool = False):
+        self.min, self.max, self.min_open, self.max_open = min, max, min_open, max_open
+
+    def parse(self, raw):
+        if isinstance(raw, bool):
+            raise ValueError("is not a number")
+        if isinstance(raw, (int, float)):
+            return float(raw)
+        try:
+            return float(str(raw).strip())
+        except ValueError:
+            raise ValueError("is not a number") from None
+
+    def problem(self, value):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return "is not a number"
+        if not math.isfinite(value):
+            return "is not a finite number"
+        low = self.min is not None and (value <= self.min if self.min_open else value < self.min)
+        high = self.max is not None and (value >= self.max if self.max_open else value > self.max)
+        if low or high:
+            return f"must be {_bounds(self.min, self.max, self.min_open, self.max_open)}"
+        return None
+
+    def show(self, value):
+        return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+class Choice(Value):
+    def __init__(self, *choices: str):
+        self.choices = choices
+        self.metavar = "[" + "|".join(choices) + "]"
+
+    def parse(self, raw):
+        return str(raw).strip()
+
+    def problem(self, value):
+        return None if value in self.choices else f"is not one of: {', '.join(self.choices)}"
+
+
+class List(Value):
+    """A comma-separated list (or a YAML list) of ``item`` values."""
+
+    def __init__(self, item: Value, *, metavar: str | None = None):
+        self.item = item
+        self.metavar = metavar or f"{item.metavar},.."
+
+    def parse(self, raw):
+        parts = list(raw) if isinstance(raw, (list, tuple)) else str(raw).split(",")
+        out = []
+        for p in parts:
+            if isinstance(p, str) and not p.strip():
+                raise ValueError("has an empty item")
+            try:
+                out.append(self.item.parse(p.strip() if isinstance(p, str) else p))
+            except ValueError as e:
+                raise ValueError(f"item {p!r} {e}") from None
+        return tuple(out)
+
+    def problem(self, value):
+        if not isinstance(value, (list, tuple)):
+            return "is not a list"
+        for v in value:
+            p = self.item.problem(v)
+            if p:
+                return f"item {self.item.show(v)} {p}"
+        return None
+
+    def normalize(self, value):
+        return tuple(value)
+
+    def show(self, value):
+        return ",".join(self.item.show(v) for v in value) if isinstance(value, (list, tuple)) else str(value)
+
+
+class Size(Value):
+    """Bytes, written ``2G``, ``512M``, ``1.5GiB`` or ``1000000``."""
+
+    metavar = "SIZE"
+
+    def parse(self, raw):
+        text = str(raw).strip().upper().removesuffix("IB").removesuffix("B")
+        scale = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}.get(text[-1:], 1)
+        try:
+            value = float(text[:-1] if text[-1:] in "KMGT" else text) * scale
+        except ValueError:
+            raise ValueError("is not a size such as 2G or 512M") from None
+        if not (1 <= value < float("inf")):
+            raise ValueError("is not a positive size such as 2G or 512M")
+        return int(value)
+
+    def problem(self, value):
+        return None if isinstance(value, int) and value >= 1 else "is not a positive size"
+
+
+@dataclass(frozen=True)
+class Option:
+    """The CLI face of a spec field."""
+
+    help: str
+    type: Value
+    flag: str  # "--noise-sigma"
+    multiple: bool = False  # the flag may be repeated; the value is a tuple
+    metavar: str | None = None
+    cli: bool = True  # exposed as a command-line option
+
+    @property
+    def key(self) -> str:
+        """The option's name in config files and environment variables: the flag without dashes."""
+        return self.flag.lstrip("-").replace("-", "_")
+
+
+def option(default: Any, help: str, *, type: Value | None = None, flag: str | None = None, multiple: bool = False,
+           metavar: str | None = None, cli: bool = True) -> Any:
+    """A spec field: its default, help text, value type (inferred from the default when
+    omitted) and flag (``--`` plus the field name with dashes, unless given)."""
+    if type is None:
+        type = Flag() if isinstance(default, bool) else Int() if isinstance(default, int) else \
+            Float() if isinstance(default, float) else Text()
+    meta = {"help": help, "type": type, "flag": flag, "multiple": multiple, "metavar": metavar, "cli": cli}
+    return field(default=default, metadata={"option": meta})
+
+
+def spec_options(cls) -> list[tuple[str, Option, Any]]:
+    """(field name, Option, default) of every option field of a spec class, in order."""
+    out = []
+    for f in fields(cls):
+        meta = f.metadata.get("option")
+        if meta is None:
+            continue
+        opt = Option(meta["help"], meta["type"], meta["flag"] or "--" + f.name.replace("_", "-"), meta["multiple"],
+                     meta["metavar"], meta["cli"])
+        out.append((f.name, opt, f.default if f.default is not MISSING else None))
+    return out
+
+
+def check_value(opt: Option, value: Any, source: str = "", shown: str | None = None) -> Any:
+    """``value`` in its stored form, or a FastablateError naming the flag, the value (as
+    ``shown``, default the value's own text) and where it came from (``source``)."""
+    if value is None:
+        return None
+    items = tuple(value) if opt.multiple and isinstance(value, (list, tuple)) else (value,)
+    for v in items:
+        p = opt.type.problem(v)
+        if p:
+            raise FastablateError(f"{opt.flag} {shown if shown is not None else opt.type.show(v)}{source}: {p}")
+    return tuple(opt.type.normalize(v) for v in items) if opt.multiple else opt.type.normalize(value)
+
+
+def parse_value(opt: Option, raw: Any, source: str = "") -> Any:
+    """Read ``raw`` (text or YAML) as the option's value, then check it (:func:`check_value`)."""
+    if raw is None:
+        return None
+    raws = tuple(raw) if opt.multiple and isinstance(raw, (list, tuple)) else (raw,)
+    values = []
+    for r in raws:
+        shown = repr(r)
+        try:
+            values.append(check_value(opt if not opt.multiple else _single(opt), opt.type.parse(r), source, shown))
+        except ValueError as e:
+            if isinstance(e, FastablateError):
+                raise
+            raise FastablateError(f"{opt.flag} {shown}{source}: {e}") from None
+    return tuple(values) if opt.multiple else values[0]
+
+
+def _single(opt: Option) -> Option:
+    return Option(opt.help, opt.type, opt.flag, False, opt.metavar, opt.cli)
+
+
+@dataclass(frozen=True)
+class Spec:
+    """Base of every study spec: fields declared with :func:`option`; each value is checked
+    when the spec is built, then :meth:`validate` checks how the values go together."""
+
+    def __post_init__(self):
+        for name, opt, _ in spec_options(type(self)):
+            object.__setattr__(self, name, check_value(opt, getattr(self, name)))
+        self.validate()
+
+    def validate(self) -> None:
+        """Checks across fields; raise FastablateError naming the flags."""
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def flag(cls, name: str) -> str:
+        """The flag of field ``name``."""
+        return next(opt.flag for n, opt, _ in spec_options(cls) if n == name)
+
+    def given(self) -> list[str]:
+        """Names of the fields that differ from their defaults."""
+        return [n for n, _, default in spec_options(type(self)) if getattr(self, n) != default]
+
+
+def one_of(spec: Spec, names: Sequence[str]) -> None:
+    """At most one of the fields ``names`` may be given."""
+    given = [spec.flag(n) for n in names if getattr(spec, n) not in (None, (), False)]
+    if len(given) > 1:
+        raise FastablateError(f"{' and '.join(given)} each choose the same thing: give one")

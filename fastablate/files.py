@@ -1,0 +1,47 @@
+"""Writing files so that a reader never sees half of one.
+
+Every file fastablate writes (checkpoints, run.json, results, metrics) goes through
+:func:`atomic_write`: the bytes go to a temporary file beside the target, are flushed to
+disk, and the temporary file is renamed over the target. A killed write leaves only a
+``.<name>.<random>.tmp`` file behind, which :func:`remove_stale_temporaries` deletes.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import BinaryIO, Callable
+
+TMP_SUFFIX = ".tmp"
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> Path:
+    """Call ``write(f)`` on a temporary file beside ``path``, then rename it to ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TMP_SUFFIX)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    return atomic_write(path, lambda f: f.write(text.encode("utf-8")))
+
+
+def remove_stale_temporaries(folder: str | os.PathLike) -> list[Path]:
+    """Delete the temporary files a killed :func:`atomic_write` left in ``folder`` (not below it)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    stale = [p for p in folder.iterdir() if p.name.startswith(".") and p.name.endswith(TMP_SUFFIX) and p.is_file()]
+    for p in stale:
+        p.unlink(missing_ok=True)
+    return stale
