@@ -29,6 +29,10 @@ class Group(click.Group):
             msg = e.format_message() if isinstance(e, click.ClickException) else str(e)
             click.echo(f"Error: {' '.join(msg.split())}", err=True)
             sys.exit(2)
+        except OSError as e:  # a file that cannot be read or written: unwritable, full disk, gone
+            where = f" {e.filename}" if e.filename else ""
+            click.echo(f"Error: cannot read or write{where}: {e.strerror or e}", err=True)
+            sys.exit(2)
         except click.Abort:
             click.echo("Aborted!", err=True)
             sys.exit(1)

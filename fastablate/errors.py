@@ -1,4 +1,6 @@
-"""The one exception type for bad input; the CLI prints its message as one line, exit 2."""
+"""The one exception type for bad input (the CLI prints its message as one line, exit 2),
+and notes: one line on stderr about something a user should know but need not fix."""
+import sys
 
 
 class FastablateError(ValueError):
@@ -6,3 +8,8 @@ class FastablateError(ValueError):
 
     The message is one line that names the bad value and what would be valid.
     """
+
+
+def note(message: str) -> None:
+    """One line ``note: ...`` on stderr."""
+    print(f"note: {message}", file=sys.stderr)

@@ -45,3 +45,16 @@ def remove_stale_temporaries(folder: str | os.PathLike) -> list[Path]:
     for p in stale:
         p.unlink(missing_ok=True)
     return stale
+
+
+def parse_size(text: str) -> int:
+    """Bytes from ``2G``, ``512M``, ``1.5GiB`` or ``1000000``; ValueError naming the problem."""
+    t = str(text).strip().upper().removesuffix("IB").removesuffix("B")
+    scale = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}.get(t[-1:], 1)
+    try:
+        value = float(t[:-1] if t[-1:] in "KMGT" else t) * scale
+    except ValueError:
+        raise ValueError("is not a size such as 2G or 512M") from None
+    if not (1 <= value < float("inf")):
+        raise ValueError("is not a positive size such as 2G or 512M")
+    return int(value)

@@ -8,16 +8,20 @@ a run has finished them, so a failed run never presents a half-written result.
 from __future__ import annotations
 
 import csv
+import fcntl
+import fnmatch
 import io
 import json
 import math
 import os
 import platform
+import shutil
 import time
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Sequence
 
-from fastablate.files import atomic_write_text
+from fastablate.errors import FastablateError
+from fastablate.files import TMP_SUFFIX, atomic_write_text, remove_stale_temporaries
 
 
 def default_out(command: str) -> Path:
@@ -41,12 +45,12 @@ def versions() -> dict[str, str]:
             "numpy": numpy.__version__, "python": platform.python_version(), "kernels": kernels}
 
 
-def _jsonable(obj: Any) -> Any:
+def jsonable(obj: Any) -> Any:
     """Plain JSON values; a non-finite float becomes None (null): NaN and Infinity are not JSON."""
     if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
+        return {str(k): jsonable(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
+        return [jsonable(v) for v in obj]
     if isinstance(obj, Path):
         return str(obj)
     if hasattr(obj, "item") and callable(obj.item):  # 0-d tensors and numpy scalars
@@ -57,12 +61,12 @@ def _jsonable(obj: Any) -> Any:
 
 
 def write_json(path: Path, obj: Any) -> Path:
-    return atomic_write_text(path, json.dumps(_jsonable(obj), indent=2, allow_nan=False) + "\n")
+    return atomic_write_text(path, json.dumps(jsonable(obj), indent=2, allow_nan=False) + "\n")
 
 
 def write_csv(path: Path, rows: Iterable[dict]) -> Path:
     """Rows as CSV; the columns are every key in order of first appearance."""
-    rows = [_jsonable(r) for r in rows]
+    rows = [jsonable(r) for r in rows]
     buf = io.StringIO()
     fields: list[str] = []
     for r in rows:
@@ -73,25 +77,122 @@ def write_csv(path: Path, rows: Iterable[dict]) -> Path:
     return atomic_write_text(path, buf.getvalue())
 
 
-class RunDir:
-    """A run's output directory."""
+RUN_FILE = "run.json"
+# What runs write into their directory; replacing a run removes these and nothing else.
+OUTPUTS = ("run.json", "results.json", "results.csv", "metrics.csv", "model.pt", "last.pt", "plots", "adversarial*.pt")
+# Config keys that do not make a different run.
+VOLATILE = ("out", "workers", "device", "force")
 
-    RESULT_FILES = ("results.json", "results.csv")
+
+class RunDir:
+    """A run's output directory, locked while a process writes it.
+
+    Ownership: a fresh run may use a new or empty folder, or replace a run of the same
+    command and options (a rerun); a folder that holds another run, or files that are not a
+    run, is refused unless ``force``. ``resume`` continues the run in the folder. Inputs
+    (``--weights`` ...) never lie among the files a run writes or replaces.
+    """
 
     def __init__(self, out: str | os.PathLike, command: str, config: dict, *, device: str, seed: int):
         self.path = Path(out)
         self.command, self.config, self.device, self.seed = command, config, device, seed
         self.started = time.time()
         self.timings: dict[str, float] = {}
+        self._lock_fd: int | None = None
 
-    def start(self, resume: bool = False) -> "RunDir":
-        """Create the directory and write run.json; a fresh run clears stale results first."""
-        self.path.mkdir(parents=True, exist_ok=True)
-        if not resume:
-            for name in self.RESULT_FILES:
-                (self.path / name).unlink(missing_ok=True)
-        self._write_run("running")
+    def start(self, *, resume: bool = False, force: bool = False,
+              inputs: Sequence[tuple[str, str]] = ()) -> "RunDir":
+        """Take the folder (see the class) and write run.json."""
+        path = self.path
+        if path.exists() and not path.is_dir():
+            raise FastablateError(f"--out {str(path)!r} is a file, not a folder")
+        self._check_inputs(inputs)
+        created = False
+        if not path.exists():
+            try:
+                path.mkdir(parents=True)
+                created = True
+            except FileExistsError:
+                pass
+            except OSError as e:
+                raise FastablateError(f"--out {str(path)!r}: cannot create it ({e.strerror})") from None
+        try:
+            self._lock()
+        except BaseException:
+            if created:
+                shutil.rmtree(path, ignore_errors=True)
+            raise
+        try:
+            if not created:
+                self._claim(resume, force)
+            for folder in (path, path / "plots"):
+                remove_stale_temporaries(folder)
+            self._write_run("running")
+        except BaseException:
+            self._unlock()
+            if created:
+                shutil.rmtree(path, ignore_errors=True)
+            raise
         return self
+
+    def _check_inputs(self, inputs: Sequence[tuple[str, str]]) -> None:
+        written = [self.path / name for name in OUTPUTS if "*" not in name]
+        for flag, value in inputs:
+            p = Path(value).resolve()
+            if any(p == w.resolve() or w.resolve() in p.parents for w in written) or (
+                    p.parent == self.path.resolve() and fnmatch.fnmatch(p.name, "adversarial*.pt")):
+                raise FastablateError(f"{flag} {value} is a file this run writes into --out {str(self.path)!r}; "
+                                      "choose another --out (inputs are never overwritten)")
+
+    def _lock(self) -> None:
+        try:
+            fd = os.open(self.path, os.O_RDONLY)
+        except OSError as e:
+            raise FastablateError(f"--out {str(self.path)!r}: cannot open it ({e.strerror})") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            raise FastablateError(f"--out {str(self.path)!r} is being written by another fastablate process; wait for "
+                                  "it to finish or choose another --out") from None
+        self._lock_fd = fd
+
+    def _unlock(self) -> None:
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)  # closing releases the flock
+            self._lock_fd = None
+
+    def _claim(self, resume: bool, force: bool) -> None:
+        """Check that this run may use the existing folder; replacing a run removes its outputs."""
+        where = f"--out {str(self.path)!r}"
+        old = None
+        if (self.path / RUN_FILE).is_file():
+            try:
+                old = json.loads((self.path / RUN_FILE).read_text())
+            except (OSError, ValueError):
+                if not force:
+                    raise FastablateError(f"{where} holds a run.json that cannot be read; --force replaces it") from None
+        if resume:
+            if old is None or old.get("command") != self.command:
+                raise FastablateError(f"--resume: {where} holds no {self.command} run to continue")
+            return
+        if old is None:
+            others = [p.name for p in self.path.iterdir() if not p.name.endswith(TMP_SUFFIX)]
+            if others and not force:
+                raise FastablateError(f"{where} holds files that are not a fastablate run ({', '.join(sorted(others)[:3])}"
+                                      f"{' ...' if len(others) > 3 else ''}); choose a new or empty folder, or --force")
+            return
+        diff = _config_diff(old.get("config", {}), jsonable(self.config))
+        if (old.get("command") != self.command or diff) and not force:
+            what = f"a {old.get('status', '')} {old.get('command')} run".replace("  ", " ")
+            detail = f" with other options ({', '.join(diff[:4])})" if old.get("command") == self.command else ""
+            raise FastablateError(f"{where} holds {what}{detail}; choose another --out, or --force to replace it")
+        for pattern in OUTPUTS:
+            for p in self.path.glob(pattern):
+                if p.is_dir():
+                    shutil.rmtree(p)
+                else:
+                    p.unlink()
 
     def _write_run(self, status: str, error: str | None = None) -> None:
         info = {"command": self.command, "status": status, "config": self.config, "device": self.device,
@@ -100,13 +201,13 @@ class RunDir:
                 "timings": self.timings}
         if error:
             info["error"] = error
-        self.write_json("run.json", info)
+        self.write_json(RUN_FILE, info)
 
     def write_json(self, name: str, obj: Any) -> Path:
-        return write_json(self.path / name, obj)
+        return _writing(write_json, self.path / name, obj)
 
     def write_csv(self, name: str, rows: Iterable[dict]) -> Path:
-        return write_csv(self.path / name, rows)
+        return _writing(write_csv, self.path / name, rows)
 
     def write_results(self, results: dict, rows: Iterable[dict]) -> None:
         """results.csv, then results.json: the json's presence means the run's result is whole."""
@@ -126,4 +227,23 @@ class RunDir:
 
     def finish(self, error: str | None = None) -> None:
         self.timings["total_s"] = round(time.time() - self.started, 3)
-        self._write_run("failed" if error else "complete", error)
+        try:
+            self._write_run("failed" if error else "complete", error)
+        except FastablateError:
+            if not error:  # a failing run keeps its own error; a disk that fails at the end is one
+                raise
+        finally:
+            self._unlock()
+
+
+def _config_diff(old: dict, new: dict) -> list[str]:
+    keys = (set(old) | set(new)) - set(VOLATILE)
+    return sorted(k for k in keys if old.get(k) != new.get(k))
+
+
+def _writing(write, path: Path, obj) -> Path:
+    """``write(path, obj)``; a failing disk is one error line naming the file."""
+    try:
+        return write(path, obj)
+    except OSError as e:
+        raise FastablateError(f"cannot write {path}: {e.strerror or e}") from None

@@ -52,7 +52,9 @@ def test_more_pixels_fool_more(model, ds):
 
 @pytest.mark.parametrize("attack", ["noise", "fgsm", "pgd", "pgd-l2"])
 def test_dense_attacks(model, ds, attack):
-    spec = AttackSpec(attack=attack, steps=10, eps=0.5 if attack == "pgd-l2" else 8 / 255, step=0.05)
+    kw = {"noise": dict(steps=10), "fgsm": dict(eps=8 / 255), "pgd": dict(steps=10, eps=8 / 255, step=0.05),
+          "pgd-l2": dict(steps=10, eps=0.5, step=0.05)}[attack]
+    spec = AttackSpec(attack=attack, **kw)
     res = run_attack(model, ds, spec, RT, keep=True)
     ex = res.examples
     assert 0 <= res.success_rate <= 1 and res.attacked == round(res.clean_accuracy * 40)
@@ -124,6 +126,10 @@ ATTACK_BAD = [
     (["--attack", "pgd", "--eps", "-1"], "--eps '-1': must be in (0, 1e+06]"),
     (["--attack", "noise", "--lam", "nan"], "--lam 'nan': is not a finite number"),
     (["--save-dataset", "{tmp}/d.pt", "--compare", "{weights}"], "--save-dataset writes one model's adversarial set"),
+    (["--save-dataset", "{weights}"], "--save-dataset {weights} is the --weights input; choose another file"),
+    (["--attack", "pgd", "--restarts", "3"], "--restarts does not apply to --attack pgd (it is for sparse)"),
+    (["--attack", "fgsm", "--steps", "3"], "--steps does not apply to --attack fgsm"),
+    (["--lam", "0.1"], "--lam does not apply to --attack sparse (it is for noise)"),
 ]
 
 
@@ -135,5 +141,6 @@ def test_cli_bad_attack_input(args, message, trained_resnet8, tmp_path):
                                  *args, "--out", str(out)])
     assert r.exit_code == 2, r.output
     lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    message = message.format(tmp=tmp_path, weights=trained_resnet8)
     assert len(lines) == 1 and lines[0].startswith("Error: ") and message in lines[0], r.stderr
     assert not out.exists()

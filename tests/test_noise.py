@@ -182,7 +182,7 @@ NOISE_BAD = [
     (["--noise-layers", "9", "--noise-sigma", "1"], "--noise-layers 9: resnet8 has 7 conv layers, so n must be in 1."),
     (["--noise-at", "conv1,conv9", "--noise-sigma", "1"], "--noise-at: resnet8 has no conv layer 'conv9'"),
     (["--noise-layers", "1", "--noise-sigma", "1", "--noise-p", "1.5"], "--noise-p '1.5': item 1.5 must be in [0, 1]"),
-    (["--noise-layers", "1", "--noise-sigma", "-1"], "--noise-sigma '-1': item -1 must be >= 0"),
+    (["--noise-layers", "1", "--noise-sigma", "-1"], "--noise-sigma '-1': item -1 must be in [0, 1e+06]"),
     (["--noise-layers", "1", "--noise-sigma", "nan"], "--noise-sigma 'nan': item nan is not a finite number"),
     (["--input-noise", "6"], "--input-noise '6': item 6 must be in [1, 5]"),
     (["--input-noise", "0"], "--input-noise '0': item 0 must be in [1, 5]"),

@@ -38,8 +38,12 @@ from fastablate.ops import sparse_pixel_update
 
 ATTACKS = ("sparse", "noise", "fgsm", "pgd", "pgd-l2")
 DEFAULT_PIXELS = 0.005  # sparse budget: a fraction of the H*W pixels (5 of 32x32)
-DEFAULT_STEPS = {"sparse": 30, "noise": 100, "fgsm": 1, "pgd": 20, "pgd-l2": 20}
+DEFAULT_STEPS = {"sparse": 30, "noise": 100, "pgd": 20, "pgd-l2": 20}
 DEFAULT_EPS = {"pgd-l2": 0.5}  # others: 8/255 (L-inf)
+# The attacks each option means something to; giving it to another attack is an error.
+APPLIES = {"pixels": ("sparse",), "k": ("sparse",), "restarts": ("sparse",), "lam": ("noise",), "lr": ("noise",),
+           "eps": ("fgsm", "pgd", "pgd-l2"), "step": ("sparse", "pgd", "pgd-l2"),
+           "steps": ("sparse", "noise", "pgd", "pgd-l2")}
 
 
 @dataclass(frozen=True)
@@ -63,21 +67,32 @@ class AttackSpec(Spec):
     target: Optional[int] = option(None, "Targeted attack towards this class index.", type=Int(min=0))
     save_examples: bool = option(False, "Write adversarial.pt and plots/examples.png.")
     save_dataset: Optional[str] = option(None, "Write the split with adversarial images (uint8) to this file, for "
-                                               "adversarial augmentation.", type=Text("FILE"))
+                                               "adversarial augmentation.", type=Text("FILE"), role="output")
 
     def validate(self) -> None:
         if self.pixels is not None and self.k is not None:
             raise FastablateError("--pixels and --k both set the pixel budget: give one")
+        for name in self.given():
+            attacks = APPLIES.get(name)
+            if attacks is not None and self.attack not in attacks:
+                raise FastablateError(f"{self.flag(name)} does not apply to --attack {self.attack} (it is for "
+                                      f"{', '.join(attacks)})")
 
     def budget(self, image_size: int) -> int:
         """The sparse budget in pixels of an image_size x image_size image."""
         return self.k if self.k is not None else round((self.pixels or DEFAULT_PIXELS) * image_size * image_size)
 
     def resolved(self, image_size: int = 32) -> "AttackSpec":
-        """Every default filled in: budget, steps, eps and step of this attack."""
-        eps = self.eps or DEFAULT_EPS.get(self.attack, 8 / 255)
-        return replace(self, k=self.budget(image_size), pixels=None, steps=self.steps or DEFAULT_STEPS[self.attack],
-                       eps=eps, step=self.step or (1.0 if self.attack == "sparse" else eps / 4))
+        """Every default of this attack filled in: budget, steps, eps and step."""
+        a = self.attack
+        changes: dict = {"steps": self.steps or DEFAULT_STEPS[a]} if a in APPLIES["steps"] else {}
+        if a == "sparse":
+            changes.update(k=self.budget(image_size), pixels=None, step=self.step or 1.0)
+        if a in APPLIES["eps"]:
+            changes["eps"] = self.eps or DEFAULT_EPS.get(a, 8 / 255)
+            if a in APPLIES["step"]:
+                changes["step"] = self.step or changes["eps"] / 4
+        return replace(self, **changes)
 
     def record(self, seed: int) -> dict:
         """The resolved options as results.json's ``spec`` records them."""

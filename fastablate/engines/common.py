@@ -16,6 +16,7 @@ from fastablate.data import ImageSet, build_dataset
 from fastablate.engines.protocol import Runtime
 from fastablate.engines.spec import Choice, Float, Int, List, Spec, Text, option
 from fastablate.errors import FastablateError
+from fastablate.modes import eval_mode
 from fastablate.models import NormalizedModel, build_model
 from fastablate.models.checkpoint import FORMAT, model_from_checkpoint, read_checkpoint
 
@@ -26,7 +27,7 @@ class Setup(Spec):
 
     model: Optional[str] = option(None, "Registry model name (fastablate models).", type=Text("NAME"))
     weights: Optional[str] = option(None, "Checkpoint: ours, or a foreign state_dict (then --model, --mean/--std).",
-                                    type=Text("FILE"))
+                                    type=Text("FILE"), role="input")
     dataset: str = option("digits", "Registry dataset (fastablate datasets).", type=Text("NAME"))
     data_dir: Optional[str] = option(None, "Root of the dataset on disk.", type=Text("DIR"))
     split: str = option("test", "Split to use.", type=Choice("train", "test"))
@@ -40,9 +41,11 @@ class Setup(Spec):
     workers: int = option(0, "Loader processes for file-backed datasets.", type=Int(min=0, max=256))
     seed: int = option(0, "Seed of every random choice.", type=Int(min=0))
     out: Optional[str] = option(None, "Output directory [default: runs/<command>-<timestamp>].", type=Text("DIR"))
+    force: bool = option(False, "Replace what --out holds (another run, other files) instead of refusing.")
     download: bool = option(False, "Let torchvision download CIFAR when absent.")
     compare: tuple[str, ...] = option((), "A checkpoint run through the same study on the same images and drawn "
-                                          "on the same plots (repeatable).", type=Text("FILE"), multiple=True)
+                                          "on the same plots (repeatable).", type=Text("FILE"), multiple=True,
+                                      role="input")
 
     def validate(self) -> None:
         if (self.mean is None) != (self.std is None):
@@ -77,9 +80,24 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def load_data(setup: Setup, split: str | None = None, image_size: int | None = None) -> ImageSet:
+def load_data(setup: Setup, split: str | None = None, *, image_size: int | None = None,
+              classes: list[str] | None = None, classes_of: str = "the model") -> ImageSet:
+    """A split of ``--dataset`` (default ``--split``), its images made ``image_size`` square and
+    its labels matched by name to ``classes`` (see :func:`fastablate.data.build_dataset`)."""
     return build_dataset(setup.dataset, setup.data_dir, split or setup.split, limit=setup.limit, seed=setup.seed,
-                         download=setup.download, image_size=image_size)
+                         download=setup.download, image_size=image_size, classes=classes, classes_of=classes_of)
+
+
+def checkpoint_data(weights: str | None) -> dict:
+    """What a checkpoint fixes about the data it is evaluated on: its image size and class
+    names (our checkpoints carry them; a foreign one fixes nothing)."""
+    if not weights:
+        return {}
+    ckpt = read_checkpoint(weights)
+    if ckpt["format"] != FORMAT:
+        return {}
+    return {"image_size": ckpt["image_size"], "classes": ckpt.get("classes"),
+            "classes_of": f"checkpoint {weights}"}
 
 
 def load_or_build_model(setup: Setup, ds: ImageSet, *, weights: str | None = None,
@@ -105,9 +123,18 @@ def load_or_build_model(setup: Setup, ds: ImageSet, *, weights: str | None = Non
     if model.num_classes != ds.num_classes:
         raise FastablateError(f"model {model.arch} has {model.num_classes} outputs, dataset {ds.name} has "
                               f"{ds.num_classes} classes")
-    channels = ds.load(torch.arange(1)).shape[1]
-    if model.mean.numel() != channels:
-        raise FastablateError(f"--mean/--std have {model.mean.numel()} values, the images have {channels} channels")
+    if model.classes is None:
+        model.classes = list(ds.classes)
+    sample = ds.load(torch.arange(1)).float().div(255)
+    if model.mean.numel() != sample.shape[1]:
+        raise FastablateError(f"--mean/--std have {model.mean.numel()} values, the images have {sample.shape[1]} "
+                              "channels")
+    try:  # a model too deep for the image size fails here, not in the middle of a run
+        with eval_mode(model), torch.no_grad():
+            model(sample)
+    except RuntimeError as e:
+        raise FastablateError(f"model {model.arch} cannot take {ds.image_size}x{ds.image_size} images: "
+                              f"{str(e).splitlines()[0]}") from None
     return model
 
 
@@ -120,6 +147,13 @@ def load_checkpoints(setup: Setup, ds: ImageSet, runtime: Runtime, *, command: s
     models = [first]
     for path in setup.compare:
         other = load_or_build_model(replace(setup, model=None), ds, weights=path)
+        if other.classes != first.classes:
+            raise FastablateError(f"--compare {path} has classes {', '.join(other.classes[:5])} ...; --weights "
+                                  f"{setup.weights} has {', '.join(first.classes[:5])} ...: compare models of one "
+                                  "task")
+        if other.image_size != first.image_size:
+            raise FastablateError(f"--compare {path} takes {other.image_size}x{other.image_size} images, --weights "
+                                  f"{setup.weights} {first.image_size}x{first.image_size}")
         if other.name in [m.name for m in models]:
             other.name = f"{other.arch} ({Path(path).name})"
         models.append(other.to(runtime.device))

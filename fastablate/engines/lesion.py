@@ -496,6 +496,8 @@ class LesionSpec(Spec):
     def validate(self) -> None:
         if self.ks and "k-random" not in self.plans:
             raise FastablateError(f"--k {','.join(map(str, self.ks))} applies to --lesion k-random, which is not given")
+        if "samples" in self.given() and not {"k-random", "reorder"} & set(self.plans):
+            raise FastablateError("--samples applies to --lesion k-random and reorder, neither of which is given")
 
 
 class LesionStudy(Study):

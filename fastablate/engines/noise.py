@@ -141,7 +141,7 @@ class NoiseSpec(Spec):
     every: Optional[int] = option(None, "Every n-th conv layer instead.", type=Int(min=1), flag="--noise-every")
     p: tuple[float, ...] = option((1.0,), "Probabilities that a chosen layer is perturbed.",
                                   type=List(Float(0, 1)), flag="--noise-p")
-    sigma: tuple[float, ...] = option((), "Noise std values, e.g. 0.1,0.5,1.0.", type=List(Float(min=0)),
+    sigma: tuple[float, ...] = option((), "Noise std values, e.g. 0.1,0.5,1.0.", type=List(Float(0, 1e6)),
                                       flag="--noise-sigma")
     relative: bool = option(False, "sigma times each layer's activation std.", flag="--noise-relative")
     input_severities: tuple[int, ...] = option((), "Noise on the images: CIFAR-10-C gaussian_noise severities, "
@@ -159,6 +159,8 @@ class NoiseSpec(Spec):
                                   "or --noise-every N")
         if self.relative and not self.sigma:
             raise FastablateError("--noise-relative scales --noise-sigma, which is not given")
+        if "p" in self.given() and not self.sigma:
+            raise FastablateError("--noise-p applies to noise on conv layers (--noise-sigma), which is not given")
 
 
 @dataclass

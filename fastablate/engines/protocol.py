@@ -71,10 +71,11 @@ class Study:
     setup_excludes: ClassVar[tuple[str, ...]] = ()  # shared options that do not apply ("compare", "split", ...)
 
     def load_data(self, setup, spec: Spec, runtime: Runtime) -> Any:
-        """The data ``run`` gets: by default the ``--split`` of the dataset."""
-        from fastablate.engines.common import load_data
+        """The data ``run`` gets: by default the ``--split`` of the dataset, at the image size
+        and with the class names of the ``--weights`` checkpoint."""
+        from fastablate.engines.common import checkpoint_data, load_data
 
-        return load_data(setup)
+        return load_data(setup, **checkpoint_data(setup.weights))
 
     def load_models(self, setup, spec: Spec, data: Any, runtime: Runtime) -> list[nn.Module]:
         """The models: by default ``--weights`` and each ``--compare`` checkpoint, on the device."""

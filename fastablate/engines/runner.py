@@ -35,13 +35,19 @@ def run_study(study: Study, setup: Setup, spec: Spec, *, progress: bool = False)
         given = [Setup.flag(n) for n in setup.given() if n in study.setup_excludes]
         if given:
             raise FastablateError(f"{given[0]} does not apply to {study.command}")
+    inputs = setup.paths("input") + spec.paths("input")
+    for oflag, output in setup.paths("output") + spec.paths("output"):
+        for iflag, inp in inputs:
+            if Path(output).resolve() == Path(inp).resolve():
+                raise FastablateError(f"{oflag} {output} is the {iflag} input; choose another file (inputs are "
+                                      "never overwritten)")
     runtime = setup.runtime(progress)
     data = study.load_data(setup, spec, runtime)
     models = study.load_models(setup, spec, data, runtime)
     study.check(models, data, spec)
     config = {"study": study.name, **setup.to_dict(), **spec.to_dict()}
     with RunDir(setup.out or default_out(study.command), study.command, config, device=str(runtime.device),
-                seed=setup.seed).start(resume=study.resumes(spec)) as run:
+                seed=setup.seed).start(resume=study.resumes(spec), force=setup.force, inputs=inputs) as run:
         results: list[Any] = []
         for i, model in enumerate(models):
             name = model_name(model)

@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import MISSING, asdict, dataclass, field, fields
+from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 from typing import Any, Sequence
 
 from fastablate.errors import FastablateError
+from fastablate.files import parse_size
 
 INT64_MAX = 2**63 - 1
 
@@ -205,15 +206,7 @@ class Size(Value):
     metavar = "SIZE"
 
     def parse(self, raw):
-        text = str(raw).strip().upper().removesuffix("IB").removesuffix("B")
-        scale = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}.get(text[-1:], 1)
-        try:
-            value = float(text[:-1] if text[-1:] in "KMGT" else text) * scale
-        except ValueError:
-            raise ValueError("is not a size such as 2G or 512M") from None
-        if not (1 <= value < float("inf")):
-            raise ValueError("is not a positive size such as 2G or 512M")
-        return int(value)
+        return parse_size(raw)
 
     def problem(self, value):
         return None if isinstance(value, int) and value >= 1 else "is not a positive size"
@@ -229,6 +222,7 @@ class Option:
     multiple: bool = False  # the flag may be repeated; the value is a tuple
     metavar: str | None = None
     cli: bool = True  # exposed as a command-line option
+    role: str | None = None  # "input" or "output" for file paths: a run never writes over an input
 
     @property
     def key(self) -> str:
@@ -237,13 +231,14 @@ class Option:
 
 
 def option(default: Any, help: str, *, type: Value | None = None, flag: str | None = None, multiple: bool = False,
-           metavar: str | None = None, cli: bool = True) -> Any:
+           metavar: str | None = None, cli: bool = True, role: str | None = None) -> Any:
     """A spec field: its default, help text, value type (inferred from the default when
     omitted) and flag (``--`` plus the field name with dashes, unless given)."""
     if type is None:
         type = Flag() if isinstance(default, bool) else Int() if isinstance(default, int) else \
             Float() if isinstance(default, float) else Text()
-    meta = {"help": help, "type": type, "flag": flag, "multiple": multiple, "metavar": metavar, "cli": cli}
+    meta = {"help": help, "type": type, "flag": flag, "multiple": multiple, "metavar": metavar, "cli": cli,
+            "role": role}
     return field(default=default, metadata={"option": meta})
 
 
@@ -255,7 +250,7 @@ def spec_options(cls) -> list[tuple[str, Option, Any]]:
         if meta is None:
             continue
         opt = Option(meta["help"], meta["type"], meta["flag"] or "--" + f.name.replace("_", "-"), meta["multiple"],
-                     meta["metavar"], meta["cli"])
+                     meta["metavar"], meta["cli"], meta["role"])
         out.append((f.name, opt, f.default if f.default is not MISSING else None))
     return out
 
@@ -291,7 +286,7 @@ def parse_value(opt: Option, raw: Any, source: str = "") -> Any:
 
 
 def _single(opt: Option) -> Option:
-    return Option(opt.help, opt.type, opt.flag, False, opt.metavar, opt.cli)
+    return replace(opt, multiple=False)
 
 
 @dataclass(frozen=True)
@@ -314,6 +309,15 @@ class Spec:
     def flag(cls, name: str) -> str:
         """The flag of field ``name``."""
         return next(opt.flag for n, opt, _ in spec_options(cls) if n == name)
+
+    def paths(self, role: str) -> list[tuple[str, str]]:
+        """(flag, path) of every path given in a field of ``role`` ("input" or "output")."""
+        out = []
+        for name, opt, _ in spec_options(type(self)):
+            value = getattr(self, name)
+            if opt.role == role and value:
+                out += [(opt.flag, v) for v in (value if opt.multiple else (value,))]
+        return out
 
     def given(self) -> list[str]:
         """Names of the fields that differ from their defaults."""

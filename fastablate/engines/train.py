@@ -6,9 +6,10 @@ Defaults follow the CIFAR recipe of He et al. 2016 adapted to a cosine schedule
 """
 from __future__ import annotations
 
+import hashlib
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
@@ -24,7 +25,7 @@ from fastablate.errors import FastablateError
 from fastablate.models import NormalizedModel, save_checkpoint
 from fastablate.models.checkpoint import atomic_save
 from fastablate.plots import pyplot, save
-from fastablate.results import write_csv
+from fastablate.results import jsonable, write_csv
 
 STATE_FILE = "last.pt"  # optimizer, schedule and RNG state for --resume
 MODEL_FILE = "model.pt"  # the model in our checkpoint format
@@ -46,7 +47,24 @@ class TrainSpec(Spec):
 class TrainData:
     train: ImageSet
     test: ImageSet
+    fingerprint: dict = field(default_factory=dict)  # everything that shapes the run (see fingerprint())
     resume: dict | None = None  # the state in last.pt, with --resume
+
+
+# Shared options that do not change what a training computes.
+_NOT_FINGERPRINTED = ("out", "workers", "device", "force", "split", "compare")
+
+
+def fingerprint(setup, spec: TrainSpec, train_set: ImageSet, test_set: ImageSet) -> dict:
+    """What --resume checks: every option that shapes the run (model, data, optimizer, seed,
+    schedule) and the data it found (classes, sizes, the labels' digest)."""
+    labels = hashlib.blake2b(train_set.labels.numpy().tobytes() + test_set.labels.numpy().tobytes(),
+                             digest_size=8).hexdigest()
+    return {**{k: v for k, v in setup.to_dict().items() if k not in _NOT_FINGERPRINTED},
+            **{k: v for k, v in spec.to_dict().items() if k != "resume"},
+            "data_dir": str(Path(setup.data_dir).resolve()) if setup.data_dir else None,
+            "classes": list(train_set.classes), "image_size": train_set.image_size,
+            "images": [len(train_set), len(test_set)], "labels": labels}
 
 
 @dataclass
@@ -78,7 +96,13 @@ def load_resume_state(out: Path) -> dict:
     path = Path(out) / STATE_FILE
     if not path.is_file():
         raise FastablateError(f"--resume: no {STATE_FILE} in {str(out)!r}; nothing to resume")
-    return torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated or foreign files
+        raise FastablateError(f"--resume: cannot read {path}: {str(e).splitlines()[0] if str(e) else e!r}") from None
+    if not isinstance(state, dict) or not {"epoch", "state_dict", "optimizer", "history"} <= set(state):
+        raise FastablateError(f"--resume: {path} is not a fastablate training state")
+    return state
 
 
 def train(model: NormalizedModel, data: TrainData, spec: TrainSpec, runtime: Runtime) -> TrainResult:
@@ -123,10 +147,14 @@ def train(model: NormalizedModel, data: TrainData, spec: TrainSpec, runtime: Run
                 group["lr"] = lr
             logits = model(x)
             loss = F.cross_entropy(logits, y, label_smoothing=spec.label_smoothing)
+            value = loss.item()
+            if not math.isfinite(value):
+                raise FastablateError(f"training diverged: the loss is {value} at epoch {epoch + 1}, step {i + 1}; "
+                                      f"lower --lr (the step's learning rate was {lr:.4g})")
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            loss_sum += loss.item() * y.numel()
+            loss_sum += value * y.numel()
             correct += (logits.argmax(1) == y).sum().item()
             seen += y.numel()
         final = evaluate(model, data.test, eval_runtime)
@@ -137,7 +165,7 @@ def train(model: NormalizedModel, data: TrainData, spec: TrainSpec, runtime: Run
                 "test_loss": final.loss, "seed": runtime.seed}
         save_checkpoint(model, runtime.out / MODEL_FILE, meta)
         atomic_save({"arch": model.arch, "epoch": epoch, "state_dict": model.net.state_dict(),
-                     "optimizer": opt.state_dict(), "generator": gen.get_state(),
+                     "optimizer": opt.state_dict(), "generator": gen.get_state(), "fingerprint": data.fingerprint,
                      "torch_rng": torch.get_rng_state(), "history": history}, runtime.out / STATE_FILE)
         write_csv(runtime.out / "metrics.csv", history)
         print(f"epoch {epoch + 1}/{spec.epochs}: train loss {row['train_loss']:.4f} acc {row['train_accuracy']:.4f}"
@@ -174,15 +202,26 @@ class TrainStudy(Study):
         if spec.resume and not setup.out:
             raise FastablateError("--resume needs --out DIR of the run to continue")
         train_set = load_data(setup, "train")
-        test_set = load_data(setup, "test", image_size=train_set.image_size)
-        return TrainData(train_set, test_set, load_resume_state(Path(setup.out)) if spec.resume else None)
+        test_set = load_data(setup, "test", image_size=train_set.image_size, classes=train_set.classes,
+                             classes_of="the train split")
+        return TrainData(train_set, test_set, jsonable(fingerprint(setup, spec, train_set, test_set)),
+                         load_resume_state(Path(setup.out)) if spec.resume else None)
 
     def load_models(self, setup, spec, data: TrainData, runtime):
         return [load_or_build_model(setup, data.train, default_arch=DEFAULT_MODEL)]
 
     def check(self, models, data: TrainData, spec):
-        if data.resume is not None and data.resume["arch"] != models[0].arch:
-            raise FastablateError(f"--resume: the run trains {data.resume['arch']}, not {models[0].arch}")
+        if data.resume is None:
+            return
+        old = data.resume.get("fingerprint")
+        if old is None:
+            raise FastablateError("--resume: the run's last.pt records no fingerprint of its options; start a fresh "
+                                  "run")
+        diff = [k for k in sorted(set(old) | set(data.fingerprint)) if old.get(k) != data.fingerprint.get(k)]
+        if diff:
+            shown = "; ".join(f"{k} was {old.get(k)!r}, now {data.fingerprint.get(k)!r}" for k in diff[:3])
+            raise FastablateError(f"--resume: this is not the run in --out, which it would continue ({shown}); "
+                                  "resume with the run's own options, or start a fresh run")
 
     def resumes(self, spec: TrainSpec) -> bool:
         return spec.resume

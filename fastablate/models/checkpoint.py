@@ -3,13 +3,18 @@
 Ours is a dict of tensors and plain Python types::
 
     {"format": "fastablate", "version": 1, "arch": "resnet20", "num_classes": 10,
-     "image_size": 32, "mean": [...], "std": [...], "state_dict": {...}, "meta": {...}}
+     "image_size": 32, "mean": [...], "std": [...], "classes": ["airplane", ...],
+     "state_dict": {...}, "meta": {...}}
+
+Reading one checks it: the keys are there, every weight is finite, every std is positive.
 
 Foreign files are a raw state_dict, ``{"state_dict": ...}`` or ``{"model": ...}``, with or
 without DataParallel's ``module.`` prefix; they need ``arch`` and the normalization.
 """
 from __future__ import annotations
 
+import functools
+import math
 import os
 from pathlib import Path
 from typing import Any, Sequence
@@ -32,33 +37,70 @@ def save_checkpoint(model, path: str | os.PathLike, meta: dict | None = None) ->
     atomic_save({
         "format": FORMAT, "version": 1, "arch": model.arch, "num_classes": model.num_classes,
         "image_size": model.image_size, "mean": model.mean.flatten().tolist(), "std": model.std.flatten().tolist(),
+        "classes": list(model.classes) if model.classes is not None else None,
         "state_dict": {k: v.detach().cpu() for k, v in model.net.state_dict().items()}, "meta": meta or {},
     }, path)
 
 
 def read_checkpoint(path: str | os.PathLike) -> dict:
-    """The checkpoint at ``path`` as our dict; foreign files come back with ``arch`` None."""
+    """The checkpoint at ``path`` as our dict, checked; foreign files come back with ``arch``
+    None. Reading the same unchanged file again returns the same dict (do not modify it)."""
     path = Path(path)
     if not path.is_file():
-        raise FastablateError(f"checkpoint {str(path)!r} does not exist")
+        raise FastablateError(f"checkpoint {str(path)!r} does not exist" if not path.exists() else
+                              f"checkpoint {str(path)!r} is not a file")
+    st = path.stat()
+    return _read(str(path.resolve()), st.st_mtime_ns, st.st_size, str(path))
+
+
+@functools.lru_cache(maxsize=8)
+def _read(resolved: str, mtime_ns: int, size: int, shown: str) -> dict:
+    if size == 0:
+        raise FastablateError(f"cannot read checkpoint {shown!r}: the file is empty")
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # pickle errors, truncated files, non-tensor payloads
-        raise FastablateError(f"cannot read checkpoint {str(path)!r}: {str(e).splitlines()[0]}") from None
+        obj = torch.load(resolved, map_location="cpu", weights_only=True)
+    except Exception as e:  # pickle errors, truncated files, text, non-tensor payloads
+        raise FastablateError(f"cannot read checkpoint {shown!r}: {str(e).splitlines()[0] if str(e) else e!r}") from None
     if isinstance(obj, dict) and obj.get("format") == FORMAT:
-        return obj
-    state = obj
-    if isinstance(obj, dict):
-        for key in ("state_dict", "model"):
-            if isinstance(obj.get(key), dict):
-                state = obj[key]
-                break
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise FastablateError(f"checkpoint {str(path)!r} holds no state_dict (expected a dict of tensors, "
-                              "or one under 'state_dict' or 'model')")
-    if state and all(k.startswith("module.") for k in state):
-        state = {k[len("module."):]: v for k, v in state.items()}
-    return {"format": "foreign", "arch": None, "state_dict": state, "meta": {}}
+        _check_ours(obj, shown)
+        state = obj["state_dict"]
+    else:
+        state = obj
+        if isinstance(obj, dict):
+            for key in ("state_dict", "model"):
+                if isinstance(obj.get(key), dict):
+                    state = obj[key]
+                    break
+        if not isinstance(state, dict) or not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
+            raise FastablateError(f"checkpoint {shown!r} holds no state_dict (expected a dict of tensors, "
+                                  "or one under 'state_dict' or 'model')")
+        if all(k.startswith("module.") for k in state):
+            state = {k[len("module."):]: v for k, v in state.items()}
+        obj = {"format": "foreign", "arch": None, "state_dict": state, "meta": {}}
+    for k, v in state.items():
+        if v.is_floating_point() and not bool(torch.isfinite(v).all()):
+            raise FastablateError(f"checkpoint {shown!r}: {k} holds NaN or infinite values")
+    return obj
+
+
+_OURS = {"arch": str, "num_classes": int, "image_size": int, "mean": list, "std": list, "state_dict": dict}
+
+
+def _check_ours(obj: dict, shown: str) -> None:
+    missing = [k for k, t in _OURS.items() if not isinstance(obj.get(k), t)]
+    if missing:
+        raise FastablateError(f"checkpoint {shown!r} lacks {', '.join(missing)} (or they have the wrong type); "
+                              f"a fastablate checkpoint holds {', '.join(_OURS)}")
+    if not all(isinstance(v, torch.Tensor) for v in obj["state_dict"].values()):
+        raise FastablateError(f"checkpoint {shown!r}: its state_dict holds values that are not tensors")
+    stds = obj["std"]
+    if len(stds) != len(obj["mean"]) or not all(isinstance(v, (int, float)) and math.isfinite(v) for v in
+                                                 stds + obj["mean"]) or min(stds, default=0) <= 0:
+        raise FastablateError(f"checkpoint {shown!r}: its normalization mean {obj['mean']} / std {stds} is not "
+                              "finite numbers with positive stds")
+    classes = obj.get("classes")
+    if classes is not None and (not isinstance(classes, list) or len(classes) != obj["num_classes"]):
+        raise FastablateError(f"checkpoint {shown!r}: classes do not match its {obj['num_classes']} outputs")
 
 
 def _load_state(net: torch.nn.Module, state: dict, arch: str, path) -> None:
@@ -115,5 +157,6 @@ def model_from_checkpoint(ckpt: dict, path: str | os.PathLike, arch: str | None 
             num_classes = weights[-1].shape[0] if weights else 10
     model = build_model(arch, num_classes, image_size=image_size or 32, mean=mean, std=std)
     _load_state(model.net, ckpt["state_dict"], arch, path)
-    model.meta = ckpt["meta"]
+    model.meta = ckpt.get("meta") or {}
+    model.classes = ckpt.get("classes")
     return model

@@ -1,0 +1,230 @@
+"""Dataset registry: ``build_dataset(name, root, split, ...)``.
+
+Every dataset comes back as an :class:`ImageSet`: decoded uint8 images (N, C, H, W) held
+in memory when they fit (``FASTABLATE_MEMORY_LIMIT`` bytes, default 8 GiB), or decoded
+per batch from files otherwise. Engines read float batches in [0, 1] through
+:func:`batches`; normalization belongs to the model.
+
+- ``digits``: the embedded default, scikit-learn's 1,797 handwritten digits (8x8, shipped
+  with the package, no download), upsampled to 32x32 RGB, a fixed stratified 80/20 split.
+- ``cifar10``/``cifar100``: torchvision's on-disk format under ``--data-dir``.
+- ``imagefolder``: ``<data-dir>/{train,test or val}/<class>/<image>``.
+- ``tinyimagenet``: ``<data-dir>/{train/<wnid>/images, val/images + val_annotations.txt, wnids.txt}``.
+- ``synthetic``: seeded class-dependent patterns plus noise, learnable in seconds (tests).
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Callable, Iterator, Sequence
+
+import torch
+from torch import Tensor
+
+from fastablate.data.files import decode, memory_limit
+from fastablate.errors import FastablateError, note
+
+SPLITS = ("train", "test")
+
+
+@dataclass
+class ImageSet:
+    """Images with labels. ``images`` is (N, C, H, W) uint8, or None when ``files`` are
+    decoded per batch (sets larger than the memory limit)."""
+
+    name: str
+    split: str
+    labels: Tensor  # (N,) int64
+    classes: list[str]
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    image_size: int
+    flip: bool = True  # horizontal flips are label-preserving (not for digits)
+    images: Tensor | None = None
+    files: list[str] = field(default_factory=list, repr=False)
+
+    def __len__(self) -> int:
+        return int(self.labels.numel())
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    def subset(self, index: Tensor) -> "ImageSet":
+        return ImageSet(self.name, self.split, self.labels[index], self.classes, self.mean, self.std,
+                        self.image_size, self.flip,
+                        None if self.images is None else self.images[index],
+                        [self.files[i] for i in index.tolist()] if self.images is None else [])
+
+    def load(self, index: Tensor) -> Tensor:
+        """uint8 images (len(index), C, H, W) of the given rows."""
+        if self.images is not None:
+            return self.images[index]
+        return torch.stack([decode(self.files[i], self.image_size) for i in index.tolist()])
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    name: str
+    load: Callable[..., ImageSet]  # (root, split, download, image_size) -> ImageSet
+    needs_root: bool
+    description: str
+    downloads: bool = False  # takes --download
+
+
+DATASETS: dict[str, DatasetSpec] = {}
+
+
+def register_dataset(name: str, load: Callable[..., ImageSet], needs_root: bool, description: str,
+                     downloads: bool = False) -> None:
+    DATASETS[name] = DatasetSpec(name, load, needs_root, description, downloads)
+
+
+def dataset_names() -> list[str]:
+    return list(DATASETS)
+
+
+def build_dataset(name: str, root: str | os.PathLike | None = None, split: str = "test", *,
+                  limit: int | None = None, seed: int = 0, download: bool = False,
+                  image_size: int | None = None, classes: Sequence[str] | None = None,
+                  classes_of: str = "the model") -> ImageSet:
+    """Load split ``split`` of dataset ``name``.
+
+    Args:
+        name: a registry name (``fastablate datasets`` lists them).
+        root: the data directory (``--data-dir``); not needed for digits and synthetic.
+        split: "train" or "test" (ImageFolder's "val" folder serves as "test").
+        limit: a fixed, seeded, class-balanced subset of this many examples.
+        seed: seed of the subset.
+        download: let torchvision download CIFAR when absent (never implicit).
+        image_size: the model's input size: every image is made this many pixels square
+            (a note counts the images resized); default: the dataset's own (for image
+            files, the most common size).
+        classes: the class names the labels index (a checkpoint's, or the training
+            split's, named ``classes_of`` in errors): classes are matched by name, and a
+            class of the data that is not among them is an error. Default: the data's own.
+    """
+    if name not in DATASETS:
+        raise FastablateError(f"unknown dataset {name!r}; choose from: {', '.join(DATASETS)}")
+    if split not in SPLITS:
+        raise FastablateError(f"unknown split {split!r}; choose from: {', '.join(SPLITS)}")
+    spec = DATASETS[name]
+    if spec.needs_root and root is None:
+        raise FastablateError(f"dataset {name} needs --data-dir")
+    if not spec.needs_root and root is not None:
+        raise FastablateError(f"dataset {name} is built in and takes no --data-dir (got {str(root)!r})")
+    memory_limit()  # a bad FASTABLATE_MEMORY_LIMIT fails for every dataset, not only large ones
+    if download and not spec.downloads:
+        raise FastablateError(f"--download applies to {', '.join(n for n, s in DATASETS.items() if s.downloads)}, "
+                              f"not to {name}")
+    ds = spec.load(Path(root) if root is not None else None, split, download, image_size)
+    if image_size is not None and ds.image_size != image_size:
+        ds = resized(ds, image_size)
+    if classes is not None:
+        ds = with_classes(ds, list(classes), classes_of)
+    if limit is not None:
+        if limit < 1:
+            raise FastablateError(f"--limit must be >= 1, got {limit}")
+        ds = ds.subset(balanced_subset(ds.labels, limit, seed))
+    return ds
+
+
+def resized(ds: ImageSet, size: int) -> ImageSet:
+    """``ds`` with its in-memory images resized to ``size`` square (a note says so)."""
+    from torchvision.transforms.v2.functional import resize
+
+    note(f"{ds.name}/{ds.split}: {len(ds)} images of {ds.image_size}x{ds.image_size} are resized to the model's "
+         f"{size}x{size}")
+    return replace(ds, images=resize(ds.images, [size, size], antialias=True), image_size=size)
+
+
+def with_classes(ds: ImageSet, classes: list[str], classes_of: str) -> ImageSet:
+    """``ds`` with labels indexing ``classes``, matched by name."""
+    if list(ds.classes) == classes:
+        return ds
+    unknown = [c for c in ds.classes if c not in classes]
+    if unknown:
+        shown = ", ".join(unknown[:5]) + (f" (+{len(unknown) - 5} more)" if len(unknown) > 5 else "")
+        raise FastablateError(f"{ds.name}/{ds.split} has classes that {classes_of} does not know: {shown}; "
+                              f"{classes_of} knows {len(classes)}: {', '.join(classes[:10])}"
+                              f"{' ...' if len(classes) > 10 else ''}")
+    index = torch.tensor([classes.index(c) for c in ds.classes], dtype=torch.int64)
+    return replace(ds, labels=index[ds.labels], classes=classes)
+
+
+def balanced_subset(labels: Tensor, n: int, seed: int) -> Tensor:
+    """Sorted indices of ``n`` examples, as equal a share per class as the classes allow,
+    chosen by a permutation seeded with ``seed``: the same subset on every run."""
+    if n >= labels.numel():
+        return torch.arange(labels.numel())
+    g = torch.Generator().manual_seed(seed)
+    order = torch.randperm(labels.numel(), generator=g)
+    per_class = [order[labels[order] == c] for c in labels.unique().tolist()]
+    # Round-robin over classes in the permuted order: class shares differ by at most one.
+    taken, picked, rank = 0, [], 0
+    while taken < n:
+        for idx in per_class:
+            if rank < idx.numel() and taken < n:
+                picked.append(idx[rank])
+                taken += 1
+        rank += 1
+    return torch.stack(picked).sort().values
+
+
+class _FileImages(torch.utils.data.Dataset):
+    """Decodes one image of a file-backed ImageSet per item (for DataLoader workers)."""
+
+    def __init__(self, ds: ImageSet):
+        self.files, self.labels, self.size = ds.files, ds.labels, ds.image_size
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, i: int) -> tuple[Tensor, Tensor]:
+        return decode(self.files[i], self.size), self.labels[i]
+
+
+def _uint8_batches(ds: ImageSet, order: Tensor, batch_size: int, workers: int) -> Iterator[tuple[Tensor, Tensor]]:
+    chunks = [order[s:s + batch_size].tolist() for s in range(0, len(order), batch_size)]
+    if ds.images is None and workers > 0:
+        yield from torch.utils.data.DataLoader(_FileImages(ds), batch_sampler=chunks, num_workers=workers)
+        return
+    for idx in chunks:
+        index = torch.tensor(idx, dtype=torch.int64)
+        yield ds.load(index), ds.labels[index]
+
+
+def batches(ds: ImageSet, batch_size: int, *, device: torch.device | str = "cpu", shuffle: bool = False,
+            generator: torch.Generator | None = None, augment: bool = False,
+            workers: int = 0) -> Iterator[tuple[Tensor, Tensor]]:
+    """Float batches in [0, 1] on ``device`` with their labels; the last batch may be short.
+
+    ``workers`` > 0 decodes a file-backed set in that many processes (in-memory sets need none).
+    """
+    order = torch.randperm(len(ds), generator=generator) if shuffle else torch.arange(len(ds))
+    for x, y in _uint8_batches(ds, order, batch_size, workers):
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        if augment:
+            x = augment_batch(x, flip=ds.flip, generator=generator)
+        yield x.float().div_(255), y
+
+
+def augment_batch(x: Tensor, *, flip: bool, generator: torch.Generator | None = None) -> Tensor:
+    """Random crop after zero-padding by 1/8 of the size (4 px at 32 px) and, if ``flip``,
+    random horizontal flips; one draw per image, done for the whole batch at once."""
+    n, _, h, w = x.shape
+    pad = max(1, h // 8)
+    shifts = torch.randint(0, 2 * pad + 1, (2, n), generator=generator).to(x.device)
+    xp = torch.nn.functional.pad(x, (pad, pad, pad, pad))
+    rows = (torch.arange(h, device=x.device)[None, :] + shifts[0][:, None])[:, None, :, None]
+    cols = torch.arange(w, device=x.device)[None, :] + shifts[1][:, None]
+    if flip:
+        flipped = torch.rand(n, generator=generator).to(x.device) < 0.5
+        cols = torch.where(flipped[:, None], cols.flip(1), cols)
+    batch = torch.arange(n, device=x.device)[:, None, None, None]
+    chan = torch.arange(x.shape[1], device=x.device)[None, :, None, None]
+    return xp[batch, chan, rows, cols[:, None, None, :]]
+
+
+from fastablate.data import datasets  # noqa: E402,F401  (the built-in datasets register themselves)
