@@ -171,7 +171,8 @@ class RunDir:
                 old = json.loads((self.path / RUN_FILE).read_text())
             except (OSError, ValueError):
                 if not force:
-                    raise FastablateError(f"{where} holds a run.json that cannot be read; --force replaces it") from None
+                    raise FastablateError(f"{where} holds a run.json that cannot be read; --force replaces "
+                                          "it") from None
         if resume:
             if old is None or old.get("command") != self.command:
                 raise FastablateError(f"--resume: {where} holds no {self.command} run to continue")
@@ -179,8 +180,9 @@ class RunDir:
         if old is None:
             others = [p.name for p in self.path.iterdir() if not p.name.endswith(TMP_SUFFIX)]
             if others and not force:
-                raise FastablateError(f"{where} holds files that are not a fastablate run ({', '.join(sorted(others)[:3])}"
-                                      f"{' ...' if len(others) > 3 else ''}); choose a new or empty folder, or --force")
+                shown = ", ".join(sorted(others)[:3]) + (" ..." if len(others) > 3 else "")
+                raise FastablateError(f"{where} holds files that are not a fastablate run ({shown}); choose a new or "
+                                      "empty folder, or --force")
             return
         diff = _config_diff(old.get("config", {}), jsonable(self.config))
         if (old.get("command") != self.command or diff) and not force:

@@ -186,7 +186,8 @@ def test_bad_checkpoints(tmp_path):
     torch.save({"a": 1}, tmp_path / "nontensor.pt")
     cases = [("nan.pt", "conv1.weight holds NaN or infinite values"), ("std.pt", "is not finite numbers with positive"),
              ("empty.pt", "the file is empty"), ("text.pt", "cannot read checkpoint"),
-             ("keyless.pt", "lacks num_classes, image_size, mean, std, state_dict"), ("nontensor.pt", "holds no state_dict")]
+             ("keyless.pt", "lacks num_classes, image_size, mean, std, state_dict"),
+             ("nontensor.pt", "holds no state_dict")]
     for name, message in cases:
         refused(["eval", "--weights", tmp_path / name, *SYN, "--out", tmp_path / "o"], message,
                 protect=[tmp_path / name], out=tmp_path / "o")

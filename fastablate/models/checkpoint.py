@@ -60,7 +60,8 @@ def _read(resolved: str, mtime_ns: int, size: int, shown: str) -> dict:
     try:
         obj = torch.load(resolved, map_location="cpu", weights_only=True)
     except Exception as e:  # pickle errors, truncated files, text, non-tensor payloads
-        raise FastablateError(f"cannot read checkpoint {shown!r}: {str(e).splitlines()[0] if str(e) else e!r}") from None
+        reason = str(e).splitlines()[0] if str(e) else repr(e)
+        raise FastablateError(f"cannot read checkpoint {shown!r}: {reason}") from None
     if isinstance(obj, dict) and obj.get("format") == FORMAT:
         _check_ours(obj, shown)
         state = obj["state_dict"]
