@@ -93,9 +93,11 @@ class RunDir:
     (``--weights`` ...) never lie among the files a run writes or replaces.
     """
 
-    def __init__(self, out: str | os.PathLike, command: str, config: dict, *, device: str, seed: int):
+    def __init__(self, out: str | os.PathLike, command: str, config: dict, *, device: str, seed: int,
+                 info: dict | None = None):
         self.path = Path(out)
         self.command, self.config, self.device, self.seed = command, config, device, seed
+        self.info = info or {}  # what the study adds to run.json
         self.started = time.time()
         self.timings: dict[str, float] = {}
         self._lock_fd: int | None = None
@@ -200,7 +202,7 @@ class RunDir:
         info = {"command": self.command, "status": status, "config": self.config, "device": self.device,
                 "seed": self.seed, "versions": versions(),
                 "started": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(self.started)),
-                "timings": self.timings}
+                "timings": self.timings, **self.info}
         if error:
             info["error"] = error
         self.write_json(RUN_FILE, info)

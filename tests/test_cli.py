@@ -58,7 +58,7 @@ def test_train_writes_a_complete_run(trained):
     assert info["status"] == "complete" and info["config"]["epochs"] == 2 and info["versions"]["torch"]
     res = json.loads((trained / "results.json").read_text())
     assert 0 <= res["accuracy"] <= 1 and res["epochs"] == 2 and len(res["history"]) == 2
-    for f in ("results.csv", "metrics.csv", "model.pt", "last.pt", "plots/training.png"):
+    for f in ("results.csv", "metrics.csv", "model.pt", "last.pt", "plots/curves.png", "plots/augmentations.png"):
         assert (trained / f).is_file(), f
     assert len((trained / "metrics.csv").read_text().splitlines()) == 3
 
@@ -75,7 +75,7 @@ def test_eval_reproduces_training_accuracy(trained, tmp_path):
 
 
 def test_resume_after_interruption_matches_uninterrupted(trained, tmp_path, monkeypatch):
-    import fastablate.engines.train as train_mod
+    import fastablate.engines.trainer as train_mod
 
     real, calls = train_mod.evaluate, []
 

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from fastablate.data import augment_batch, balanced_subset, batches, build_dataset
+from fastablate.data import balanced_subset, batches, build_dataset
+from fastablate.data.augment import augment
 from fastablate.errors import FastablateError
 
 
@@ -44,11 +45,10 @@ def test_batches_and_augmentation():
     xs = list(batches(ds, 128))
     assert [x.shape[0] for x, _ in xs] == [128, 128, 128, 116]
     assert xs[0][0].dtype == torch.float32 and 0 <= xs[0][0].min() and xs[0][0].max() <= 1
-    x = ds.images[:16]
-    g = torch.Generator().manual_seed(0)
-    y = augment_batch(x, flip=True, generator=g)
-    assert y.shape == x.shape and y.dtype == torch.uint8
-    assert torch.equal(augment_batch(x, flip=True, generator=torch.Generator().manual_seed(0)), y)
+    x = ds.images[:16].float() / 255
+    y = augment(x, [("crop", 4), ("flip", 0.5)], torch.Generator().manual_seed(0))
+    assert y.shape == x.shape
+    assert torch.equal(augment(x, [("crop", 4), ("flip", 0.5)], torch.Generator().manual_seed(0)), y)
     # Every augmented image is a shifted (maybe flipped) crop of the zero-padded original.
     xp = torch.nn.functional.pad(x, (4, 4, 4, 4))
     for i in range(16):

@@ -130,6 +130,39 @@ def build_dataset(name: str, root: str | os.PathLike | None = None, split: str =
     return ds
 
 
+def load_saved(path: str, what: str, like: ImageSet, *, successful: bool = False) -> ImageSet:
+    """A saved split (``attack --save-dataset``: uint8 ``images``, ``labels``, ``classes``) as an
+    ImageSet with the classes of ``like`` (matched by name) and its image size; ``what``
+    (``"--adv-data "``, ``"--eval-sets x="``) prefixes the path in errors. ``successful``: only
+    the images whose ``success`` is set (the adversarial ones), when the file records it."""
+    p = Path(path)
+    if not p.is_file():
+        raise FastablateError(f"{what}{path}: no such file")
+    try:
+        obj = torch.load(p, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise FastablateError(f"{what}{path}: cannot read it ({str(e).splitlines()[0] if str(e) else e!r})") from None
+    ok = isinstance(obj, dict) and isinstance(obj.get("images"), Tensor) and isinstance(obj.get("labels"), Tensor)
+    if not ok or obj["images"].dtype != torch.uint8 or obj["images"].dim() != 4 or \
+            obj["labels"].shape != obj["images"].shape[:1]:
+        raise FastablateError(f"{what}{path}: not a saved dataset (uint8 images (N, C, H, W) and their labels, "
+                              "as attack --save-dataset writes)")
+    images, labels = obj["images"], obj["labels"].long()
+    if images.shape[1:] != (3, like.image_size, like.image_size):
+        raise FastablateError(f"{what}{path} holds images of shape {tuple(images.shape[1:])}; the training images "
+                              f"are (3, {like.image_size}, {like.image_size})")
+    classes = obj.get("classes") or list(like.classes)
+    if labels.numel() and (labels.min() < 0 or labels.max() >= len(classes)):
+        raise FastablateError(f"{what}{path}: labels outside its {len(classes)} classes")
+    ds = ImageSet(p.stem, "saved", labels, list(classes), like.mean, like.std, like.image_size, like.flip, images)
+    success = obj.get("success")
+    if successful and isinstance(success, Tensor) and success.shape == labels.shape:
+        if not bool(success.any()):
+            raise FastablateError(f"{what}{path} holds no successful adversarial image")
+        ds = ds.subset(success.bool().nonzero().squeeze(1))
+    return with_classes(ds, list(like.classes), "the training data")
+
+
 def resized(ds: ImageSet, size: int) -> ImageSet:
     """``ds`` with its in-memory images resized to ``size`` square (a note says so)."""
     from torchvision.transforms.v2.functional import resize
@@ -196,35 +229,21 @@ def _uint8_batches(ds: ImageSet, order: Tensor, batch_size: int, workers: int) -
 
 
 def batches(ds: ImageSet, batch_size: int, *, device: torch.device | str = "cpu", shuffle: bool = False,
-            generator: torch.Generator | None = None, augment: bool = False,
+            generator: torch.Generator | None = None, augment: list[tuple[str, float]] | None = None,
             workers: int = 0) -> Iterator[tuple[Tensor, Tensor]]:
     """Float batches in [0, 1] on ``device`` with their labels; the last batch may be short.
 
-    ``workers`` > 0 decodes a file-backed set in that many processes (in-memory sets need none).
+    ``augment``: (name, strength) pairs of :mod:`fastablate.data.augment`, applied to each
+    batch with random parameters from ``generator``. ``workers`` > 0 decodes a file-backed
+    set in that many processes (in-memory sets need none).
     """
+    from fastablate.data.augment import augment as apply
+
     order = torch.randperm(len(ds), generator=generator) if shuffle else torch.arange(len(ds))
     for x, y in _uint8_batches(ds, order, batch_size, workers):
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        if augment:
-            x = augment_batch(x, flip=ds.flip, generator=generator)
-        yield x.float().div_(255), y
-
-
-def augment_batch(x: Tensor, *, flip: bool, generator: torch.Generator | None = None) -> Tensor:
-    """Random crop after zero-padding by 1/8 of the size (4 px at 32 px) and, if ``flip``,
-    random horizontal flips; one draw per image, done for the whole batch at once."""
-    n, _, h, w = x.shape
-    pad = max(1, h // 8)
-    shifts = torch.randint(0, 2 * pad + 1, (2, n), generator=generator).to(x.device)
-    xp = torch.nn.functional.pad(x, (pad, pad, pad, pad))
-    rows = (torch.arange(h, device=x.device)[None, :] + shifts[0][:, None])[:, None, :, None]
-    cols = torch.arange(w, device=x.device)[None, :] + shifts[1][:, None]
-    if flip:
-        flipped = torch.rand(n, generator=generator).to(x.device) < 0.5
-        cols = torch.where(flipped[:, None], cols.flip(1), cols)
-    batch = torch.arange(n, device=x.device)[:, None, None, None]
-    chan = torch.arange(x.shape[1], device=x.device)[None, :, None, None]
-    return xp[batch, chan, rows, cols[:, None, None, :]]
+        x = x.float().div_(255)
+        yield (apply(x, augment, generator) if augment else x), y
 
 
 from fastablate.data import datasets  # noqa: E402,F401  (the built-in datasets register themselves)

@@ -125,17 +125,23 @@ def load_or_build_model(setup: Setup, ds: ImageSet, *, weights: str | None = Non
                               f"{ds.num_classes} classes")
     if model.classes is None:
         model.classes = list(ds.classes)
+    check_fits(model, ds)
+    return model
+
+
+def check_fits(model: NormalizedModel, ds: ImageSet) -> None:
+    """The model takes the data's images: as many normalization values as channels, and a
+    forward pass of one image works (a model too deep for the image size fails here)."""
     sample = ds.load(torch.arange(1)).float().div(255)
     if model.mean.numel() != sample.shape[1]:
         raise FastablateError(f"--mean/--std have {model.mean.numel()} values, the images have {sample.shape[1]} "
                               "channels")
-    try:  # a model too deep for the image size fails here, not in the middle of a run
+    try:
         with eval_mode(model), torch.no_grad():
-            model(sample)
+            model(sample.to(next(model.parameters()).device))
     except RuntimeError as e:
         raise FastablateError(f"model {model.arch} cannot take {ds.image_size}x{ds.image_size} images: "
                               f"{str(e).splitlines()[0]}") from None
-    return model
 
 
 def load_checkpoints(setup: Setup, ds: ImageSet, runtime: Runtime, *, command: str) -> list[NormalizedModel]:

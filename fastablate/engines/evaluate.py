@@ -45,15 +45,20 @@ class EvalResult:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, ds: ImageSet, runtime: Runtime, *, desc: str = "eval") -> EvalResult:
-    """Evaluate ``model`` (inputs in [0, 1]) on all of ``ds`` in eval mode."""
+def evaluate(model: nn.Module, ds: ImageSet, runtime: Runtime, *, desc: str = "eval", tta: bool = False,
+             memory_format: torch.memory_format = torch.contiguous_format) -> EvalResult:
+    """Evaluate ``model`` (inputs in [0, 1]) on all of ``ds`` in eval mode; with ``tta``, on
+    the mean of the softmax of each image and its horizontal flip."""
     start = time.perf_counter()
     k = ds.num_classes
     confusion = torch.zeros(k, k, dtype=torch.int64)
     loss_sum = 0.0
     with eval_mode(model):
         for x, y in batch_progress(ds, runtime, desc):
+            x = x.contiguous(memory_format=memory_format)
             logits = model(x)
+            if tta:
+                logits = (logits.float().softmax(1) + model(x.flip(3)).float().softmax(1)).div_(2).log_()
             loss_sum += F.cross_entropy(logits.float(), y, reduction="sum").item()
             pred = logits.argmax(1)
             confusion += torch.bincount((y * k + pred).cpu(), minlength=k * k).view(k, k)

@@ -89,6 +89,10 @@ class Study:
     def run(self, model: nn.Module, data: Any, spec: Spec, runtime: Runtime) -> Result:
         raise NotImplementedError
 
+    def run_info(self, models: Sequence[nn.Module], data: Any, spec: Spec) -> dict:
+        """What run.json records beyond the options (e.g. what a training froze)."""
+        return {}
+
     def resumes(self, spec: Spec) -> bool:
         """Whether this run continues the one in its ``--out``."""
         return False

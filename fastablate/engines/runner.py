@@ -46,8 +46,9 @@ def run_study(study: Study, setup: Setup, spec: Spec, *, progress: bool = False)
     models = study.load_models(setup, spec, data, runtime)
     study.check(models, data, spec)
     config = {"study": study.name, **setup.to_dict(), **spec.to_dict()}
-    with RunDir(setup.out or default_out(study.command), study.command, config, device=str(runtime.device),
-                seed=setup.seed).start(resume=study.resumes(spec), force=setup.force, inputs=inputs) as run:
+    run_dir = RunDir(setup.out or default_out(study.command), study.command, config, device=str(runtime.device),
+                     seed=setup.seed, info=study.run_info(models, data, spec))
+    with run_dir.start(resume=study.resumes(spec), force=setup.force, inputs=inputs) as run:
         results: list[Any] = []
         for i, model in enumerate(models):
             name = model_name(model)

@@ -200,6 +200,39 @@ class List(Value):
         return ",".join(self.item.show(v) for v in value) if isinstance(value, (list, tuple)) else str(value)
 
 
+class NamedFiles(Value):
+    """``name=FILE,name=FILE`` (or a YAML mapping): named input files."""
+
+    metavar = "NAME=FILE,.."
+
+    def parse(self, raw):
+        if isinstance(raw, dict):
+            return tuple((str(k), str(v)) for k, v in raw.items())
+        out = []
+        for item in str(raw).split(","):
+            name, eq, path = item.strip().partition("=")
+            if not eq or not name or not path:
+                raise ValueError(f"has {item.strip()!r}, not name=FILE")
+            out.append((name, path))
+        return tuple(out)
+
+    def problem(self, value):
+        names = [n for n, _ in value]
+        if len(set(names)) != len(names):
+            return "names a set twice"
+        bad = [n for n in names if not re.fullmatch(r"[A-Za-z0-9_-]+", n)]
+        return f"has the name {bad[0]!r}; use letters, digits, - and _" if bad else None
+
+    def normalize(self, value):
+        return tuple(tuple(v) for v in value)
+
+    def show(self, value):
+        return ",".join(f"{n}={p}" for n, p in value)
+
+    def files(self, value) -> list[str]:
+        return [p for _, p in value]
+
+
 class Size(Value):
     """Bytes, written ``2G``, ``512M``, ``1.5GiB`` or ``1000000``."""
 
@@ -316,7 +349,9 @@ class Spec:
         for name, opt, _ in spec_options(type(self)):
             value = getattr(self, name)
             if opt.role == role and value:
-                out += [(opt.flag, v) for v in (value if opt.multiple else (value,))]
+                values = value if opt.multiple else (value,)
+                files = getattr(opt.type, "files", None)
+                out += [(opt.flag, f) for v in values for f in (files(v) if files else [v])]
         return out
 
     def given(self) -> list[str]:
@@ -329,3 +364,15 @@ def one_of(spec: Spec, names: Sequence[str]) -> None:
     given = [spec.flag(n) for n in names if getattr(spec, n) not in (None, (), False)]
     if len(given) > 1:
         raise FastablateError(f"{' and '.join(given)} each choose the same thing: give one")
+
+
+def prefixed(cls, prefix: str, names: Sequence[str], help_prefix: str = "") -> list[tuple[str, Any, Any]]:
+    """Fields for ``dataclasses.make_dataclass`` that repeat options of spec ``cls`` under
+    ``<prefix>_<name>`` and ``--<prefix>-<flag>``: one declaration serves two commands."""
+    out = []
+    for name, opt, default in spec_options(cls):
+        if name in names:
+            flag = f"--{prefix}-{opt.flag.lstrip('-')}"
+            out.append((f"{prefix}_{name}", Any, option(default, help_prefix + opt.help, type=opt.type, flag=flag,
+                                                        multiple=opt.multiple, metavar=opt.metavar, role=opt.role)))
+    return out

@@ -1,54 +1,177 @@
-"""Training: SGD with Nesterov momentum, cosine learning-rate schedule, weight decay,
-optional label smoothing; per-epoch metrics and checkpoints; resumable.
+"""Training studies: train any registry model on any registry dataset, from scratch or from
+ImageNet weights or a checkpoint, with frozen parts, an MLP/dropout head, batched
+augmentations, adversarial batches (saved or made on the fly) and extra evaluation sets.
 
 Defaults follow the CIFAR recipe of He et al. 2016 adapted to a cosine schedule
-(Loshchilov & Hutter 2017): lr 0.1 per 128 images, momentum 0.9, weight decay 5e-4.
+(Loshchilov & Hutter 2017): lr 0.1 per 128 images, momentum 0.9, weight decay 5e-4, random
+crops and flips. The loop is :mod:`fastablate.engines.trainer`.
 """
 from __future__ import annotations
 
 import hashlib
-import math
-import time
-from dataclasses import dataclass, field
+import re
+from dataclasses import dataclass, field, make_dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Optional, Sequence
 
-import torch
-import torch.nn.functional as F
+from torch import Tensor
 
-from fastablate.data import ImageSet
-from fastablate.engines.common import load_data, load_or_build_model
-from fastablate.engines.evaluate import EvalResult, evaluate
-from fastablate.engines.protocol import Runtime, Study, batch_progress, table
-from fastablate.engines.spec import Float, Int, Spec, option
+from fastablate.data import ImageSet, load_saved
+from fastablate.data.augment import check_strengths, parse_augment
+from fastablate.engines.attacks import ATTACKS, AttackSpec
+from fastablate.engines.common import check_fits, load_data, seed_everything
+from fastablate.engines.evaluate import EvalResult
+from fastablate.engines.protocol import Study, table
+from fastablate.engines.spec import Choice, Float, Int, NamedFiles, Spec, Text, Value, option, prefixed
+from fastablate.engines.trainer import STATE_FILE, train
 from fastablate.errors import FastablateError
-from fastablate.models import NormalizedModel, save_checkpoint
-from fastablate.models.checkpoint import atomic_save
+from fastablate.models import build_model
+from fastablate.models.checkpoint import FORMAT, read_checkpoint
+from fastablate.models.transfer import freeze, init_from_checkpoint, init_imagenet, parse_head
 from fastablate.plots import pyplot, save
-from fastablate.results import jsonable, write_csv
+from fastablate.results import jsonable
 
-STATE_FILE = "last.pt"  # optimizer, schedule and RNG state for --resume
-MODEL_FILE = "model.pt"  # the model in our checkpoint format
 DEFAULT_MODEL = "resnet8"
+IMAGENET_STATS = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+ADV_OPTIONS = ("pixels", "k", "steps", "restarts", "step", "eps", "lam", "lr")
+
+
+class Augment(Value):
+    metavar = "NAME[:S],.."
+
+    def parse(self, raw):
+        return ",".join(f"{n}:{s:g}" if s is not None else n for n, s in parse_augment(raw))
+
+    def problem(self, value):
+        try:
+            parse_augment(value)
+        except ValueError as e:
+            return str(e)
+        return None
+
+
+class Head(Value):
+    metavar = "linear|mlp:W,.."
+
+    def problem(self, value):
+        try:
+            parse_head(value)
+        except ValueError as e:
+            return str(e)
+        return None
 
 
 @dataclass(frozen=True)
-class TrainSpec(Spec):
+class _Recipe(Spec):
     epochs: int = option(15, "Epochs.", type=Int(min=1, max=100_000))
-    lr: float = option(0.1, "Learning rate per 128 images (scaled linearly with --batch-size).",
+    lr: float = option(0.1, "Peak learning rate per 128 images (scaled linearly with --batch-size).",
                        type=Float(0, 100, min_open=True))
     momentum: float = option(0.9, "SGD momentum (Nesterov when > 0).", type=Float(0, 1, max_open=True))
     weight_decay: float = option(5e-4, "Weight decay (not on BatchNorm and biases).", type=Float(0, 1))
     label_smoothing: float = option(0.0, "Label smoothing.", type=Float(0, 1, max_open=True))
+    schedule: str = option("cosine", "Learning-rate schedule.", type=Choice("cosine", "onecycle"))
+    warmup: float = option(0.2, "onecycle: fraction of the steps over which the rate rises.",
+                           type=Float(0, 1, min_open=True, max_open=True))
+    ema: float = option(0.0, "Decay per step of an average of the weights, which is evaluated and saved "
+                             "(0: off; e.g. 0.999).", type=Float(0, 1, max_open=True))
+    tta: bool = option(False, "Also evaluate on the mean prediction of each image and its flip (test_tta).")
+    memory_format: str = option("channels-last", "Memory layout of images and activations (channels-last is "
+                                                 "faster on CPUs).", type=Choice("channels-last", "contiguous"))
+    augment: Optional[str] = option(None, "Augmentations, e.g. crop,flip,rotation:15,cutout:8 [default: crop,flip; "
+                                          "crop for digits].", type=Augment())
+    init: str = option("none", "Initialization: fresh, or torchvision's ImageNet weights from the torch hub cache.",
+                       type=Choice("none", "imagenet"))
+    freeze: Optional[str] = option(None, "Frozen parts: unit or module names (stem, layer1, head, ...) or N, the "
+                                         "first N top-level children.", type=Text("NAMES|N"))
+    head: str = option("linear", "Head: linear, or mlp:WIDTH,... (ReLU between layers).", type=Head())
+    dropout: float = option(0.0, "Dropout before each head layer.", type=Float(0, 1, max_open=True))
+    adv_data: Optional[str] = option(None, "A saved adversarial set (attack --save-dataset) mixed into training.",
+                                     type=Text("FILE"), role="input")
+    adv_train: Optional[str] = option(None, "Make adversarial images on the fly with this attack and the "
+                                            "current model.", type=Choice(*ATTACKS))
+    adv_ratio: float = option(0.5, "Fraction of each batch that is adversarial.", type=Float(0, 1, min_open=True))
+
+
+# --adv-pixels, --adv-steps, ...: the attack's own options, declared once in AttackSpec.
+_Adversarial = make_dataclass("_Adversarial", prefixed(AttackSpec, "adv", ADV_OPTIONS, "--adv-train: "),
+                              bases=(_Recipe,), frozen=True)
+
+
+@dataclass(frozen=True)
+class TrainSpec(_Adversarial):
+    eval_sets: tuple = option((), "Extra evaluation sets evaluated after every epoch, e.g. "
+                                  "perturbed=adv-test.pt,holdout=h.pt (attack --save-dataset files).",
+                              type=NamedFiles(), role="input")
     resume: bool = option(False, "Continue the run in --out from its last epoch.")
+
+    def validate(self) -> None:
+        given = set(self.given())
+        if "warmup" in given and self.schedule != "onecycle":
+            raise FastablateError("--warmup applies to --schedule onecycle")
+        if self.adv_data and self.adv_train:
+            raise FastablateError("--adv-data and --adv-train both make the adversarial part of a batch: give one")
+        if "adv_ratio" in given and not (self.adv_data or self.adv_train):
+            raise FastablateError("--adv-ratio applies to --adv-data or --adv-train, neither of which is given")
+        adv_given = [n for n in ADV_OPTIONS if f"adv_{n}" in given]
+        if adv_given and not self.adv_train:
+            raise FastablateError(f"{self.flag('adv_' + adv_given[0])} applies to --adv-train, which is not given")
+        self.attack_spec()
+        names = [n for n, _ in self.eval_sets]
+        if "test" in names or "test_tta" in names or "train" in names:
+            raise FastablateError("--eval-sets: train, test and test_tta are taken; name the sets otherwise")
+
+    def attack_spec(self) -> AttackSpec | None:
+        """The --adv-train attack with its --adv-* options (errors name those options)."""
+        if not self.adv_train:
+            return None
+        try:
+            return AttackSpec(attack=self.adv_train, **{n: getattr(self, f"adv_{n}") for n in ADV_OPTIONS
+                                                        if f"adv_{n}" in self.given()})
+        except FastablateError as e:  # name the options as train has them
+            flags = "|".join(["attack", *(AttackSpec.flag(n).lstrip("-") for n in ADV_OPTIONS)])
+            raise FastablateError(re.sub(rf"--({flags})\b", lambda m: "--adv-train" if m.group(1) == "attack"
+                                         else f"--adv-{m.group(1)}", str(e))) from None
 
 
 @dataclass
 class TrainData:
     train: ImageSet
     test: ImageSet
+    augment: list[tuple[str, float]]  # resolved --augment
+    eval_sets: dict[str, ImageSet] = field(default_factory=dict)
+    adv: ImageSet | None = None  # --adv-data
+    adv_spec: AttackSpec | None = None  # --adv-train
     fingerprint: dict = field(default_factory=dict)  # everything that shapes the run (see fingerprint())
     resume: dict | None = None  # the state in last.pt, with --resume
+    preview: dict[str, Tensor] = field(default_factory=dict)  # augmentation -> a few augmented images
+
+
+@dataclass
+class TrainResult:
+    model: str
+    history: list[dict]  # one row per epoch
+    final: EvalResult  # the saved model after the last epoch on the test split
+    checkpoint: Path
+    seconds: float
+    eval_sets: dict[str, EvalResult] = field(default_factory=dict)  # and test_tta with --tta
+    frozen: list[str] = field(default_factory=list)
+    init: str = "none"
+    preview: dict[str, Tensor] = field(default_factory=dict, repr=False)
+
+    def to_dict(self) -> dict:
+        return {"accuracy": self.final.accuracy, "loss": self.final.loss, "epochs": len(self.history),
+                "checkpoint": str(self.checkpoint), "test": self.final.to_dict(), "history": self.history,
+                "eval_sets": {n: {"accuracy": r.accuracy, "loss": r.loss, "n": r.n} for n, r in self.eval_sets.items()},
+                "frozen": self.frozen, "init": self.init}
+
+    def rows(self) -> list[dict]:
+        return self.history
+
+    def plot(self, directory: Path, *others: "TrainResult") -> list[Path]:
+        out = [plot_curves(self.history, directory / "curves.png")]
+        if self.preview:
+            out.append(plot_augmentations(self.preview, directory / "augmentations.png"))
+        return out
 
 
 # Shared options that do not change what a training computes.
@@ -60,39 +183,17 @@ def fingerprint(setup, spec: TrainSpec, train_set: ImageSet, test_set: ImageSet)
     schedule) and the data it found (classes, sizes, the labels' digest)."""
     labels = hashlib.blake2b(train_set.labels.numpy().tobytes() + test_set.labels.numpy().tobytes(),
                              digest_size=8).hexdigest()
-    return {**{k: v for k, v in setup.to_dict().items() if k not in _NOT_FINGERPRINTED},
-            **{k: v for k, v in spec.to_dict().items() if k != "resume"},
-            "data_dir": str(Path(setup.data_dir).resolve()) if setup.data_dir else None,
-            "classes": list(train_set.classes), "image_size": train_set.image_size,
-            "images": [len(train_set), len(test_set)], "labels": labels}
-
-
-@dataclass
-class TrainResult:
-    model: str
-    history: list[dict]  # one row per epoch
-    final: EvalResult  # the model after the last epoch on the test split
-    checkpoint: Path
-    seconds: float
-
-    def to_dict(self) -> dict:
-        return {"accuracy": self.final.accuracy, "loss": self.final.loss, "epochs": len(self.history),
-                "checkpoint": str(self.checkpoint), "test": self.final.to_dict(), "history": self.history}
-
-    def rows(self) -> list[dict]:
-        return self.history
-
-    def plot(self, directory: Path, *others: "TrainResult") -> list[Path]:
-        return [plot_history(self.history, directory / "training.png")]
-
-
-def _lr(spec: TrainSpec, batch_size: int, step: int, total: int) -> float:
-    base = spec.lr * batch_size / 128
-    return base * 0.5 * (1 + math.cos(math.pi * step / total))
+    return jsonable({**{k: v for k, v in setup.to_dict().items() if k not in _NOT_FINGERPRINTED},
+                     **{k: v for k, v in spec.to_dict().items() if k != "resume"},
+                     "data_dir": str(Path(setup.data_dir).resolve()) if setup.data_dir else None,
+                     "classes": list(train_set.classes), "image_size": train_set.image_size,
+                     "images": [len(train_set), len(test_set)], "labels": labels})
 
 
 def load_resume_state(out: Path) -> dict:
     """The training state in ``out/last.pt``."""
+    import torch
+
     path = Path(out) / STATE_FILE
     if not path.is_file():
         raise FastablateError(f"--resume: no {STATE_FILE} in {str(out)!r}; nothing to resume")
@@ -105,93 +206,54 @@ def load_resume_state(out: Path) -> dict:
     return state
 
 
-def train(model: NormalizedModel, data: TrainData, spec: TrainSpec, runtime: Runtime) -> TrainResult:
-    """Train ``model`` on ``data.train``, evaluating on ``data.test`` after every epoch.
-
-    Writes ``model.pt`` and ``last.pt`` into the run directory at every epoch (atomically),
-    and ``metrics.csv``. With ``data.resume`` (the state of ``last.pt``), continues where
-    that state ended.
-    """
-    start = time.perf_counter()
-    device, bs = runtime.device, runtime.batch_size
-    model.to(device)
-    decay, no_decay = [], []
-    for p in model.parameters():
-        (decay if p.dim() > 1 else no_decay).append(p)  # no weight decay on BN and biases
-    opt = torch.optim.SGD([{"params": decay, "weight_decay": spec.weight_decay},
-                           {"params": no_decay, "weight_decay": 0.0}],
-                          lr=spec.lr, momentum=spec.momentum, nesterov=spec.momentum > 0)
-    gen = torch.Generator().manual_seed(runtime.seed)  # data order and augmentation
-    steps_per_epoch = -(-len(data.train) // bs)
-    total = spec.epochs * steps_per_epoch
-    history: list[dict] = []
-    first_epoch = 0
-    if data.resume is not None:
-        state = data.resume
-        model.net.load_state_dict(state["state_dict"])
-        opt.load_state_dict(state["optimizer"])
-        gen.set_state(state["generator"])
-        torch.set_rng_state(state["torch_rng"])
-        history, first_epoch = state["history"], state["epoch"] + 1
-    eval_runtime = runtime.with_(batch_size=max(bs, 256), progress=False)
-    final = None
-    for epoch in range(first_epoch, spec.epochs):
-        t0 = time.perf_counter()
-        model.train()
-        loss_sum, correct, seen = 0.0, 0, 0
-        batches = batch_progress(data.train, runtime, f"epoch {epoch + 1}/{spec.epochs}", shuffle=True,
-                                 generator=gen, augment=True)
-        for i, (x, y) in enumerate(batches):
-            lr = _lr(spec, bs, epoch * steps_per_epoch + i, total)
-            for group in opt.param_groups:
-                group["lr"] = lr
-            logits = model(x)
-            loss = F.cross_entropy(logits, y, label_smoothing=spec.label_smoothing)
-            value = loss.item()
-            if not math.isfinite(value):
-                raise FastablateError(f"training diverged: the loss is {value} at epoch {epoch + 1}, step {i + 1}; "
-                                      f"lower --lr (the step's learning rate was {lr:.4g})")
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            loss_sum += value * y.numel()
-            correct += (logits.argmax(1) == y).sum().item()
-            seen += y.numel()
-        final = evaluate(model, data.test, eval_runtime)
-        row = {"epoch": epoch + 1, "lr": lr, "train_loss": loss_sum / seen, "train_accuracy": correct / seen,
-               "test_loss": final.loss, "test_accuracy": final.accuracy, "seconds": time.perf_counter() - t0}
-        history.append(row)
-        meta = {"dataset": data.train.name, "epoch": epoch + 1, "test_accuracy": final.accuracy,
-                "test_loss": final.loss, "seed": runtime.seed}
-        save_checkpoint(model, runtime.out / MODEL_FILE, meta)
-        atomic_save({"arch": model.arch, "epoch": epoch, "state_dict": model.net.state_dict(),
-                     "optimizer": opt.state_dict(), "generator": gen.get_state(), "fingerprint": data.fingerprint,
-                     "torch_rng": torch.get_rng_state(), "history": history}, runtime.out / STATE_FILE)
-        write_csv(runtime.out / "metrics.csv", history)
-        print(f"epoch {epoch + 1}/{spec.epochs}: train loss {row['train_loss']:.4f} acc {row['train_accuracy']:.4f}"
-              f" | test loss {final.loss:.4f} acc {final.accuracy:.4f} | {row['seconds']:.1f}s", flush=True)
-    if final is None:  # resumed a finished run: report the saved model
-        final = evaluate(model, data.test, eval_runtime)
-    return TrainResult(model.name, history, final, runtime.out / MODEL_FILE, time.perf_counter() - start)
-
-
-def plot_history(history: list[dict], path: Path) -> Path:
+def plot_curves(history: list[dict], path: Path) -> Path:
+    """Loss and accuracy per epoch: train, test and every extra evaluation set."""
     epochs = [r["epoch"] for r in history]
-    fig, (a, b) = pyplot().subplots(1, 2, figsize=(9, 3.5))
-    a.plot(epochs, [r["train_loss"] for r in history], label="train")
-    a.plot(epochs, [r["test_loss"] for r in history], label="test")
-    a.set(xlabel="epoch", ylabel="loss")
-    a.legend()
-    b.plot(epochs, [r["train_accuracy"] for r in history], label="train")
-    b.plot(epochs, [r["test_accuracy"] for r in history], label="test")
-    b.set(xlabel="epoch", ylabel="accuracy")
-    b.legend()
+    sets = ["train"] + [k[:-len("_accuracy")] for k in history[0] if k.endswith("_accuracy") and k != "train_accuracy"]
+    fig, (a, b) = pyplot().subplots(1, 2, figsize=(10, 3.8))
+    for name in sets:
+        a.plot(epochs, [r[f"{name}_loss"] for r in history], "o-", ms=3, label=name)
+        b.plot(epochs, [r[f"{name}_accuracy"] for r in history], "o-", ms=3, label=name)
+    a.set(xlabel="epoch", ylabel="loss (cross-entropy)")
+    b.set(xlabel="epoch", ylabel="accuracy", ylim=(0, 1.02))
+    for ax in (a, b):
+        ax.legend(fontsize=8)
+        ax.xaxis.get_major_locator().set_params(integer=True)
     return save(fig, path, dpi=120)
+
+
+def plot_augmentations(preview: dict[str, Tensor], path: Path) -> Path:
+    """One row per augmentation (the first row: the originals) on the same training images."""
+    rows = len(preview)
+    cols = next(iter(preview.values())).shape[0]
+    fig, axes = pyplot().subplots(rows, cols, figsize=(1.3 * cols + 1.2, 1.3 * rows), squeeze=False)
+    for r, (name, images) in enumerate(preview.items()):
+        for c in range(cols):
+            ax = axes[r][c]
+            ax.imshow(images[c].permute(1, 2, 0).clamp(0, 1).numpy(), interpolation="nearest")
+            ax.set_xticks([])
+            ax.set_yticks([])
+        axes[r][0].set_ylabel(name, rotation=0, ha="right", va="center", fontsize=8)
+    return save(fig, path, dpi=110)
+
+
+def _preview(ds: ImageSet, augments: list[tuple[str, float]], seed: int, count: int = 6) -> dict[str, Tensor]:
+    import torch
+
+    from fastablate.data.augment import augment
+
+    x = ds.load(torch.arange(min(count, len(ds)))).float().div(255)
+    out = {"original": x}
+    for name, s in augments:
+        out[f"{name}:{s:g}"] = augment(x, [(name, s)], torch.Generator().manual_seed(seed))
+    return out
 
 
 class TrainStudy(Study):
     """Train a model (default: resnet8 on the embedded digits) and evaluate it after every
-    epoch. --limit applies to both splits; --weights initializes from a checkpoint."""
+    epoch: from scratch, from ImageNet weights (--init) or a checkpoint (--weights), with frozen
+    parts, an MLP/dropout head, augmentations, adversarial batches and extra evaluation sets.
+    --limit applies to both splits."""
 
     name = "train"
     command = "train"
@@ -204,11 +266,42 @@ class TrainStudy(Study):
         train_set = load_data(setup, "train")
         test_set = load_data(setup, "test", image_size=train_set.image_size, classes=train_set.classes,
                              classes_of="the train split")
-        return TrainData(train_set, test_set, jsonable(fingerprint(setup, spec, train_set, test_set)),
-                         load_resume_state(Path(setup.out)) if spec.resume else None)
+        augments = check_strengths(parse_augment(spec.augment or ("crop,flip" if train_set.flip else "crop")),
+                                   train_set.image_size)
+        eval_sets = {n: load_saved(p, f"--eval-sets {n}=", train_set) for n, p in spec.eval_sets}
+        adv = load_saved(spec.adv_data, "--adv-data ", train_set, successful=True) if spec.adv_data else None
+        return TrainData(train_set, test_set, augments, eval_sets, adv, spec.attack_spec(),
+                         fingerprint(setup, spec, train_set, test_set),
+                         load_resume_state(Path(setup.out)) if spec.resume else None,
+                         _preview(train_set, augments, setup.seed))
 
-    def load_models(self, setup, spec, data: TrainData, runtime):
-        return [load_or_build_model(setup, data.train, default_arch=DEFAULT_MODEL)]
+    def load_models(self, setup, spec: TrainSpec, data: TrainData, runtime):
+        ds = data.train
+        if spec.init == "imagenet" and setup.weights:
+            raise FastablateError("--init imagenet and --weights both initialize the model: give one")
+        ckpt = read_checkpoint(setup.weights) if setup.weights else None
+        arch = setup.model or (ckpt["arch"] if ckpt and ckpt["format"] == FORMAT else None)
+        if ckpt is not None and arch is None:
+            raise FastablateError(f"checkpoint {setup.weights!r} is a bare state_dict: name its model with --model")
+        arch = arch or DEFAULT_MODEL
+        mean, std = setup.mean, setup.std
+        if mean is None and spec.init == "imagenet":
+            mean, std = IMAGENET_STATS
+        elif mean is None and ckpt is not None and ckpt["format"] == FORMAT:
+            mean, std = ckpt["mean"], ckpt["std"]
+        seed_everything(setup.seed)  # the same seed gives the same initial weights
+        model = build_model(arch, ds.num_classes, image_size=ds.image_size, mean=mean or ds.mean,
+                            std=std or ds.std, head=spec.head, dropout=spec.dropout)
+        model.classes = list(ds.classes)
+        model.init = "none"
+        if ckpt is not None:
+            init_from_checkpoint(model, ckpt, setup.weights)
+            model.init = f"checkpoint {setup.weights}"
+        if spec.init == "imagenet":
+            model.init = f"imagenet {init_imagenet(model)}"
+        model.frozen = freeze(model, spec.freeze) if spec.freeze else []
+        check_fits(model, ds)
+        return [model]
 
     def check(self, models, data: TrainData, spec):
         if data.resume is None:
@@ -223,6 +316,13 @@ class TrainStudy(Study):
             raise FastablateError(f"--resume: this is not the run in --out, which it would continue ({shown}); "
                                   "resume with the run's own options, or start a fresh run")
 
+    def run_info(self, models, data: TrainData, spec) -> dict:
+        m = models[0]
+        frozen = sum(p.numel() for p in m.parameters() if not p.requires_grad)
+        return {"init": m.init, "frozen": m.frozen, "frozen_parameters": frozen,
+                "trainable_parameters": sum(p.numel() for p in m.parameters()) - frozen,
+                "augment": [f"{n}:{s:g}" for n, s in data.augment]}
+
     def resumes(self, spec: TrainSpec) -> bool:
         return spec.resume
 
@@ -231,6 +331,10 @@ class TrainStudy(Study):
 
     def report(self, results: Sequence[TrainResult], spec) -> str:
         r = results[0]
-        return "\n".join([table(r.final.rows()),
-                          f"\n{r.model}: test accuracy {r.final.accuracy:.4f} ({r.final.n} images), "
-                          f"loss {r.final.loss:.4f}", f"checkpoint: {r.checkpoint}"])
+        lines = [table(r.final.rows()), ""]
+        lines += [f"{r.model}: test accuracy {r.final.accuracy:.4f} ({r.final.n} images), loss {r.final.loss:.4f}"]
+        lines += [f"{n}: accuracy {e.accuracy:.4f} ({e.n} images)" for n, e in r.eval_sets.items()]
+        return "\n".join(lines + [f"checkpoint: {r.checkpoint}"])
+
+
+__all__ = ["TrainData", "TrainResult", "TrainSpec", "TrainStudy", "fingerprint", "load_resume_state", "train"]

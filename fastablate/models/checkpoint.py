@@ -21,7 +21,7 @@ from typing import Any, Sequence
 
 import torch
 
-from fastablate.errors import FastablateError
+from fastablate.errors import FastablateError, note
 from fastablate.files import atomic_write
 
 FORMAT = "fastablate"
@@ -38,6 +38,7 @@ def save_checkpoint(model, path: str | os.PathLike, meta: dict | None = None) ->
         "format": FORMAT, "version": 1, "arch": model.arch, "num_classes": model.num_classes,
         "image_size": model.image_size, "mean": model.mean.flatten().tolist(), "std": model.std.flatten().tolist(),
         "classes": list(model.classes) if model.classes is not None else None,
+        "head": model.head, "dropout": model.dropout,
         "state_dict": {k: v.detach().cpu() for k, v in model.net.state_dict().items()}, "meta": meta or {},
     }, path)
 
@@ -104,21 +105,40 @@ def _check_ours(obj: dict, shown: str) -> None:
         raise FastablateError(f"checkpoint {shown!r}: classes do not match its {obj['num_classes']} outputs")
 
 
-def _load_state(net: torch.nn.Module, state: dict, arch: str, path) -> None:
-    own = net.state_dict()
-    missing = [k for k in own if k not in state]
-    unexpected = [k for k in state if k not in own]
+def _counter(key: str) -> bool:
+    return key.endswith("num_batches_tracked")
+
+
+def load_state(net: torch.nn.Module, state: dict, arch: str, path) -> None:
+    """Load ``state`` into ``net`` exactly. BatchNorm counters (``num_batches_tracked``) may be
+    missing: files saved before PyTorch 0.4.1 have none. Keys that differ only in their names,
+    with the ordered list of shapes matching one to one (``linear`` for ``fc`` in common CIFAR
+    ResNet files), load by position with one note; anything else is one error line."""
+    own = {k: v for k, v in net.state_dict().items() if not _counter(k)}
+    theirs = {k: v for k, v in state.items() if not _counter(k)}
+    missing = [k for k in own if k not in theirs]
+    unexpected = [k for k in theirs if k not in own]
+    if (missing or unexpected) and len(own) == len(theirs) and all(
+            a.shape == b.shape for a, b in zip(own.values(), theirs.values())):
+        renamed = [(a, b) for a, b in zip(theirs, own) if a != b]
+        shown = ", ".join(f"{a} -> {b}" for a, b in renamed[:4]) + (f" (+{len(renamed) - 4} more)"
+                                                                      if len(renamed) > 4 else "")
+        note(f"checkpoint {str(path)} names {len(renamed)} tensors differently from {arch}; loaded by position: "
+             f"{shown}")
+        theirs = dict(zip(own, theirs.values()))
+        missing = unexpected = []
     if missing or unexpected:
         def few(keys):
             return ", ".join(keys[:4]) + (f" (+{len(keys) - 4} more)" if len(keys) > 4 else "")
         parts = ([f"missing keys {few(missing)}"] if missing else []) + (
             [f"unexpected keys {few(unexpected)}"] if unexpected else [])
         raise FastablateError(f"checkpoint {str(path)!r} does not fit model {arch}: {'; '.join(parts)}")
-    for k, v in state.items():
+    for k, v in theirs.items():
         if own[k].shape != v.shape:
             raise FastablateError(f"checkpoint {str(path)!r} does not fit model {arch}: {k} has shape "
                                   f"{tuple(v.shape)} in the file, {tuple(own[k].shape)} in the model")
-    net.load_state_dict(state)
+    counters = {k: v for k, v in state.items() if _counter(k) and k in net.state_dict()}
+    net.load_state_dict({**theirs, **counters}, strict=False)
 
 
 def load_model(path: str | os.PathLike, arch: str | None = None, *, num_classes: int | None = None,
@@ -156,8 +176,9 @@ def model_from_checkpoint(ckpt: dict, path: str | os.PathLike, arch: str | None 
         if num_classes is None:
             weights = [v for k, v in ckpt["state_dict"].items() if k.endswith("weight") and v.dim() == 2]
             num_classes = weights[-1].shape[0] if weights else 10
-    model = build_model(arch, num_classes, image_size=image_size or 32, mean=mean, std=std)
-    _load_state(model.net, ckpt["state_dict"], arch, path)
+    model = build_model(arch, num_classes, image_size=image_size or 32, mean=mean, std=std,
+                        head=ckpt.get("head", "linear"), dropout=ckpt.get("dropout", 0.0))
+    load_state(model.net, ckpt["state_dict"], arch, path)
     model.meta = ckpt.get("meta") or {}
     model.classes = ckpt.get("classes")
     return model

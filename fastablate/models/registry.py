@@ -39,10 +39,12 @@ class NormalizedModel(nn.Module):
     """
 
     def __init__(self, net: nn.Module, mean: Sequence[float], std: Sequence[float], arch: str = "custom",
-                 num_classes: int | None = None, image_size: int | None = None):
+                 num_classes: int | None = None, image_size: int | None = None, head: str = "linear",
+                 dropout: float = 0.0):
         super().__init__()
         self.net = net
         self.arch, self.num_classes, self.image_size = arch, num_classes, image_size
+        self.head, self.dropout = head, dropout  # how build_model made the head (checkpoints record it)
         self.name = arch
         self.classes: list[str] | None = None  # class names, when known (checkpoints carry them)
         self.meta: dict = {}
@@ -79,7 +81,8 @@ def get_spec(name: str) -> ModelSpec:
 
 
 def build_model(name: str, num_classes: int = 10, *, image_size: int = 32,
-                mean: Sequence[float] = (0.5, 0.5, 0.5), std: Sequence[float] = (0.5, 0.5, 0.5)) -> NormalizedModel:
+                mean: Sequence[float] = (0.5, 0.5, 0.5), std: Sequence[float] = (0.5, 0.5, 0.5),
+                head: str = "linear", dropout: float = 0.0) -> NormalizedModel:
     """A freshly initialized registry model, wrapped with its input normalization.
 
     Args:
@@ -87,11 +90,22 @@ def build_model(name: str, num_classes: int = 10, *, image_size: int = 32,
         num_classes: outputs of the final linear layer.
         image_size: input height/width in pixels; picks the CIFAR or ImageNet stem.
         mean, std: per-channel normalization of inputs in [0, 1].
+        head: ``linear`` (the model's own) or ``mlp:512,256`` (see :mod:`fastablate.models.transfer`).
+        dropout: dropout before each head layer.
     """
+    from fastablate.models.transfer import parse_head, set_head
+
     spec = get_spec(name)
     if num_classes < 1:
         raise FastablateError(f"num_classes must be >= 1, got {num_classes}")
-    return NormalizedModel(spec.build(num_classes, image_size), mean, std, name, num_classes, image_size)
+    net = spec.build(num_classes, image_size)
+    if head != "linear" or dropout > 0:
+        try:
+            hidden = parse_head(head)
+        except ValueError as e:
+            raise FastablateError(f"--head {head!r}: {e}") from None
+        set_head(net, num_classes, hidden, dropout)
+    return NormalizedModel(net, mean, std, name, num_classes, image_size, head, dropout)
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -1,0 +1,180 @@
+"""The training loop: schedule, optimizer, weight averaging, adversarial batches, per-epoch
+evaluation, checkpoints and resume. The options live in :class:`~fastablate.engines.train.TrainSpec`.
+
+Recipe pieces (each an option): SGD with Nesterov momentum, no weight decay on BatchNorm and
+biases; a cosine schedule or a one-cycle (linear rise over ``warmup`` of the steps, linear
+fall to zero: Smith & Topin 2019, as in Page's "How to train your ResNet"); label smoothing;
+an exponential moving average of the weights (``ema``: the average is what is evaluated and
+saved, as in airbench); test-time flip averaging (``tta``); channels-last memory.
+"""
+from __future__ import annotations
+
+import copy
+import math
+import time
+from typing import Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from fastablate.data import ImageSet
+from fastablate.data.augment import augment
+from fastablate.engines.evaluate import EvalResult, evaluate
+from fastablate.engines.protocol import Runtime, batch_progress
+from fastablate.errors import FastablateError
+from fastablate.models import save_checkpoint
+from fastablate.models.checkpoint import atomic_save
+from fastablate.models.transfer import keep_frozen_bn
+from fastablate.modes import eval_mode
+from fastablate.results import write_csv
+
+STATE_FILE = "last.pt"  # optimizer, schedule, averaged weights and RNG state for --resume
+MODEL_FILE = "model.pt"  # the model in our checkpoint format
+
+
+def learning_rate(spec, batch_size: int, step: int, total: int) -> float:
+    """The learning rate at ``step`` of ``total``: --lr per 128 images, scaled with the batch."""
+    base = spec.lr * batch_size / 128
+    if spec.schedule == "onecycle":
+        rise = max(1, round(spec.warmup * total))
+        return base * (step + 1) / rise if step < rise else base * (total - step) / max(1, total - rise)
+    return base * 0.5 * (1 + math.cos(math.pi * step / total))
+
+
+class WeightAverage:
+    """An exponential moving average of a model's parameters (its buffers are copied), with
+    the usual warm-up of the decay: min(decay, (1 + t) / (10 + t)) at step t."""
+
+    def __init__(self, model: nn.Module, decay: float):
+        self.model = copy.deepcopy(model).eval()
+        self.decay, self.steps = decay, 0
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        d = min(self.decay, (1 + self.steps) / (10 + self.steps))
+        for a, p in zip(self.model.parameters(), model.parameters()):
+            a.lerp_(p.detach(), 1 - d)
+        for a, b in zip(self.model.buffers(), model.buffers()):
+            a.copy_(b)
+        self.steps += 1
+
+
+def _saved_batches(ds: ImageSet, size: int, gen: torch.Generator, augments, device) -> Tensor:
+    """``size`` random images of ``ds`` (with replacement), augmented like the training batch."""
+    idx = torch.randint(0, len(ds), (size,), generator=gen)
+    x = ds.load(idx).to(device).float().div_(255)
+    return (augment(x, augments, gen) if augments else x), ds.labels[idx].to(device)
+
+
+def train(model: nn.Module, data, spec, runtime: Runtime):
+    """Train ``model`` on ``data.train``, evaluating on ``data.test`` and every extra set after
+    each epoch; writes model.pt, last.pt and metrics.csv into the run directory every epoch
+    (atomically). With ``data.resume`` (the state of last.pt), continues where it ended."""
+    from fastablate.engines.attacks import RUNNERS
+    from fastablate.engines.train import TrainResult
+
+    start = time.perf_counter()
+    device, bs = runtime.device, runtime.batch_size
+    fmt = torch.channels_last if spec.memory_format == "channels-last" else torch.contiguous_format
+    model.to(device, memory_format=fmt)
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:  # frozen parameters are not the optimizer's
+            (decay if p.dim() > 1 else no_decay).append(p)  # no weight decay on BN and biases
+    opt = torch.optim.SGD([{"params": decay, "weight_decay": spec.weight_decay},
+                           {"params": no_decay, "weight_decay": 0.0}],
+                          lr=spec.lr, momentum=spec.momentum, nesterov=spec.momentum > 0)
+    average = WeightAverage(model, spec.ema) if spec.ema > 0 else None
+    gen = torch.Generator().manual_seed(runtime.seed)  # data order, augmentation, adversarial batches
+    steps_per_epoch = -(-len(data.train) // bs)
+    total = spec.epochs * steps_per_epoch
+    history: list[dict] = []
+    first_epoch = 0
+    if data.resume is not None:
+        state = data.resume
+        model.net.load_state_dict(state["state_dict"])
+        opt.load_state_dict(state["optimizer"])
+        if average is not None:
+            average.model.net.load_state_dict(state["average"])
+            average.steps = state["average_steps"]
+        gen.set_state(state["generator"])
+        torch.set_rng_state(state["torch_rng"])
+        history, first_epoch = state["history"], state["epoch"] + 1
+    adv_spec = data.adv_spec
+    eval_rt = runtime.with_(batch_size=max(bs, 256), progress=False)
+    final: dict[str, EvalResult] = {}
+    lr = 0.0
+    for epoch in range(first_epoch, spec.epochs):
+        t0 = time.perf_counter()
+        model.train()
+        keep_frozen_bn(model)
+        loss_sum, correct, seen = 0.0, 0, 0
+        batches: Iterator = batch_progress(data.train, runtime, f"epoch {epoch + 1}/{spec.epochs}", shuffle=True,
+                                           generator=gen, augment=data.augment)
+        for i, (x, y) in enumerate(batches):
+            lr = learning_rate(spec, bs, epoch * steps_per_epoch + i, total)
+            for group in opt.param_groups:
+                group["lr"] = lr
+            k = round(spec.adv_ratio * x.shape[0]) if (data.adv is not None or adv_spec is not None) else 0
+            if data.adv is not None and k:  # saved adversarial images replace part of the batch
+                xa, ya = _saved_batches(data.adv, k, gen, data.augment, device)
+                x, y = torch.cat([x[k:], xa]), torch.cat([y[k:], ya])
+            elif adv_spec is not None and k:  # made now, against the current model
+                with eval_mode(model, frozen=True):
+                    xa = RUNNERS[adv_spec.attack](model, x[:k], y[:k], adv_spec, None, gen)[0].detach()
+                model.train()
+                keep_frozen_bn(model)
+                x = torch.cat([xa, x[k:]])
+            x = x.contiguous(memory_format=fmt)
+            logits = model(x)
+            loss = F.cross_entropy(logits, y, label_smoothing=spec.label_smoothing)
+            value = loss.item()
+            if not math.isfinite(value):
+                raise FastablateError(f"training diverged: the loss is {value} at epoch {epoch + 1}, step {i + 1}; "
+                                      f"lower --lr (the step's learning rate was {lr:.4g})")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            if average is not None:
+                average.update(model)
+            loss_sum += value * y.numel()
+            correct += (logits.argmax(1) == y).sum().item()
+            seen += y.numel()
+        trained = average.model if average is not None else model
+        final = evaluate_all(trained, data, spec, eval_rt, fmt)
+        row = {"epoch": epoch + 1, "lr": lr, "train_loss": loss_sum / seen, "train_accuracy": correct / seen}
+        for name, res in final.items():
+            row[f"{name}_loss"], row[f"{name}_accuracy"] = res.loss, res.accuracy
+        row["seconds"] = time.perf_counter() - t0
+        history.append(row)
+        meta = {"dataset": data.train.name, "epoch": epoch + 1, "test_accuracy": final["test"].accuracy,
+                "test_loss": final["test"].loss, "seed": runtime.seed}
+        save_checkpoint(trained, runtime.out / MODEL_FILE, meta)
+        atomic_save({"arch": model.arch, "epoch": epoch, "state_dict": model.net.state_dict(),
+                     "optimizer": opt.state_dict(), "generator": gen.get_state(), "fingerprint": data.fingerprint,
+                     "average": average.model.net.state_dict() if average else None,
+                     "average_steps": average.steps if average else 0,
+                     "torch_rng": torch.get_rng_state(), "history": history}, runtime.out / STATE_FILE)
+        write_csv(runtime.out / "metrics.csv", history)
+        extra = "".join(f" | {n} acc {r.accuracy:.4f}" for n, r in final.items() if n != "test")
+        print(f"epoch {epoch + 1}/{spec.epochs}: train loss {row['train_loss']:.4f} acc {row['train_accuracy']:.4f}"
+              f" | test loss {final['test'].loss:.4f} acc {final['test'].accuracy:.4f}{extra} | "
+              f"{row['seconds']:.1f}s", flush=True)
+    if not final:  # resumed a finished run: report the saved model
+        final = evaluate_all(average.model if average is not None else model, data, spec, eval_rt, fmt)
+    return TrainResult(model.name, history, final["test"], runtime.out / MODEL_FILE, time.perf_counter() - start,
+                       {n: r for n, r in final.items() if n != "test"}, getattr(model, "frozen", []),
+                       getattr(model, "init", "none"), data.preview)
+
+
+def evaluate_all(model: nn.Module, data, spec, runtime: Runtime, fmt) -> dict[str, EvalResult]:
+    """The test split (``test``), its flip-averaged evaluation (``test_tta``) and every extra set."""
+    out = {"test": evaluate(model, data.test, runtime, memory_format=fmt)}
+    if spec.tta:
+        out["test_tta"] = evaluate(model, data.test, runtime, tta=True, memory_format=fmt)
+    for name, ds in data.eval_sets.items():
+        out[name] = evaluate(model, ds, runtime, memory_format=fmt)
+    return out

@@ -1,0 +1,229 @@
+"""Training studies: initialization and transfer, foreign weights, freezing, heads,
+augmentations, adversarial batches, extra evaluation sets, the recipe options, bad input."""
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import torchvision
+from click.testing import CliRunner
+
+from fastablate.cli import cli
+from fastablate.models import build_model, load_model, save_checkpoint
+from fastablate.models.transfer import IMAGENET, imagenet_file, init_from_checkpoint
+
+SYN = ["--dataset", "synthetic", "--limit", "40", "--batch-size", "20", "--device", "cpu"]
+
+
+def run(*args, env=None, code=0):
+    r = CliRunner().invoke(cli, [str(a) for a in args], env=env)
+    assert r.exit_code == code, (r.output, r.exception)
+    return r
+
+
+def error(*args, env=None):
+    r = run(*args, env=env, code=2)
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("Error: "), r.stderr
+    return lines[0]
+
+
+def results(out: Path) -> dict:
+    return json.loads((out / "results.json").read_text())
+
+
+# --- initialization -----------------------------------------------------------------------
+@pytest.fixture
+def hub(tmp_path, monkeypatch):
+    """A torch hub cache holding a stand-in for torchvision's ImageNet resnet18 weights."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    path, _ = imagenet_file("resnet18")
+    path.parent.mkdir(parents=True)
+    torch.manual_seed(5)
+    state = torchvision.models.resnet18().state_dict()
+    torch.save(state, path)
+    return path, state
+
+
+def test_init_imagenet_loads_what_fits(hub, tmp_path):
+    path, state = hub
+    out = tmp_path / "o"
+    r = run("train", "--model", "resnet18", *SYN, "--epochs", "1", "--init", "imagenet", "--freeze", "layer1,layer2",
+            "--out", out)
+    assert "keep their fresh initialization" in r.stderr and "conv1.weight" in r.stderr and "fc.weight" in r.stderr
+    model = load_model(out / "model.pt")
+    assert torch.equal(model.net.layer1[0].conv1.weight, state["layer1.0.conv1.weight"])  # frozen: still ImageNet's
+    assert torch.allclose(model.mean.flatten(), torch.tensor([0.485, 0.456, 0.406]))  # ImageNet's normalization
+    info = json.loads((out / "run.json").read_text())
+    assert info["init"] == f"imagenet {path}" and info["frozen"] == ["layer1", "layer2"]
+    assert info["frozen_parameters"] > 0 and info["trainable_parameters"] > 0
+
+
+def test_init_imagenet_absent_or_impossible(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty"))
+    path, url = imagenet_file("vgg11")
+    msg = error("train", "--model", "vgg11", *SYN, "--init", "imagenet", "--out", tmp_path / "o")
+    assert f"{path} is missing" in msg and url in msg and not (tmp_path / "o").exists()
+    assert "no ImageNet weights for plain18" in error("train", "--model", "plain18", *SYN, "--init", "imagenet")
+    assert set(IMAGENET) >= {"resnet18", "resnet34", "resnet50", "vgg11", "vgg19_bn"}
+
+
+def test_foreign_pre_041_checkpoint_loads_by_position(tmp_path):
+    """The common CIFAR ResNet files: no BatchNorm counters, the head named 'linear'."""
+    torch.manual_seed(0)
+    model = build_model("resnet20")
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.1, 0.1)
+    state = {k.replace("fc.", "linear."): v for k, v in model.net.state_dict().items()
+             if not k.endswith("num_batches_tracked")}
+    torch.save({"state_dict": state}, tmp_path / "old.th")
+    r = run("eval", "--model", "resnet20", "--weights", tmp_path / "old.th", *SYN, "--mean", "0.5,0.5,0.5",
+            "--std", "0.5,0.5,0.5", "--out", tmp_path / "e")
+    assert "names 2 tensors differently from resnet20; loaded by position: linear.weight -> fc.weight" in r.stderr
+    loaded = load_model(tmp_path / "old.th", "resnet20", mean=(0.5,) * 3, std=(0.5,) * 3).eval()
+    x = torch.rand(4, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model.eval()(x))
+    # Shapes that do not line up stay an error.
+    state["linear.weight"] = torch.zeros(5, 64)
+    torch.save(state, tmp_path / "bad.th")
+    assert "does not fit model resnet20" in error("eval", "--model", "resnet20", "--weights", tmp_path / "bad.th",
+                                                 *SYN, "--mean", "0.5,0.5,0.5", "--std", "0.5,0.5,0.5")
+
+
+def test_weights_of_other_classes_reinitialize_the_head(tmp_path, capsys):
+    torch.manual_seed(0)
+    src = build_model("resnet8", 4)
+    src.classes = ["w", "x", "y", "z"]
+    save_checkpoint(src, tmp_path / "four.pt")
+    model = build_model("resnet8", 10)
+    model.classes = [f"class{i}" for i in range(10)]
+    from fastablate.models.checkpoint import read_checkpoint
+    init_from_checkpoint(model, read_checkpoint(tmp_path / "four.pt"), str(tmp_path / "four.pt"))
+    assert "the head (fc) is freshly initialized" in capsys.readouterr().err
+    assert torch.equal(model.net.layer1[0].conv1.weight, src.net.layer1[0].conv1.weight)
+    run("train", "--weights", tmp_path / "four.pt", *SYN, "--epochs", "1", "--out", tmp_path / "t")
+    assert json.loads((tmp_path / "t" / "run.json").read_text())["init"] == f"checkpoint {tmp_path / 'four.pt'}"
+
+
+# --- freezing and heads -------------------------------------------------------------------
+def test_freeze_keeps_weights_and_batchnorm_statistics(tmp_path):
+    out = tmp_path / "f"
+    run("train", "--model", "resnet8", *SYN, "--epochs", "1", "--freeze", "stem,layer1", "--out", out)
+    torch.manual_seed(0)
+    init = build_model("resnet8")  # the same seed gives the same initial weights
+    trained = load_model(out / "model.pt")
+    for name in ("conv1.weight", "bn1.running_mean", "bn1.running_var", "layer1.0.conv2.weight",
+                 "layer1.0.bn1.running_mean"):
+        assert torch.equal(trained.net.state_dict()[name], init.net.state_dict()[name]), name
+    assert not torch.equal(trained.net.layer2[0].conv1.weight, init.net.layer2[0].conv1.weight)
+    assert json.loads((out / "run.json").read_text())["frozen"] == ["stem", "layer1"]
+    run("train", "--model", "resnet8", *SYN, "--epochs", "1", "--freeze", "2", "--out", tmp_path / "n")
+    assert json.loads((tmp_path / "n" / "run.json").read_text())["frozen"] == ["conv1", "bn1"]
+    msg = error("train", "--model", "resnet8", *SYN, "--freeze", "layer9", "--out", tmp_path / "x")
+    assert "--freeze 'layer9' names nothing in resnet8; valid: conv1, bn1, layer1" in msg and "layer1.0" in msg
+    assert "freezes every parameter" in error("train", *SYN, "--freeze", "7")
+
+
+@pytest.mark.parametrize("model", ["resnet8", "vgg11"])
+def test_mlp_head_with_dropout_trains_and_reloads(model, tmp_path):
+    out = tmp_path / model
+    run("train", "--model", model, *SYN, "--epochs", "1", "--head", "mlp:32,16", "--dropout", "0.3", "--out", out)
+    m = load_model(out / "model.pt")
+    head = m.net.fc if model == "resnet8" else m.net.classifier
+    kinds = [type(x).__name__ for x in head]
+    assert kinds == ["Dropout", "Linear", "ReLU", "Dropout", "Linear", "ReLU", "Dropout", "Linear"]
+    assert [x.out_features for x in head if isinstance(x, torch.nn.Linear)] == [32, 16, 10]
+    run("eval", "--weights", out / "model.pt", *SYN, "--out", tmp_path / f"e-{model}")
+    assert results(tmp_path / f"e-{model}")["accuracy"] == results(out)["accuracy"]
+
+
+# --- augmentations, curves, evaluation sets, adversarial batches ----------------------------
+@pytest.fixture(scope="module")
+def saved_sets(tmp_path_factory, trained_resnet8):
+    d = tmp_path_factory.mktemp("sets")
+    for split in ("train", "test"):
+        run("attack", "--weights", trained_resnet8, "--dataset", "synthetic", "--limit", "40", "--split", split,
+            "--attack", "pgd", "--eps", "0.1", "--steps", "3", "--save-dataset", d / f"adv-{split}.pt", "--out",
+            d / f"run-{split}")
+    return d
+
+
+def test_augmentations_curves_eval_sets_and_adversarial_data(saved_sets, tmp_path):
+    out = tmp_path / "a"
+    run("train", "--model", "resnet8", *SYN, "--epochs", "2", "--augment", "crop,rotation:10,color-jitter,cutout:6,"
+        "blur:1,salt-pepper:0.01,gaussian:0.03,resized-crop:0.7,center-crop:28,flip",
+        "--adv-data", saved_sets / "adv-train.pt", "--adv-ratio", "0.25",
+        "--eval-sets", f"perturbed={saved_sets / 'adv-test.pt'}", "--out", out)
+    res = results(out)
+    assert set(res["eval_sets"]) == {"perturbed"} and res["eval_sets"]["perturbed"]["n"] == 40
+    assert {"perturbed_accuracy", "perturbed_loss", "test_accuracy"} <= set(res["history"][0])
+    assert "perturbed_accuracy" in (out / "metrics.csv").read_text().splitlines()[0]
+    assert (out / "plots" / "curves.png").stat().st_size > 5000
+    assert (out / "plots" / "augmentations.png").stat().st_size > 5000
+    assert json.loads((out / "run.json").read_text())["augment"][1] == "rotation:10"
+
+
+def test_adversarial_training_on_the_fly_and_recipe_options(tmp_path):
+    out = tmp_path / "adv"
+    run("train", "--model", "resnet8", *SYN, "--epochs", "2", "--adv-train", "pgd", "--adv-eps", "0.05",
+        "--adv-steps", "2", "--schedule", "onecycle", "--warmup", "0.3", "--ema", "0.9", "--tta",
+        "--label-smoothing", "0.1", "--out", out)
+    res = results(out)
+    assert "test_tta_accuracy" in res["history"][-1] and set(res["eval_sets"]) == {"test_tta"}
+    # Same seed, same options: the same model, bit for bit (data order, augmentation, attacks).
+    run("train", "--model", "resnet8", *SYN, "--epochs", "2", "--adv-train", "pgd", "--adv-eps", "0.05",
+        "--adv-steps", "2", "--schedule", "onecycle", "--warmup", "0.3", "--ema", "0.9", "--tta",
+        "--label-smoothing", "0.1", "--out", tmp_path / "again")
+    a, b = (torch.load(p / "model.pt", weights_only=True)["state_dict"] for p in (out, tmp_path / "again"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_resume_with_weight_average_matches_uninterrupted(tmp_path, monkeypatch):
+    args = ["train", "--model", "resnet8", *SYN, "--epochs", "2", "--ema", "0.9", "--schedule", "onecycle"]
+    run(*args, "--out", tmp_path / "full")
+    import fastablate.engines.trainer as trainer
+    real, calls = trainer.evaluate_all, []
+
+    def stop_second(*a, **k):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+    monkeypatch.setattr(trainer, "evaluate_all", stop_second)
+    CliRunner().invoke(cli, [str(a) for a in args] + ["--out", str(tmp_path / "part")])
+    monkeypatch.setattr(trainer, "evaluate_all", real)
+    run(*args, "--out", tmp_path / "part", "--resume")
+    a, b = (torch.load(p / "model.pt", weights_only=True)["state_dict"] for p in (tmp_path / "full", tmp_path / "part"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--augment", "crop,zoom"], "--augment 'crop,zoom': has an unknown augmentation 'zoom'"),
+    (["--augment", "cutout:99"], "--augment cutout:99: the strength (px side) must be in (0, 32]"),
+    (["--augment", "rotation:x"], "gives rotation the strength 'x'"),
+    (["--head", "mlp:"], "--head 'mlp:': is not a head"),
+    (["--head", "mlp:a,b"], "has widths 'a,b' that are not whole numbers"),
+    (["--dropout", "1"], "--dropout '1': must be in [0, 1)"),
+    (["--warmup", "0.3"], "--warmup applies to --schedule onecycle"),
+    (["--adv-ratio", "0.3"], "--adv-ratio applies to --adv-data or --adv-train"),
+    (["--adv-eps", "0.1"], "--adv-eps applies to --adv-train, which is not given"),
+    (["--adv-train", "pgd", "--adv-restarts", "2"], "--adv-restarts does not apply to --adv-train pgd"),
+    (["--adv-data", "{sets}/adv-test.pt", "--adv-train", "pgd"], "--adv-data and --adv-train both"),
+    (["--eval-sets", "bad"], "--eval-sets 'bad': has 'bad', not name=FILE"),
+    (["--eval-sets", "test={sets}/adv-test.pt"], "train, test and test_tta are taken"),
+    (["--eval-sets", "x={sets}/nothing.pt"], "--eval-sets x={sets}/nothing.pt: no such file"),
+    (["--adv-data", "{sets}/small.pt"], "holds images of shape (3, 16, 16); the training images are (3, 32, 32)"),
+    (["--adv-data", "{sets}/other-classes.pt"], "has classes that the training data does not know: cat"),
+    (["--init", "imagenet", "--weights", "{sets}/adv-test.pt"], "--init imagenet and --weights both"),
+])
+def test_bad_training_input(args, message, saved_sets, tmp_path):
+    torch.save({"images": torch.zeros(4, 3, 16, 16, dtype=torch.uint8), "labels": torch.zeros(4, dtype=torch.long)},
+               saved_sets / "small.pt")
+    torch.save({"images": torch.zeros(4, 3, 32, 32, dtype=torch.uint8), "labels": torch.zeros(4, dtype=torch.long),
+                "classes": ["cat", "dog"]}, saved_sets / "other-classes.pt")
+    args = [a.format(sets=saved_sets) for a in args]
+    msg = error("train", "--model", "resnet8", *SYN, *args, "--out", tmp_path / "o")
+    assert message.format(sets=saved_sets) in msg
+    assert not (tmp_path / "o").exists()
