@@ -154,12 +154,23 @@ def cli():
 
 
 @cli.command()
-def models():
+@click.option("--layers", "layers_of", metavar="MODEL", default=None,
+              help="List the layers of MODEL (names for features --layers) with their output shapes.")
+@click.option("--image-size", type=click.IntRange(8, 1024), default=32, show_default=True, help="With --layers.")
+def models(layers_of, image_size):
     """List the registry models with parameters and units."""
     from fastablate.engines.protocol import table
     from fastablate.models import MODELS, build_model, count_parameters
     from fastablate.units import units
 
+    if layers_of:
+        from fastablate.engines.features import layer_shapes
+
+        model = build_model(layers_of, 10, image_size=image_size)
+        kinds = dict(model.net.named_modules())
+        click.echo(table([{"layer": n, "type": type(kinds[n]).__name__, "output": "x".join(map(str, shape))}
+                          for n, shape in layer_shapes(model, image_size).items()]))
+        return
     rows = []
     for name, spec in MODELS.items():
         m = build_model(name, 10)

@@ -116,6 +116,22 @@ def test_backward_keep_gates_only_the_gradient(device):
     torch.testing.assert_close(s.grad, torch.ones_like(s))
 
 
+def test_backward_shortcut_gates_the_shortcut_gradient(device):
+    s, r, _ = _inputs(device, torch.float64, n=4, shape=(3,))
+    keep = torch.ones(4, dtype=torch.bool, device=device)
+    via_residual = torch.tensor([True, False, True, False], device=device)
+    s.requires_grad_()
+    r.requires_grad_()
+    out = block_skip(s, r, keep, relu=True, backward_keep=via_residual, backward_shortcut=~via_residual)
+    torch.testing.assert_close(out, torch.relu(s + r))
+    out.sum().backward()
+    active = (s + r > 0).double()
+    torch.testing.assert_close(r.grad, via_residual[:, None].double() * active)  # each row: one branch
+    torch.testing.assert_close(s.grad, (~via_residual)[:, None].double() * active)
+    with pytest.raises(RuntimeError, match=re.escape("backward_shortcut has shape [3], expected (4,)")):
+        block_skip(s, r, keep, backward_shortcut=via_residual[:3])
+
+
 def test_module_form(device):
     s, r, keep = _inputs(device)
     m = BlockSkip(keep)

@@ -39,6 +39,10 @@ BUILTIN = [
      "fastablate.engines.evaluate:EvaluateStudy"),
     ("attack", "attack", "Attack a checkpoint: sparse pixels (L0), optimized noise (L2), FGSM or PGD",
      "fastablate.engines.attacks:AttackStudy"),
+    ("paths", "paths", "Veit's paths: path-length distribution, gradient per path length, effective paths",
+     "fastablate.engines.paths:PathsStudy"),
+    ("features", "features", "Feature maps: per-layer heatmaps, channel grids, dead channels; clean vs adversarial",
+     "fastablate.engines.features:FeaturesStudy"),
 ]
 
 

@@ -45,7 +45,8 @@ def run_study(study: Study, setup: Setup, spec: Spec, *, progress: bool = False)
     data = study.load_data(setup, spec, runtime)
     models = study.load_models(setup, spec, data, runtime)
     study.check(models, data, spec)
-    config = {"study": study.name, **setup.to_dict(), **spec.to_dict()}
+    config = {"study": study.name, **{k: v for k, v in setup.to_dict().items() if k not in study.setup_excludes},
+              **spec.to_dict()}
     run_dir = RunDir(setup.out or default_out(study.command), study.command, config, device=str(runtime.device),
                      seed=setup.seed, info=study.run_info(models, data, spec))
     with run_dir.start(resume=study.resumes(spec), force=setup.force, inputs=inputs) as run:

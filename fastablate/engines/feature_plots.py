@@ -1,0 +1,87 @@
+"""The figures of the features study: heatmaps over the image, channel grids."""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Sequence
+
+import torch.nn.functional as F
+from torch import Tensor
+
+from fastablate.plots import pyplot, save
+
+
+def _overlay(ax, image: Tensor, m: Tensor, cmap: str = "jet", symmetric: bool = False):
+    """The map upsampled to the image, blended over it; returns the map's image for a colour bar."""
+    size = image.shape[-1]
+    up = F.interpolate(m[None, None].float(), size=(size, size), mode="bilinear", align_corners=False)[0, 0]
+    ax.imshow(image.permute(1, 2, 0).clamp(0, 1).numpy(), interpolation="nearest")
+    lim = float(up.abs().max()) or 1.0
+    kw = {"vmin": -lim, "vmax": lim} if symmetric else {}
+    shown = ax.imshow(up.numpy(), cmap=cmap, alpha=0.55, interpolation="bilinear", **kw)
+    ax.set_xticks([])
+    ax.set_yticks([])
+    return shown
+
+
+def plot_heatmaps(results: Sequence, i: int, path: Path) -> Path:
+    """Rows = layers, columns = models (clean | adversarial | difference with --examples);
+    each cell the layer's map of image ``i`` over the image, with a colour bar."""
+    first = results[0]
+    layers = [n for n in first.layers if n in first.drawn["maps"]]
+    adversarial = "adv_maps" in first.drawn
+    kinds = ["clean", "adversarial", "difference"] if adversarial else ["map"]
+    cols = [(r, k) for r in results for k in kinds]
+    fig, axes = pyplot().subplots(len(layers), len(cols), figsize=(2.3 * len(cols) + 0.8, 2.1 * len(layers) + 0.6),
+                                  squeeze=False)
+    classes = first.drawn["classes"]
+    for c, (r, kind) in enumerate(cols):
+        d = r.drawn
+        for row, layer in enumerate(layers):
+            ax = axes[row][c]
+            if kind == "difference":
+                shown = _overlay(ax, d["x"][i], d["adv_maps"][layer][i] - d["maps"][layer][i], "coolwarm", True)
+            else:
+                image = d["x_adv"][i] if kind == "adversarial" else d["x"][i]
+                maps = d["adv_maps"] if kind == "adversarial" else d["maps"]
+                shown = _overlay(ax, image, maps[layer][i])
+            fig.colorbar(shown, ax=ax, fraction=0.046, pad=0.03).ax.tick_params(labelsize=6)
+            if c == 0:
+                ax.set_ylabel(layer, fontsize=8)
+            if row == 0:
+                pred = d["adv_pred"][i] if kind == "adversarial" else d["pred"][i]
+                label = f"{r.model}" + (f" {kind}" if adversarial else "")
+                ax.set_title(f"{label}\npredicted {classes[int(pred)]}" if kind != "difference" else
+                             f"{label}\n(adversarial - clean)", fontsize=7)
+    fig.suptitle(f"image {first.images[i]} ({classes[int(first.drawn['labels'][i])]}): "
+                 f"{'Grad-CAM' if first.method == 'gradcam' else 'mean activation over channels'}", fontsize=9)
+    return save(fig, path, dpi=100)
+
+
+def plot_channels(result, layer: str, path: Path) -> Path:
+    """Every channel of the first image at ``layer``; dead channels (zero on every evaluated
+    image) framed in red."""
+    acts = result.drawn["channels"][layer]
+    dead = set(result.drawn["dead"][layer])
+    c = acts.shape[0]
+    cols = math.ceil(math.sqrt(c * 1.5))
+    rows = math.ceil(c / cols)
+    fig, axes = pyplot().subplots(rows, cols, figsize=(0.9 * cols, 0.9 * rows + 0.5), squeeze=False)
+    for k in range(rows * cols):
+        ax = axes[k // cols][k % cols]
+        ax.set_xticks([])
+        ax.set_yticks([])
+        if k >= c:
+            ax.axis("off")
+            continue
+        ax.imshow(acts[k].numpy(), cmap="viridis", interpolation="nearest")
+        if k in dead:
+            for spine in ax.spines.values():
+                spine.set_edgecolor("red")
+                spine.set_linewidth(2)
+    fig.suptitle(f"{result.model} {layer}: {c} channels of image {result.images[0]}; {len(dead)} dead (red) "
+                 f"over the evaluated images", fontsize=8)
+    return save(fig, path, dpi=100)
+
+
+__all__ = ["plot_channels", "plot_heatmaps"]

@@ -1,0 +1,337 @@
+"""Feature maps: what a layer responds to, where in the image, for one model or several, for
+clean and adversarial images.
+
+- Maps: a layer's activation (C, H, W) of an image becomes one (H, W) map, the mean over
+  channels (``mean``) or Grad-CAM for the predicted class (``gradcam``: Selvaraju et al.
+  2017, the ReLU of the channels weighted by the spatial mean of the class score's gradient),
+  upsampled to the image and drawn over it (plots/heatmaps-<image>.png: rows = layers,
+  columns = models, and clean | adversarial | difference with ``--examples``).
+- Channels: every channel of one image at a layer (plots/channels-<layer>.png), dead ones
+  (zero on every evaluated image) marked.
+- Statistics per layer and model over ``--stats-images`` images: mean, std, fraction of dead
+  channels, fraction of zero activations; with ``--examples``, the mean change of each
+  layer's map from the clean to the adversarial image.
+
+Layers are module names of the net (``fastablate models --layers MODEL`` lists them with their
+output shapes): conv layers, units (``layer1.0``), stages (``layer3``) and linear layers
+(statistics only: they have no map).
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from fastablate.data import ImageSet, balanced_subset
+from fastablate.engines.protocol import Runtime, Study, model_name, slug, table
+from fastablate.engines.spec import Choice, Int, List, Spec, Text, option
+from fastablate.errors import FastablateError
+from fastablate.modes import eval_mode
+from fastablate.plots import pyplot, save
+
+
+@dataclass(frozen=True)
+class FeaturesSpec(Spec):
+    images: Optional[int] = option(None, "Images to draw maps of: the first N of a seeded class-balanced subset "
+                                         "[default: 4].", type=Int(min=1, max=64))
+    index: Optional[tuple[int, ...]] = option(None, "Images to draw maps of, by index in the split (instead of "
+                                                    "--images).", type=List(Int(min=0)))
+    layers: Optional[tuple[str, ...]] = option(None, "Layers: all (every conv and linear layer) or names, e.g. "
+                                                     "conv1,layer1.0,layer3 [default: the stem conv and each "
+                                                     "stage].", type=List(Text()))
+    method: str = option("mean", "Map of a layer: mean over channels, or Grad-CAM for the predicted class.",
+                         type=Choice("mean", "gradcam"))
+    examples: Optional[str] = option(None, "adversarial.pt of attack --save-examples: clean and adversarial "
+                                           "images side by side.", type=Text("FILE"), role="input")
+    stats_images: int = option(512, "Images the per-layer statistics are taken over.", type=Int(min=1))
+
+    def validate(self) -> None:
+        if self.images is not None and self.index is not None:
+            raise FastablateError("--images and --index both choose the images: give one")
+        if self.examples and self.index is not None:
+            raise FastablateError("--index picks images of the split; with --examples the images are the "
+                                  "examples' fooled ones: use --images")
+
+
+def layer_shapes(model: nn.Module, image_size: int) -> dict[str, tuple[int, ...]]:
+    """Module name -> output shape (one image) of every named module of the net whose output
+    is a tensor, in forward order."""
+    net = getattr(model, "net", model)
+    shapes: dict[str, tuple[int, ...]] = {}
+
+    def keep(name):
+        def hook(module, inputs, output):  # returns None: the output stays as it is
+            if isinstance(output, Tensor) and name not in shapes:
+                shapes[name] = tuple(output.shape[1:])
+        return hook
+    hooks = [m.register_forward_hook(keep(n)) for n, m in net.named_modules() if n]
+    p = next(model.parameters())
+    try:
+        with eval_mode(model), torch.no_grad():
+            model(torch.zeros(1, 3, image_size, image_size, device=p.device, dtype=p.dtype))
+    finally:
+        for h in hooks:
+            h.remove()
+    return shapes
+
+
+def default_layers(model: nn.Module, shapes: dict[str, tuple]) -> list[str]:
+    """The first conv layer, then the output of each stage: the top-level modules holding
+    units (layer1, layer2, ...), or for a VGG the last conv before each change of resolution."""
+    from fastablate.units import units
+
+    net = getattr(model, "net", model)
+    first_conv = next(n for n, m in net.named_modules() if isinstance(m, nn.Conv2d))
+    view = units(model).units
+    stages = []
+    for i, u in enumerate(view):
+        top = u.name.split(".")[0]
+        if top == "features":  # a VGG: all units in one Sequential; a stage ends where a pool follows
+            if i + 1 == len(view) or view[i + 1].in_shape != u.out_shape:
+                stages.append(u.name)
+        elif top not in stages:
+            stages.append(top)
+    return [first_conv] + [s for s in stages if s != first_conv]
+
+
+def resolve_layers(model: nn.Module, spec: FeaturesSpec, image_size: int) -> list[str]:
+    shapes = layer_shapes(model, image_size)
+    net = getattr(model, "net", model)
+    if spec.layers is None:
+        names = default_layers(model, shapes)
+    elif list(spec.layers) == ["all"]:
+        names = [n for n, m in net.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    else:
+        names = list(spec.layers)
+    valid = [n for n in shapes]
+    unknown = [n for n in names if n not in shapes]
+    if unknown:
+        shown = ", ".join(valid[:12]) + (" ..." if len(valid) > 12 else "")
+        raise FastablateError(f"--layers: {model_name(model)} has no layer {unknown[0]!r}; layers are: {shown} "
+                              f"(fastablate models --layers {getattr(model, 'arch', '')} lists all)")
+    return names
+
+
+class Recorder:
+    """Forward hooks keeping the outputs of the named layers of the last forward pass."""
+
+    def __init__(self, model: nn.Module, names: Sequence[str]):
+        net = getattr(model, "net", model)
+        self.out: dict[str, Tensor] = {}
+        self.hooks = [net.get_submodule(n).register_forward_hook(self._keep(n)) for n in names]
+
+    def _keep(self, name: str):
+        def hook(module, inputs, output):
+            self.out[name] = output
+        return hook
+
+    def remove(self) -> None:
+        for h in self.hooks:
+            h.remove()
+
+
+def layer_maps(model: nn.Module, names: Sequence[str], x: Tensor, method: str) -> tuple[dict[str, Tensor], Tensor]:
+    """({layer: (N, H, W) map}, predictions) for images ``x``; layers without a spatial
+    output get no map."""
+    rec = Recorder(model, names)
+    try:
+        with eval_mode(model, frozen=True):
+            x = x.detach().requires_grad_(method == "gradcam")
+            with torch.set_grad_enabled(method == "gradcam"):
+                logits = model(x)
+                pred = logits.argmax(1)
+                acts = {n: a for n, a in rec.out.items() if a.dim() == 4}
+                if method == "gradcam":
+                    score = logits.gather(1, pred[:, None]).sum()
+                    grads = torch.autograd.grad(score, list(acts.values()))
+                    maps = {n: F.relu((g.mean((2, 3), keepdim=True) * a).sum(1)).detach()
+                            for (n, a), g in zip(acts.items(), grads)}
+                else:
+                    maps = {n: a.mean(1).detach() for n, a in acts.items()}
+    finally:
+        rec.remove()
+    return maps, pred.detach()
+
+
+@dataclass
+class FeaturesData:
+    ds: ImageSet  # the split (statistics are taken over a subset of it)
+    x: Tensor  # (N, C, H, W) images to draw, in [0, 1]
+    y: Tensor
+    index: list[int]  # their indices in the split, or among the examples
+    x_adv: Tensor | None = None  # their adversarial versions (--examples)
+
+
+@dataclass
+class LayerStats:
+    """Running activation statistics of one layer (channels along dim 1)."""
+
+    total: float = 0.0
+    squares: float = 0.0
+    count: int = 0
+    zeros: int = 0
+    alive: Tensor | None = None  # (C,) any nonzero activation seen
+
+    def add(self, a: Tensor) -> None:
+        a = a.detach().double()
+        self.total += a.sum().item()
+        self.squares += (a * a).sum().item()
+        self.count += a.numel()
+        self.zeros += int((a == 0).sum())
+        nz = (a != 0).transpose(0, 1).flatten(1).any(1).cpu()
+        self.alive = nz if self.alive is None else self.alive | nz
+
+    def summary(self) -> dict:
+        mean = self.total / self.count
+        return {"mean": mean, "std": math.sqrt(max(0.0, self.squares / self.count - mean * mean)),
+                "channels": int(self.alive.numel()), "dead_channels": int((~self.alive).sum()),
+                "dead_fraction": float((~self.alive).double().mean()), "zero_fraction": self.zeros / self.count}
+
+
+@dataclass
+class FeaturesResult:
+    model: str
+    layers: list[str]
+    stats: dict[str, dict]  # layer -> statistics
+    images: list[int]  # indices of the drawn images (in the split, or among the examples)
+    seconds: float
+    method: str
+    adversarial_change: dict[str, float] = field(default_factory=dict)  # layer -> mean |map change|
+    relative_change: dict[str, float] = field(default_factory=dict)  # layer -> ||change|| / ||clean map||
+    drawn: dict = field(default_factory=dict, repr=False)  # what the plots need: images, maps, channels
+
+    def to_dict(self) -> dict:
+        out = {"model": self.model, "method": self.method, "layers": self.layers, "stats": self.stats,
+               "images": self.images, "seconds": self.seconds}
+        if self.adversarial_change:
+            out["adversarial_change"] = self.adversarial_change
+            out["adversarial_relative_change"] = self.relative_change
+        return out
+
+    def rows(self) -> list[dict]:
+        return [{"model": self.model, "layer": n, **self.stats[n],
+                 "adversarial_change": self.adversarial_change.get(n), "relative_change": self.relative_change.get(n)}
+                for n in self.layers]
+
+    def plot(self, directory: Path, *others: "FeaturesResult") -> list[Path]:
+        from fastablate.engines.feature_plots import plot_channels, plot_heatmaps
+
+        results = [self, *others]
+        paths = [plot_heatmaps(results, i, directory / f"heatmaps-{img}.png") for i, img in enumerate(self.images)]
+        for r in results:
+            suffix = "" if r is self else f"-{slug(r.model)}"
+            paths += [plot_channels(r, layer, directory / f"channels-{slug(layer)}{suffix}.png")
+                      for layer in r.drawn["channels"]]
+        return paths
+
+
+def run_features(model: nn.Module, data: FeaturesData, spec: FeaturesSpec, runtime: Runtime) -> FeaturesResult:
+    """Maps of the chosen images (clean, and adversarial with --examples), channel grids of the
+    first image, statistics over ``spec.stats_images`` images."""
+    start = time.perf_counter()
+    ds = data.ds
+    names = resolve_layers(model, spec, ds.image_size)
+    dev = runtime.device
+    x, idx = data.x.to(dev), data.index
+    maps, pred = layer_maps(model, names, x, spec.method)
+    drawn = {"x": x.cpu(), "maps": {n: m.cpu() for n, m in maps.items()}, "pred": pred.cpu(),
+             "labels": data.y, "classes": list(ds.classes)}
+    change, relative = {}, {}
+    if data.x_adv is not None:
+        adv_maps, adv_pred = layer_maps(model, names, data.x_adv.to(dev), spec.method)
+        drawn.update(x_adv=data.x_adv, adv_maps={n: m.cpu() for n, m in adv_maps.items()}, adv_pred=adv_pred.cpu())
+        for n in maps:
+            d = adv_maps[n] - maps[n]
+            change[n] = d.abs().mean().item()
+            relative[n] = (d.flatten(1).norm(dim=1) / maps[n].flatten(1).norm(dim=1).clamp_min(1e-12)).mean().item()
+    # Channels of the first image at each spatial layer.
+    rec = Recorder(model, names)
+    stats = {n: LayerStats() for n in names}
+    try:
+        with eval_mode(model), torch.no_grad():
+            model(x[:1])
+            drawn["channels"] = {n: a[0].cpu() for n, a in rec.out.items() if a.dim() == 4}
+            sub = ds.subset(balanced_subset(ds.labels, min(spec.stats_images, len(ds)), runtime.seed))
+            from fastablate.data import batches
+            for xb, _ in batches(sub, runtime.batch_size, device=dev, workers=runtime.workers):
+                model(xb)
+                for n in names:
+                    stats[n].add(rec.out[n])
+    finally:
+        rec.remove()
+    summary = {n: s.summary() for n, s in stats.items()}
+    drawn["dead"] = {n: [c for c in range(summary[n]["channels"]) if not bool(stats[n].alive[c])]
+                     for n in drawn["channels"]}
+    return FeaturesResult(model_name(model), names, summary, idx, time.perf_counter() - start, spec.method,
+                          change, relative, drawn)
+
+
+class FeaturesStudy(Study):
+    """Feature maps: per-layer heatmaps over the image (mean activation or Grad-CAM), channel
+    grids with dead channels, activation statistics; model vs model, clean vs adversarial."""
+
+    name = "features"
+    command = "features"
+    spec_class = FeaturesSpec
+
+    def load_data(self, setup, spec: FeaturesSpec, runtime) -> FeaturesData:
+        from fastablate.engines.common import checkpoint_data, load_data
+
+        ds = load_data(setup, **checkpoint_data(setup.weights))
+        count = spec.images or 4
+        if spec.examples:
+            ex = load_examples(spec.examples, ds)
+            fooled = ex["success"].nonzero().squeeze(1)[:count]
+            if fooled.numel() == 0:
+                raise FastablateError(f"--examples {spec.examples} holds no fooled image to compare")
+            return FeaturesData(ds, ex["x"][fooled], ex["y"][fooled], fooled.tolist(), ex["x_adv"][fooled])
+        if spec.index is not None:
+            bad = [i for i in spec.index if i >= len(ds)]
+            if bad:
+                raise FastablateError(f"--index {bad[0]}: {ds.name}/{ds.split} has {len(ds)} images (0..{len(ds) - 1})")
+            index = torch.tensor(spec.index)
+        else:
+            index = balanced_subset(ds.labels, min(count, len(ds)), setup.seed)
+        return FeaturesData(ds, ds.load(index).float().div(255), ds.labels[index], index.tolist())
+
+    def load_models(self, setup, spec, data: FeaturesData, runtime):
+        return super().load_models(setup, spec, data.ds, runtime)
+
+    def check(self, models, data: FeaturesData, spec):
+        for m in models:
+            resolve_layers(m, spec, data.ds.image_size)
+
+    def run(self, model, data, spec, runtime):
+        return run_features(model, data, spec, runtime)
+
+    def report(self, results: Sequence[FeaturesResult], spec) -> str:
+        rows = [{"model": r.model, "layer": n, "mean": s["mean"], "std": s["std"],
+                 "dead": f"{s['dead_channels']}/{s['channels']}", "zero_fraction": s["zero_fraction"],
+                 **({"adv_change": r.relative_change[n]} if n in r.relative_change else {})}
+                for r in results for n, s in r.stats.items()]
+        return table(rows)
+
+
+def load_examples(path: str, ds: ImageSet) -> dict:
+    """attack --save-examples' adversarial.pt, checked against the data's image size."""
+    p = Path(path)
+    if not p.is_file():
+        raise FastablateError(f"--examples {path}: no such file")
+    try:
+        ex = torch.load(p, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise FastablateError(f"--examples {path}: cannot read it ({str(e).splitlines()[0] if str(e) else e!r})") \
+            from None
+    keys = ("x", "x_adv", "y", "success")
+    if not isinstance(ex, dict) or not all(isinstance(ex.get(k), Tensor) for k in keys):
+        raise FastablateError(f"--examples {path}: not attack --save-examples output (x, x_adv, y, success)")
+    if ex["x"].shape[1:] != (3, ds.image_size, ds.image_size) or ex["x_adv"].shape != ex["x"].shape:
+        raise FastablateError(f"--examples {path} holds images of shape {tuple(ex['x'].shape[1:])}; the model takes "
+                              f"(3, {ds.image_size}, {ds.image_size})")
+    return ex

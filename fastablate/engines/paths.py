@@ -1,0 +1,259 @@
+"""Paths (Veit, Wilber, Belongie 2016, Sec. 6, Fig. 6): a ResNet of n residual units is an
+ensemble of 2^n paths, C(n, k) of length k; the gradient that reaches the input through one
+path shrinks with its length, so the paths that matter are short.
+
+- Distribution: the number and fraction of paths of each length 0..n (exact integers).
+- Gradient per length: the network runs forward as a whole (eval mode); backward, the
+  gradient goes through the residual branch of k sampled units and through the shortcut of
+  the others, i.e. along one path of length k. Loss: the summed cross-entropy of a sample's
+  images with their labels; magnitude: the L2 norm of the gradient at each input image,
+  averaged over the sample's images. Many (unit set, images) samples are stacked along the
+  batch, each row gated by its own ``block_skip`` backward masks, so one backward pass
+  serves them all; it equals building each masked network explicitly (tested).
+- Contribution per length: paths x magnitude, normalized to sum to 1; the effective range
+  is the shortest interval of lengths holding ``share`` (0.9) of it.
+"""
+from __future__ import annotations
+
+import math
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from fastablate.data import ImageSet
+from fastablate.engines.protocol import Runtime, Study, model_name, progress, table
+from fastablate.engines.spec import Float, Int, List, Spec, option
+from fastablate.errors import FastablateError
+from fastablate.modes import eval_mode
+from fastablate.ops import block_skip
+from fastablate.plots import pyplot, save
+from fastablate.units import UnitView, units
+
+
+@dataclass(frozen=True)
+class PathsSpec(Spec):
+    samples: int = option(100, "Random unit sets per path length.", type=Int(min=1, max=1_000_000))
+    lengths: Optional[tuple[int, ...]] = option(None, "Path lengths k to measure [default: 1..n].",
+                                                type=List(Int(min=0)))
+    images: int = option(8, "Training images per sample (each sample draws its own).", type=Int(min=1, max=4096))
+    share: float = option(0.9, "Share of the total gradient contribution the effective range holds.",
+                          type=Float(0, 1, min_open=True, max_open=True))
+
+
+def residual_units(view: UnitView, name: str) -> list:
+    """The units path analysis runs on: every unit must have a shortcut and a ReLU or no post."""
+    res = view.residual()
+    if not res:
+        raise FastablateError(f"paths: {name} has no residual units (a plain net has one path only)")
+    odd = [u.name for u in view.units if u.parts.shortcut is None or u.parts.post_kind == "custom"]
+    if odd:
+        raise FastablateError(f"paths: unit {odd[0]} of {name} has no shortcut (or a post-activation other than "
+                              "ReLU); path analysis needs a network of residual units only")
+    return res
+
+
+def distribution(n: int) -> list[dict]:
+    """Paths of each length 0..n: C(n, k) (exact) and its fraction of 2^n."""
+    return [{"length": k, "paths": math.comb(n, k), "fraction": math.comb(n, k) / 2 ** n} for k in range(n + 1)]
+
+
+def _forward_gated(view: UnitView, x: Tensor, via_residual: Tensor) -> Tensor:
+    """Logits of the whole network; backward, row r follows the residual branch of unit j
+    where ``via_residual[j, r]``, else its shortcut."""
+    keep = torch.ones(x.shape[0], dtype=torch.bool, device=x.device)
+    h = view.stem(x)
+    for j, u in enumerate(view.units):
+        h = block_skip(u.parts.shortcut(h), u.parts.residual(h), keep, relu=u.parts.post_kind == "relu",
+                       backward_keep=via_residual[j], backward_shortcut=~via_residual[j])
+    return view.head(h)
+
+
+def stacked_gradients(view: UnitView, x: Tensor, y: Tensor, sets: Sequence[frozenset[int]]) -> Tensor:
+    """Mean input-gradient norm of each sample: ``x`` (M, B, C, H, W), ``y`` (M, B), ``sets``
+    the M sets of unit indices whose residual branch the gradient takes."""
+    m, b = x.shape[:2]
+    rows = x.flatten(0, 1).detach().requires_grad_(True)
+    member = torch.tensor([[j in s for s in sets] for j in range(len(view.units))], device=x.device)
+    via = member.repeat_interleave(b, dim=1)  # (units, M*B)
+    loss = F.cross_entropy(_forward_gated(view, rows, via).float(), y.flatten(), reduction="sum")
+    (g,) = torch.autograd.grad(loss, rows)
+    return g.flatten(1).norm(dim=1).view(m, b).mean(1)
+
+
+def naive_gradients(view: UnitView, x: Tensor, y: Tensor, sets: Sequence[frozenset[int]]) -> Tensor:
+    """The reference: for each sample, the network with each unit's other branch detached."""
+    out = []
+    for xi, yi, s in zip(x, y, sets):
+        xi = xi.detach().requires_grad_(True)
+        h = view.stem(xi)
+        for j, u in enumerate(view.units):
+            sc, res = u.parts.shortcut(h), u.parts.residual(h)
+            h = u.parts.apply_post(sc.detach() + res if j in s else sc + res.detach())
+        loss = F.cross_entropy(view.head(h).float(), yi, reduction="sum")
+        (g,) = torch.autograd.grad(loss, xi)
+        out.append(g.flatten(1).norm(dim=1).mean())
+    return torch.stack(out)
+
+
+def effective_range(shares: Sequence[float], share: float) -> tuple[int, int, float]:
+    """The shortest interval [lo, hi] of lengths whose shares sum to at least ``share``
+    (the one with the largest sum among the shortest), and that sum."""
+    n = len(shares)
+    best = (0, n - 1, sum(shares))
+    for width in range(1, n + 1):
+        found = [(lo, lo + width - 1, sum(shares[lo:lo + width])) for lo in range(n - width + 1)]
+        found = [f for f in found if f[2] >= share - 1e-12]
+        if found:
+            best = max(found, key=lambda f: f[2])
+            break
+    return best
+
+
+@dataclass
+class PathsResult:
+    model: str
+    units: list[str]
+    gradient: list[dict]  # length, mean, std, samples
+    share: float
+    seconds: float
+    n_images: int
+    distribution: list[dict] = field(default_factory=list)
+    contribution: list[dict] = field(default_factory=list)
+    effective: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        n = len(self.units)
+        self.distribution = distribution(n)
+        measured = {g["length"]: g["mean"] for g in self.gradient}
+        totals = {k: math.comb(n, k) * measured[k] for k in measured}
+        z = sum(totals.values()) or 1.0
+        self.contribution = [{"length": k, "share": totals[k] / z} for k in sorted(totals)]
+        lengths = [c["length"] for c in self.contribution]
+        lo, hi, got = effective_range([c["share"] for c in self.contribution], self.share)
+        lo, hi = lengths[lo], lengths[hi]
+        self.effective = {"lo": lo, "hi": hi, "share": got, "target_share": self.share,
+                          "paths_fraction": sum(math.comb(n, k) for k in range(lo, hi + 1)) / 2 ** n,
+                          "mean_path_length": n / 2,
+                          "mean_effective_length": sum(c["length"] * c["share"] for c in self.contribution)}
+
+    def to_dict(self) -> dict:
+        return {"model": self.model, "units": self.units, "n": len(self.units), "distribution": self.distribution,
+                "gradient": self.gradient, "contribution": self.contribution, "effective": self.effective,
+                "loss": "sum over a sample's images of the cross-entropy with their labels",
+                "norm": "L2 norm of the loss's gradient at each input image in [0, 1], mean over the sample's images",
+                "images_per_sample": self.n_images, "seconds": self.seconds}
+
+    def rows(self) -> list[dict]:
+        grad = {g["length"]: g for g in self.gradient}
+        share = {c["length"]: c["share"] for c in self.contribution}
+        return [{"model": self.model, "length": d["length"], "paths": d["paths"], "fraction": d["fraction"],
+                 "gradient_mean": grad.get(d["length"], {}).get("mean"),
+                 "gradient_std": grad.get(d["length"], {}).get("std"),
+                 "contribution": share.get(d["length"])} for d in self.distribution]
+
+    def plot(self, directory: Path, *others: "PathsResult") -> list[Path]:
+        return [plot_paths([self, *others], directory / "paths.png")]
+
+
+def run_paths(model: nn.Module, ds: ImageSet, spec: PathsSpec, runtime: Runtime) -> PathsResult:
+    """Gradient magnitude per path length over ``spec.samples`` samples per length."""
+    start = time.perf_counter()
+    name = model_name(model)
+    view = units(model, (3, ds.image_size, ds.image_size))
+    residual_units(view, name)
+    n = len(view.units)
+    lengths = list(spec.lengths) if spec.lengths else list(range(1, n + 1))
+    rng = random.Random(f"{runtime.seed}:paths")
+    gen = torch.Generator().manual_seed(runtime.seed)
+    work = [(k, frozenset(rng.sample(range(n), k))) for k in lengths for _ in range(spec.samples)]
+    per_pass = max(1, runtime.batch_size // spec.images)  # samples stacked in one pass
+    chunks = [work[i:i + per_pass] for i in range(0, len(work), per_pass)]
+    norms: dict[int, list[float]] = {k: [] for k in lengths}
+    with eval_mode(model, frozen=True):
+        for chunk in progress(chunks, desc=f"paths {name}", enabled=runtime.progress):
+            idx = torch.randint(0, len(ds), (len(chunk), spec.images), generator=gen)
+            x = ds.load(idx.flatten()).to(runtime.device).float().div_(255).view(len(chunk), spec.images,
+                                                                                 *ds.load(idx[0, :1]).shape[1:])
+            y = ds.labels[idx].to(runtime.device)
+            for (k, _), v in zip(chunk, stacked_gradients(view, x, y, [s for _, s in chunk]).tolist()):
+                norms[k].append(v)
+    gradient = []
+    for k in lengths:
+        vals = norms[k]
+        mean = sum(vals) / len(vals)
+        std = math.sqrt(sum((v - mean) ** 2 for v in vals) / (len(vals) - 1)) if len(vals) > 1 else None
+        gradient.append({"length": k, "mean": mean, "std": std, "samples": len(vals)})
+    return PathsResult(name, view.names(), gradient, spec.share, time.perf_counter() - start, spec.images)
+
+
+def plot_paths(results: Sequence[PathsResult], path: Path) -> Path:
+    """Veit Fig. 6: (a) distribution of path lengths, (b) gradient magnitude per path length
+    (log scale), (c) total contribution per length; one colour per model."""
+    plt = pyplot()
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    fig, (a, b, c) = plt.subplots(1, 3, figsize=(14, 3.8))
+    for r, col in zip(results, colors):
+        a.plot([d["length"] for d in r.distribution], [d["fraction"] for d in r.distribution], "o-", ms=3, color=col,
+               label=f"{r.model} (n={len(r.units)})")
+        ks = [g["length"] for g in r.gradient]
+        b.errorbar(ks, [g["mean"] for g in r.gradient], yerr=[g["std"] or 0 for g in r.gradient], fmt="o-", ms=3,
+                   capsize=2, color=col, label=r.model)
+        c.plot([x["length"] for x in r.contribution], [x["share"] for x in r.contribution], "o-", ms=3, color=col,
+               label=f"{r.model}: effective {r.effective['lo']}-{r.effective['hi']}")
+        c.axvspan(r.effective["lo"], r.effective["hi"], color=col, alpha=0.12)
+    a.set(xlabel="path length", ylabel="fraction of paths", title="(a) distribution of path lengths")
+    b.set(xlabel="path length", ylabel="gradient magnitude at the input", yscale="log",
+          title="(b) gradient per path length")
+    c.set(xlabel="path length", ylabel="share of the total gradient", title="(c) total contribution per length")
+    for ax in (a, b, c):
+        ax.legend(fontsize=7)
+    return save(fig, path, dpi=110)
+
+
+class PathsStudy(Study):
+    """Veit's unraveled view: path-length distribution, gradient magnitude per path length and
+    the effective paths of a ResNet (on batches of training images)."""
+
+    name = "paths"
+    command = "paths"
+    spec_class = PathsSpec
+
+    def load_data(self, setup, spec, runtime):
+        from dataclasses import replace
+
+        from fastablate.engines.common import checkpoint_data, load_data
+
+        split = setup.split if "split" in setup.given() else "train"  # Veit measured on training images
+        return load_data(replace(setup, split=split), **checkpoint_data(setup.weights))
+
+    def check(self, models, data, spec):
+        for m in models:
+            view = units(m, (3, data.image_size, data.image_size))
+            n = len(residual_units(view, model_name(m)))
+            bad = [k for k in spec.lengths or () if k > n]
+            if bad:
+                raise FastablateError(f"--lengths: {model_name(m)} has {n} residual units, so a path length must be in "
+                                      f"0..{n}, got {bad[0]}")
+
+    def run(self, model, data, spec, runtime):
+        return run_paths(model, data, spec, runtime)
+
+    def report(self, results: Sequence[PathsResult], spec) -> str:
+        out = []
+        for r in results:
+            e = r.effective
+            out.append(table([{"length": g["length"], "paths": f"{math.comb(len(r.units), g['length']):.3g}",
+                               "gradient": g["mean"], "contribution": next(c["share"] for c in r.contribution
+                                                                          if c["length"] == g["length"])}
+                              for g in r.gradient]))
+            out.append(f"{r.model}: {len(r.units)} residual units, 2^{len(r.units)} paths; effective paths "
+                       f"{e['lo']}-{e['hi']} units long ({e['share']:.2f} of the gradient, {e['paths_fraction']:.4%} "
+                       f"of all paths); mean path length {e['mean_path_length']:.1f}, mean effective length "
+                       f"{e['mean_effective_length']:.1f}\n")
+        return "\n".join(out)

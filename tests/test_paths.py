@@ -1,0 +1,102 @@
+"""Paths (Veit et al. 2016, Sec. 6): exact distributions, stacked path gradients equal to the
+explicitly masked networks, the effective range, the CLI and its bad input."""
+import json
+import math
+import random
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from conftest import randomize_bn
+from fastablate.cli import cli
+from fastablate.engines.paths import (PathsResult, distribution, effective_range, naive_gradients,
+                                      stacked_gradients)
+from fastablate.models import build_model, save_checkpoint
+from fastablate.units import units
+
+
+def test_distribution_is_exact():
+    d = distribution(54)
+    assert [x["paths"] for x in d[:3]] == [1, 54, 1431] and sum(x["paths"] for x in d) == 2 ** 54
+    assert d[27]["paths"] == math.comb(54, 27) == 1946939425648112  # above 2^53: still exact
+    assert math.isclose(sum(x["fraction"] for x in d), 1.0)
+
+
+@pytest.mark.parametrize("name", ["resnet20", "resnet18"])
+def test_stacked_gradients_equal_the_masked_networks(name, device):
+    torch.manual_seed(0)
+    model = randomize_bn(build_model(name)).to(device)
+    view = units(model)
+    n = len(view.units)
+    rng = random.Random(1)
+    sets = [frozenset(rng.sample(range(n), k)) for k in (0, 1, 2, n // 2, n - 1, n)]
+    x = torch.rand(len(sets), 3, 3, 32, 32, device=device)
+    y = torch.randint(0, 10, (len(sets), 3), device=device)
+    stacked = stacked_gradients(view, x, y, sets)
+    naive = naive_gradients(view, x, y, sets)
+    torch.testing.assert_close(stacked, naive, rtol=1e-5, atol=1e-8)
+    # The masks matter: the all-shortcut path and the all-residual path differ.
+    assert not torch.allclose(stacked[0], stacked[-1])
+
+
+def test_effective_range_and_contribution():
+    assert effective_range([0.05, 0.5, 0.4, 0.05], 0.9) == (1, 2, 0.9)
+    assert effective_range([0.2, 0.2, 0.2, 0.2, 0.2], 0.9)[:2] == (0, 4)
+    # Gradient halving with length: the contribution peaks well below n/2.
+    grad = [{"length": k, "mean": 0.5 ** k, "std": 0.0, "samples": 1} for k in range(21)]
+    r = PathsResult("m", [f"u{i}" for i in range(20)], grad, 0.9, 0.0, 1)
+    peak = max(r.contribution, key=lambda c: c["share"])["length"]
+    assert peak < 10 and r.effective["mean_effective_length"] < r.effective["mean_path_length"]
+    assert math.isclose(sum(c["share"] for c in r.contribution), 1.0)
+    assert r.effective["share"] >= 0.9 and 0 < r.effective["paths_fraction"] < 1
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    d = tmp_path_factory.mktemp("paths")
+    torch.manual_seed(0)
+    for name in ("resnet8", "resnet14", "plain8"):
+        save_checkpoint(randomize_bn(build_model(name)), d / f"{name}.pt")
+    return d
+
+
+SYN = ["--dataset", "synthetic", "--limit", "40", "--batch-size", "32", "--device", "cpu"]
+
+
+def test_cli_paths_with_compare(checkpoints, tmp_path):
+    out = tmp_path / "p"
+    r = CliRunner().invoke(cli, ["paths", "--weights", str(checkpoints / "resnet14.pt"), "--compare",
+                                 str(checkpoints / "resnet8.pt"), *SYN, "--samples", "6", "--images", "4",
+                                 "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    res = json.loads((out / "results.json").read_text())
+    assert res["n"] == 6 and [d["paths"] for d in res["distribution"]] == [math.comb(6, k) for k in range(7)]
+    assert [g["length"] for g in res["gradient"]] == list(range(1, 7)) and all(g["samples"] == 6
+                                                                                  for g in res["gradient"])
+    assert set(res["effective"]) >= {"lo", "hi", "share", "paths_fraction", "mean_effective_length"}
+    assert res["compare"]["n"] == 3 and "norm" in res and "loss" in res
+    assert (out / "plots" / "paths.png").stat().st_size > 5000
+    assert len((out / "results.csv").read_text().splitlines()) == 1 + 7 + 4
+    assert "effective paths" in r.output
+    # The same seed gives the same numbers.
+    CliRunner().invoke(cli, ["paths", "--weights", str(checkpoints / "resnet14.pt"), *SYN, "--samples", "6",
+                             "--images", "4", "--lengths", "0,3", "--out", str(tmp_path / "a")])
+    CliRunner().invoke(cli, ["paths", "--weights", str(checkpoints / "resnet14.pt"), *SYN, "--samples", "6",
+                             "--images", "4", "--lengths", "0,3", "--out", str(tmp_path / "b")])
+    a, b = (json.loads((tmp_path / d / "results.json").read_text())["gradient"] for d in "ab")
+    assert a == b and [g["length"] for g in a] == [0, 3]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--weights", "{ck}/plain8.pt"], "paths: plain8 has no residual units"),
+    (["--weights", "{ck}/resnet8.pt", "--lengths", "4"], "--lengths: resnet8 has 3 residual units, so a path length "
+                                                         "must be in 0..3, got 4"),
+    (["--weights", "{ck}/resnet8.pt", "--lengths", "-1"], "--lengths '-1': item -1 must be >= 0"),
+    (["--weights", "{ck}/resnet8.pt", "--share", "1"], "--share '1': must be in (0, 1)"),
+])
+def test_cli_bad_paths_input(args, message, checkpoints, tmp_path):
+    args = [a.format(ck=checkpoints) for a in args]
+    r = CliRunner().invoke(cli, ["paths", *args, *SYN, "--out", str(tmp_path / "o")])
+    assert r.exit_code == 2 and r.stderr.strip().startswith(f"Error: {message}"), r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and not (tmp_path / "o").exists()
