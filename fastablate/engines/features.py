@@ -33,7 +33,6 @@ from fastablate.engines.protocol import Runtime, Study, model_name, slug, table
 from fastablate.engines.spec import Choice, Int, List, Spec, Text, option
 from fastablate.errors import FastablateError
 from fastablate.modes import eval_mode
-from fastablate.plots import pyplot, save
 
 
 @dataclass(frozen=True)
