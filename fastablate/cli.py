@@ -8,13 +8,13 @@ stderr and exit status 2.
 """
 from __future__ import annotations
 
-import inspect
 import sys
 
 import click
 
 from fastablate import __version__
-from fastablate.config import ENV_PREFIX, given, load_config, source_label
+from fastablate.commands import StudyCommand
+from fastablate.config import ENV_PREFIX
 from fastablate.errors import FastablateError
 
 
@@ -44,19 +44,22 @@ class Group(click.Group):
     def list_commands(self, ctx):
         from fastablate.engines import commands
 
-        return sorted(set(super().list_commands(ctx)) | set(commands()))
+        return sorted(set(super().list_commands(ctx)) | set(commands()) | {"sweep"})
 
     def get_command(self, ctx, name):
         from fastablate.engines import commands
 
+        if name == "sweep":
+            return SweepCommand()
         if name in self.commands or name not in commands():
             return super().get_command(ctx, name)
-        return study_command(name)
+        return StudyCommand(name, callback=_run)
 
     def format_commands(self, ctx, formatter):
         from fastablate.engines import commands
 
         rows = [(n, c.get_short_help_str(60)) for n, c in self.commands.items()]
+        rows.append(("sweep", "Grids over options of any study command: heatmaps, resumable, local or Ray"))
         for name, entries in commands().items():
             main = [e for e in entries if e.name == name] or entries[-1:]
             others = [e.name for e in entries if e not in main]
@@ -65,84 +68,12 @@ class Group(click.Group):
             formatter.write_dl(sorted(rows))
 
 
-def _click_option(opt, default) -> click.Option:
-    """A click option for a spec field: its raw value is read and checked by the spec's value type."""
-    from fastablate.engines.spec import Flag
-
-    shown = "" if default in (None, (), False) else f" [default: {opt.type.show(default)}]"
-    decls = [opt.flag, opt.key]
-    if isinstance(opt.type, Flag):
-        return click.Option(decls, is_flag=True, default=False, help=opt.help)
-    return click.Option(decls, type=click.UNPROCESSED, default=() if opt.multiple else None, multiple=opt.multiple,
-                        metavar=opt.metavar or opt.type.metavar, help=opt.help + shown)
-
-
-def study_command(command: str) -> click.Command:
-    """The click command of ``command``: the shared options and every option of its studies."""
-    from fastablate.engines import command_studies
-    from fastablate.engines.common import Setup
-    from fastablate.engines.spec import spec_options
-
-    studies = command_studies(command)
-    excluded = set.intersection(*(set(s.setup_excludes) for s in studies))
-    owners = [Setup] + [s.spec_class for s in studies]
-    fields: dict[str, tuple[type, str, object]] = {}  # parameter name -> (spec class, field, Option)
-    params: list[click.Parameter] = []
-    for cls in owners:
-        for name, opt, default in spec_options(cls):
-            if not opt.cli or (cls is Setup and name in excluded):
-                continue
-            if opt.key in fields:
-                raise RuntimeError(f"{command}: option {opt.flag} is declared twice ({fields[opt.key][0].__name__}, "
-                                   f"{cls.__name__})")
-            fields[opt.key] = (cls, name, opt)
-            params.append(_click_option(opt, default))
-    params.append(click.Option(["--config"], type=click.Path(dir_okay=False), callback=load_config, is_eager=True,
-                               expose_value=False, help="YAML file of option values (keys: option names)."))
-    helps = []
-    for s in studies[-1:] + studies[:-1]:  # the default study first
-        doc = inspect.cleandoc(s.__doc__ or s.name)
-        helps.append(f"With {', '.join(s.spec_class.flag(t) for t in s.triggers)}: {doc}" if s.triggers else doc)
-
-    def callback(**_):
-        _run(click.get_current_context(), studies, fields)
-    return click.Command(command, params=params, callback=callback, help="\n\n".join(helps))
-
-
-def _select(studies: list, fields: dict, keys: list[str]):
-    """The study the given options choose: one whose trigger options are given, else the default."""
-    def flags(s):
-        return [s.spec_class.flag(t) for t in s.triggers]
-    given_fields = {(fields[k][0], fields[k][1]) for k in keys}
-    chosen = [s for s in studies if any((s.spec_class, t) in given_fields for t in s.triggers)]
-    if len(chosen) > 1:
-        raise FastablateError(f"{' and '.join(flags(s)[0] for s in chosen)} choose separate studies "
-                              f"({', '.join(s.name for s in chosen)}): give one")
-    if chosen:
-        return chosen[0]
-    default = [s for s in studies if not s.triggers]
-    if not default:
-        raise FastablateError(f"choose a study: {'; '.join(', '.join(flags(s)) for s in studies)}")
-    return default[0]
-
-
-def _run(ctx: click.Context, studies: list, fields: dict) -> None:
-    from fastablate.engines.common import Setup
+def _run(command: StudyCommand) -> None:
+    """A study command's callback: run the chosen study, print its report."""
     from fastablate.engines.runner import run_study
-    from fastablate.engines.spec import parse_value
 
-    keys = [k for k in fields if given(ctx, k)]
-    study = _select(studies, fields, keys)
-    values: dict[type, dict] = {Setup: {}, study.spec_class: {}}
-    for key in keys:
-        cls, name, opt = fields[key]
-        if cls not in values:
-            other = next(s for s in studies if s.spec_class is cls)
-            trig = ", ".join(other.spec_class.flag(t) for t in other.triggers)
-            raise FastablateError(f"{opt.flag}{source_label(ctx, key)} applies to the {other.name} study"
-                                  f"{f' ({trig})' if trig else ''}, which is not given")
-        values[cls][name] = parse_value(opt, ctx.params[key], source_label(ctx, key))
-    outcome = run_study(study, Setup(**values[Setup]), study.spec_class(**values[study.spec_class]), progress=True)
+    study, setup, spec = command.choose(click.get_current_context())
+    outcome = run_study(study, setup, spec, progress=True)
     click.echo(outcome.report)
     click.echo(f"results: {outcome.path}")
 
@@ -206,6 +137,63 @@ def info():
     gpus = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
     click.echo(f"{'devices':12s} cpu{''.join(f', cuda:{i} ({n})' for i, n in enumerate(gpus))}")
     click.echo(f"{'threads':12s} {torch.get_num_threads()}")
+
+
+class SweepCommand(click.Command):
+    """sweep's options come from SweepSpec; the base command follows ``--``."""
+
+    def __init__(self):
+        from fastablate.commands import spec_fields
+        from fastablate.engines.sweep import SweepSpec
+
+        self.fields, params = spec_fields([SweepSpec])
+        params = [click.Option(["--grid"], multiple=True, metavar="OPTION=V,V,..",
+                               help="A swept option of the base command and its values (repeatable; separate "
+                                    "values with ; when a value holds commas).")] + params
+        params.append(click.Argument(["base"], nargs=-1, type=click.UNPROCESSED))
+        super().__init__("sweep", params=params, callback=self.run,
+                         context_settings={"ignore_unknown_options": True},
+                         short_help="Grids over options of train/eval/attack/...: heatmaps, resumable, Ray.",
+                         help="Run a grid over options of any study command, each point a full run, with a "
+                              "table and heatmaps of every pair of swept options; resumable; locally or on Ray.\n\n"
+                              "fastablate sweep --grid lr=0.05,0.1,0.2 --grid batch-size=128,256 --repeat 2 "
+                              "--out runs/sweep -- train --model resnet20 --epochs 5")
+
+    def run(self, grid, base, **_):
+        from fastablate.commands import StudyCommand, spec_values
+        from fastablate.config import given
+        from fastablate.engines.common import Setup
+        from fastablate.engines.sweep import Axis, SweepSpec, run_sweep, summary
+        from fastablate.engines.spec import List, NamedFiles, parse_value
+
+        ctx = click.get_current_context()
+        if not base or base[0] in ("sweep", "study"):
+            raise FastablateError("sweep needs a base command after --, e.g. -- train --model resnet20")
+        command = StudyCommand(base[0])
+        sub = command.make_context(base[0], list(base[1:]), parent=ctx)
+        study, setup, spec = command.values(sub)
+        axes = []
+        for item in grid:
+            key, eq, text = item.partition("=")
+            if not eq or not text:
+                raise FastablateError(f"--grid {item!r} is not OPTION=VALUE,VALUE,...")
+            try:
+                cls, name, opt = command.field(key)
+            except FastablateError as e:
+                raise FastablateError(f"--grid {key}: {e}") from None
+            if cls not in (Setup, study.spec_class) or name in ("out", "force"):
+                raise FastablateError(f"--grid {key}: {opt.flag} is not an option {study.name} can sweep")
+            sep = ";" if ";" in text or isinstance(opt.type, (List, NamedFiles)) else ","
+            values = tuple(parse_value(opt, v.strip(), f" (in --grid {key})") for v in text.split(sep))
+            axes.append(Axis("setup" if cls is Setup else "spec", name, opt.flag, values))
+        sweep = SweepSpec(**spec_values(ctx, self.fields, [k for k in self.fields if given(ctx, k)]).get(SweepSpec, {}))
+        out, rows = run_sweep(study.name, setup, spec, axes, sweep, echo=click.echo)
+        click.echo(summary(rows, [a.flag for a in axes]))
+        click.echo(f"results: {out}")
+        failed = [r for r in rows if r["status"] != "complete"]
+        if failed:
+            click.echo(f"sweep: {len(failed)} of {len(rows)} points failed; first: {failed[0].get('error')}", err=True)
+            ctx.exit(1)
 
 
 def main() -> None:

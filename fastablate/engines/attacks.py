@@ -405,6 +405,9 @@ class AttackStudy(Study):
             res.examples = None  # kept for the dataset only: no grid
         return res
 
+    def metrics(self, document: dict) -> dict[str, float]:
+        return {k: document[k] for k in ("success_rate", "robust_accuracy", "clean_accuracy")}
+
     def report(self, results: Sequence[AttackResult], spec) -> str:
         out = [table([{k: v for k, v in r.summary().items()} for r in results])]
         for r in results:

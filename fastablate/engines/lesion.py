@@ -525,6 +525,13 @@ class LesionStudy(Study):
     def document(self, results, spec):
         return {"plans": list(spec.plans), **super().document(results, spec)}
 
+    def metrics(self, document: dict) -> dict[str, float]:
+        out = {"intact_accuracy": document["intact"]["accuracy"]}
+        for plan in dict.fromkeys(v["plan"] for v in document["variants"]):
+            accs = [v["accuracy"] for v in document["variants"] if v["plan"] == plan]
+            out[f"{plan}_mean_accuracy"] = sum(accs) / len(accs)
+        return out
+
     def report(self, results: Sequence[LesionResult], spec) -> str:
         out = []
         for r in results:

@@ -366,6 +366,14 @@ class NoiseStudy(Study):
     def document(self, results, spec):
         return {"table": comparison_table(results), **super().document(results, spec)}
 
+    def metrics(self, document: dict) -> dict[str, float]:
+        out = {"clean_accuracy": document["clean"]["accuracy"]}
+        for g in document["grid"]:
+            key = (f"n{g['layers']}_p{g['p']:g}_sigma{g['sigma']:g}" if g["kind"] == "activation"
+                   else f"input{g['severity']}")
+            out[f"accuracy_{key.replace(' ', '')}"] = g["accuracy_mean"]
+        return out
+
     def report(self, results: Sequence[NoiseResult], spec) -> str:
         cols = ("model", "kind", "layers", "p", "sigma", "severity", "accuracy_mean", "accuracy_std", "ci95_low",
                 "ci95_high")

@@ -244,6 +244,10 @@ class PathsStudy(Study):
     def run(self, model, data, spec, runtime):
         return run_paths(model, data, spec, runtime)
 
+    def metrics(self, document: dict) -> dict[str, float]:
+        e = document["effective"]
+        return {"effective_lo": e["lo"], "effective_hi": e["hi"], "mean_effective_length": e["mean_effective_length"]}
+
     def report(self, results: Sequence[PathsResult], spec) -> str:
         out = []
         for r in results:

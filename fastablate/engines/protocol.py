@@ -111,6 +111,11 @@ class Study:
         """What the terminal shows at the end: by default a table of the rows."""
         return table([row for r in results for row in r.rows()])
 
+    def metrics(self, document: dict) -> dict[str, float]:
+        """The headline numbers of a results.json (what a sweep tabulates and plots): by default
+        its top-level ``accuracy`` and ``loss``."""
+        return {k: document[k] for k in ("accuracy", "loss") if isinstance(document.get(k), (int, float))}
+
 
 def model_name(model: nn.Module) -> str:
     """How results call ``model``: its ``name`` (NormalizedModel), else its class."""

@@ -323,6 +323,10 @@ class TrainStudy(Study):
                 "trainable_parameters": sum(p.numel() for p in m.parameters()) - frozen,
                 "augment": [f"{n}:{s:g}" for n, s in data.augment]}
 
+    def metrics(self, document: dict) -> dict[str, float]:
+        return {"accuracy": document["accuracy"], "loss": document["loss"],
+                **{f"{n}_accuracy": e["accuracy"] for n, e in document.get("eval_sets", {}).items()}}
+
     def resumes(self, spec: TrainSpec) -> bool:
         return spec.resume
 

@@ -1,0 +1,291 @@
+"""Sweeps: a grid over options of any study command, each point a full run directory, the
+points' headline numbers in one table, heatmaps of every pair of swept options.
+
+A point is the base command's options with the grid's values put in, run with ``repeat``
+seeds (the base seed, +1, ...). Its key is a hash of everything that shapes the run (the
+study, every option but where it writes, the seed), and its run directory is
+``<out>/points/<key>``: a rerun skips complete points and reruns failed or unfinished ones;
+extending the grid runs only the new points. A failing point is recorded with its error line
+and does not stop the others.
+
+Backends: ``local`` runs the points one after another in this process; ``ray`` runs each as
+a Ray task (``num_cpus``/``num_gpus`` per point) on a Ray cluster, with the same results for
+the same seeds (each point sets its thread count to ``cpus_per_point`` in both backends).
+"""
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import math
+import time
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Sequence
+
+from fastablate.engines.protocol import table
+from fastablate.engines.spec import Choice, Float, Int, Spec, Text, option
+from fastablate.errors import FastablateError
+from fastablate.plots import pyplot, save
+from fastablate.results import RunDir, default_out, jsonable
+
+# Options that do not change what a point computes, only where and how fast.
+_NOT_KEYED = ("out", "workers", "device", "force")
+
+
+@dataclass(frozen=True)
+class SweepSpec(Spec):
+    repeat: int = option(1, "Seeds per grid point (the base --seed, +1, +2, ...).", type=Int(min=1, max=1000))
+    backend: str = option("local", "Where points run: one after another here, or as Ray tasks.",
+                          type=Choice("local", "ray"))
+    address: Optional[str] = option(None, "ray: the cluster to join (HOST:PORT or auto) [default: a local "
+                                          "instance].", type=Text("ADDRESS"))
+    cpus_per_point: Optional[int] = option(None, "CPU threads per point (and Ray's num_cpus) [default: all here; "
+                                                 "1 on Ray].", type=Int(min=1, max=1024))
+    gpus_per_point: float = option(0.0, "ray: GPUs per point (Ray's num_gpus).", type=Float(0, 64))
+    out: Optional[str] = option(None, "Output directory of the sweep [default: runs/sweep-<timestamp>].",
+                                type=Text("DIR"))
+
+    def validate(self) -> None:
+        for name in ("address", "gpus_per_point"):
+            if name in self.given() and self.backend != "ray":
+                raise FastablateError(f"{self.flag(name)} applies to --backend ray")
+
+
+@dataclass(frozen=True)
+class Axis:
+    """One swept option: where it goes (``setup`` or ``spec``), its field, flag and values."""
+
+    owner: str
+    field: str
+    flag: str
+    values: tuple
+
+
+def point_key(point: dict) -> str:
+    """A stable hash of what shapes a point's run."""
+    shaped = {"study": point["study"], "seed": point["seed"],
+              "setup": {k: v for k, v in point["setup"].items() if k not in _NOT_KEYED}, "spec": point["spec"]}
+    return hashlib.blake2b(json.dumps(jsonable(shaped), sort_keys=True).encode(), digest_size=6).hexdigest()
+
+
+def make_points(study: str, setup: dict, spec: dict, axes: Sequence[Axis], repeat: int) -> list[dict]:
+    """Every (grid combination, seed) as a point dict."""
+    points = []
+    for combo in itertools.product(*(a.values for a in axes)):
+        s, p = dict(setup), dict(spec)
+        for a, v in zip(axes, combo):
+            (s if a.owner == "setup" else p)[a.field] = v
+        base_seed = s.get("seed", 0)
+        for r in range(repeat):
+            pt = {"study": study, "setup": {**s, "seed": base_seed + r}, "spec": p,
+                  "params": {a.flag.lstrip("-"): v for a, v in zip(axes, combo)}, "seed": base_seed + r}
+            pt["key"] = point_key(pt)
+            points.append(pt)
+    return points
+
+
+def build(point: dict):
+    """(study, Setup, spec) of a point; a bad value is a FastablateError."""
+    from fastablate.engines import get_study
+    from fastablate.engines.common import Setup
+
+    study = get_study(point["study"])
+    return study, Setup(**point["setup"]), study.spec_class(**point["spec"])
+
+
+def run_point(point: dict, out: str, threads: int | None) -> dict:
+    """Run one point into ``<out>/points/<key>`` and return its row (params, seed, status,
+    seconds, metrics or error). Importable by Ray workers."""
+    import torch
+
+    from fastablate.engines.runner import run_study
+
+    if threads:
+        torch.set_num_threads(threads)
+    path = Path(out) / "points" / point["key"]
+    row = {**point["params"], "seed": point["seed"], "key": point["key"]}
+    start = time.perf_counter()
+    try:
+        study, setup, spec = build(point)
+        from dataclasses import replace
+
+        outcome = run_study(study, replace(setup, out=str(path)), spec)
+        return {**row, "status": "complete", "seconds": _seconds(path), **study.metrics(outcome.document)}
+    except Exception as e:  # a failing point is recorded, the others go on
+        if isinstance(e, FastablateError):
+            line = str(e)
+        else:  # a bug, not bad input: keep the traceback beside the point
+            line = f"{type(e).__name__}: {e}".splitlines()[0]
+            path.mkdir(parents=True, exist_ok=True)
+            (path / "traceback.txt").write_text(traceback.format_exc())
+        return {**row, "status": "failed", "seconds": round(time.perf_counter() - start, 3), "error": line}
+
+
+def _seconds(path: Path) -> float | None:
+    """The total time a finished point's run.json records."""
+    return json.loads((path / "run.json").read_text())["timings"].get("total_s")
+
+
+def _done(path: Path) -> dict | None:
+    """The metrics row of a complete point run, or None."""
+    try:
+        info = json.loads((path / "run.json").read_text())
+        document = json.loads((path / "results.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return document if info.get("status") == "complete" else None
+
+
+def run_sweep(study_name: str, setup: dict, spec: dict, axes: Sequence[Axis], sweep: SweepSpec,
+              echo=print) -> tuple[Path, list[dict]]:
+    """Run (or resume) a sweep; returns its folder and one row per point."""
+    from fastablate.engines import get_study
+
+    if not axes:
+        raise FastablateError("sweep needs at least one --grid OPTION=VALUE,VALUE")
+    points = make_points(study_name, setup, spec, axes, sweep.repeat)
+    for pt in points:  # every point's options are checked before anything runs
+        try:
+            build(pt)
+        except FastablateError as e:
+            raise FastablateError(f"grid point {', '.join(f'{k}={v}' for k, v in pt['params'].items())}: {e}") \
+                from None
+    study = get_study(study_name)
+    out = Path(sweep.out or default_out("sweep"))
+    config = {"study": study_name, "base": {"setup": setup, "spec": spec},
+              "grid": {a.flag.lstrip("-"): list(a.values) for a in axes}, **sweep.to_dict()}
+    resume = (out / "run.json").is_file() and _is_sweep(out)
+    rows: dict[str, dict] = {}
+    with RunDir(out, "sweep", config, device="-", seed=setup.get("seed", 0)).start(resume=resume) as run:
+        todo = []
+        for pt in points:
+            document = _done(out / "points" / pt["key"])
+            if document is not None:
+                rows[pt["key"]] = {**pt["params"], "seed": pt["seed"], "key": pt["key"], "status": "complete",
+                                   "seconds": _seconds(out / "points" / pt["key"]), **study.metrics(document)}
+            else:
+                todo.append(pt)
+        echo(f"sweep: {len(points)} points ({len(points) - len(todo)} complete already), {len(todo)} to run on "
+             f"{sweep.backend}")
+        if sweep.backend == "ray":
+            finished = _run_ray(todo, out, sweep, echo)
+        else:
+            finished = []
+            for i, pt in enumerate(todo):
+                echo(f"point {i + 1}/{len(todo)}: {pt['params']} seed {pt['seed']}")
+                finished.append(run_point(pt, str(out), sweep.cpus_per_point))
+        for row in finished:
+            rows[row["key"]] = row
+        ordered = [rows[pt["key"]] for pt in points]
+        plot_sweep(ordered, [a.flag.lstrip("-") for a in axes], run.plot_dir())
+        run.write_results({"study": study_name, "grid": config["grid"], "repeat": sweep.repeat,
+                           "points": ordered}, ordered)
+    return out, ordered
+
+
+def _is_sweep(out: Path) -> bool:
+    try:
+        return json.loads((out / "run.json").read_text()).get("command") == "sweep"
+    except (OSError, ValueError):
+        return False
+
+
+def _run_ray(points: list[dict], out: Path, sweep: SweepSpec, echo) -> list[dict]:
+    try:
+        import ray
+    except ImportError:
+        raise FastablateError("--backend ray needs Ray: pip install \"fastablate[ray]\" (or pip install ray)") \
+            from None
+    cpus = sweep.cpus_per_point or 1
+    ray.init(address=sweep.address, ignore_reinit_error=True, include_dashboard=False, log_to_driver=False)
+    task = ray.remote(num_cpus=cpus, num_gpus=sweep.gpus_per_point)(run_point)
+    pending = {task.remote(pt, str(out.resolve()), cpus): pt for pt in points}
+    rows = []
+    while pending:
+        done, _ = ray.wait(list(pending), num_returns=1)
+        for ref in done:
+            pt = pending.pop(ref)
+            rows.append(ray.get(ref))
+            echo(f"point {len(rows)}/{len(points)} done: {pt['params']} seed {pt['seed']}: {rows[-1]['status']}")
+    return rows
+
+
+def _numeric(values: Sequence) -> bool:
+    return all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
+
+
+def _log_scale(values: Sequence) -> bool:
+    """Values spanning two decades or more, all positive."""
+    return _numeric(values) and min(values) > 0 and max(values) / min(values) >= 100
+
+
+def plot_sweep(rows: list[dict], params: list[str], directory: Path) -> list[Path]:
+    """For each metric: a line plot with the spread over repeats for each swept option alone,
+    and an annotated heatmap (mean over repeats) for each pair of swept options."""
+    ok = [r for r in rows if r["status"] == "complete"]
+    if not ok:
+        return []
+    reserved = {*params, "seed", "key", "status", "seconds", "error"}
+    metrics = [k for k in ok[0] if k not in reserved and isinstance(ok[0][k], (int, float))]
+    plt = pyplot()
+    paths = []
+    for metric in metrics:
+        if len(params) == 1:
+            p = params[0]
+            xs = sorted({r[p] for r in ok}, key=_sort_key)
+            vals = [[r[metric] for r in ok if r[p] == x] for x in xs]
+            fig, ax = plt.subplots(figsize=(5.5, 3.8))
+            pos = xs if _numeric(xs) else range(len(xs))
+            ax.plot(pos, [sum(v) / len(v) for v in vals], "o-", label="mean over seeds")
+            ax.fill_between(pos, [min(v) for v in vals], [max(v) for v in vals], alpha=0.2, label="min-max")
+            if _log_scale(xs):
+                ax.set_xscale("log")
+            if not _numeric(xs):
+                ax.set_xticks(list(pos), [str(x) for x in xs])
+            ax.set(xlabel=p, ylabel=metric, title=f"{metric} vs {p}")
+            ax.legend(fontsize=8)
+            paths.append(save(fig, directory / f"line-{metric}-{p}.png"))
+        for a, b in itertools.combinations(params, 2):
+            paths.append(_heatmap(ok, a, b, metric, directory / f"heatmap-{metric}-{a}-{b}.png"))
+    return paths
+
+
+def _sort_key(v):
+    return (0, v, "") if isinstance(v, (int, float)) and not isinstance(v, bool) else (1, 0, str(v))
+
+
+def _heatmap(rows: list[dict], a: str, b: str, metric: str, path: Path) -> Path:
+    plt = pyplot()
+    ys, xs = sorted({r[a] for r in rows}, key=_sort_key), sorted({r[b] for r in rows}, key=_sort_key)
+    grid = [[math.nan] * len(xs) for _ in ys]
+    for i, y in enumerate(ys):
+        for j, x in enumerate(xs):
+            vals = [r[metric] for r in rows if r[a] == y and r[b] == x]
+            if vals:
+                grid[i][j] = sum(vals) / len(vals)
+    fig, ax = plt.subplots(figsize=(1.2 * len(xs) + 2.5, 0.8 * len(ys) + 1.8))
+    shown = ax.imshow(grid, cmap="viridis", aspect="auto")
+    for i in range(len(ys)):
+        for j in range(len(xs)):
+            if not math.isnan(grid[i][j]):
+                ax.text(j, i, f"{grid[i][j]:.4g}", ha="center", va="center", fontsize=8,
+                        color="white" if grid[i][j] < (max(v for r in grid for v in r if not math.isnan(v)) +
+                                                        min(v for r in grid for v in r if not math.isnan(v))) / 2
+                        else "black")
+    fmt = lambda v: f"{v:g}" if isinstance(v, float) else str(v)  # noqa: E731
+    ax.set_xticks(range(len(xs)), [fmt(x) for x in xs])
+    ax.set_yticks(range(len(ys)), [fmt(y) for y in ys])
+    ax.set(xlabel=b, ylabel=a, title=f"{metric} (mean over seeds)")
+    fig.colorbar(shown, ax=ax)
+    return save(fig, path)
+
+
+def summary(rows: list[dict], params: Sequence[str]) -> str:
+    """The terminal's table: one row per point."""
+    keep = [k for k in rows[0] if k not in ("key",)] if rows else []
+    return table([{k: r.get(k) for k in keep} for r in rows], keep)
+
+
+__all__ = ["Axis", "SweepSpec", "make_points", "point_key", "run_point", "run_sweep", "summary"]
