@@ -8,6 +8,7 @@ stderr and exit status 2.
 """
 from __future__ import annotations
 
+import os
 import sys
 
 import click
@@ -18,20 +19,41 @@ from fastablate.config import ENV_PREFIX
 from fastablate.errors import FastablateError
 
 
+def _echo_main(message: str, err: bool = False) -> None:
+    """Print from process 0 only (under torchrun, every process runs the command)."""
+    if os.environ.get("RANK", "0") == "0":
+        click.echo(message, err=err)
+
+
+def _leave_together() -> None:
+    """Under torchrun, wait (a while) for the other processes to meet the same bad input, then
+    all exit 2 at once (torchrun stops the others as soon as one process ends)."""
+    if "torch" not in sys.modules:
+        return
+    from fastablate.engines.distributed import leave
+
+    if leave():
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(2)
+
+
 class Group(click.Group):
     """Lists study commands from the registry without importing them; prints usage errors and
-    FastablateError as one line, exit 2, no traceback."""
+    FastablateError as one line, exit 2, no traceback (under torchrun: from process 0, and
+    every process exits 2)."""
 
     def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
         try:
             rv = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
         except (click.UsageError, FastablateError) as e:
             msg = e.format_message() if isinstance(e, click.ClickException) else str(e)
-            click.echo(f"Error: {' '.join(msg.split())}", err=True)
+            _echo_main(f"Error: {' '.join(msg.split())}", err=True)
+            _leave_together()
             sys.exit(2)
         except OSError as e:  # a file that cannot be read or written: unwritable, full disk, gone
             where = f" {e.filename}" if e.filename else ""
-            click.echo(f"Error: cannot read or write{where}: {e.strerror or e}", err=True)
+            _echo_main(f"Error: cannot read or write{where}: {e.strerror or e}", err=True)
             sys.exit(2)
         except click.Abort:
             click.echo("Aborted!", err=True)
@@ -74,8 +96,8 @@ def _run(command: StudyCommand) -> None:
 
     study, setup, spec = command.choose(click.get_current_context())
     outcome = run_study(study, setup, spec, progress=True)
-    click.echo(outcome.report)
-    click.echo(f"results: {outcome.path}")
+    _echo_main(outcome.report)
+    _echo_main(f"results: {outcome.path}")
 
 
 @click.group(cls=Group, context_settings={"auto_envvar_prefix": ENV_PREFIX, "help_option_names": ["-h", "--help"]})

@@ -218,8 +218,10 @@ class _FileImages(torch.utils.data.Dataset):
         return decode(self.files[i], self.size), self.labels[i]
 
 
-def _uint8_batches(ds: ImageSet, order: Tensor, batch_size: int, workers: int) -> Iterator[tuple[Tensor, Tensor]]:
-    chunks = [order[s:s + batch_size].tolist() for s in range(0, len(order), batch_size)]
+def _uint8_batches(ds: ImageSet, order: Tensor, batch_size: int, workers: int,
+                   shard: tuple[int, int]) -> Iterator[tuple[Tensor, Tensor]]:
+    rank, world = shard
+    chunks = [order[s:s + batch_size].tolist() for s in range(0, len(order), batch_size)][rank::world]
     if ds.images is None and workers > 0:
         yield from torch.utils.data.DataLoader(_FileImages(ds), batch_sampler=chunks, num_workers=workers)
         return
@@ -230,20 +232,26 @@ def _uint8_batches(ds: ImageSet, order: Tensor, batch_size: int, workers: int) -
 
 def batches(ds: ImageSet, batch_size: int, *, device: torch.device | str = "cpu", shuffle: bool = False,
             generator: torch.Generator | None = None, augment: list[tuple[str, float]] | None = None,
-            workers: int = 0) -> Iterator[tuple[Tensor, Tensor]]:
+            workers: int = 0, order: Tensor | None = None, shard: tuple[int, int] = (0, 1),
+            augment_generator: torch.Generator | None = None) -> Iterator[tuple[Tensor, Tensor]]:
     """Float batches in [0, 1] on ``device`` with their labels; the last batch may be short.
 
-    ``augment``: (name, strength) pairs of :mod:`fastablate.data.augment`, applied to each
-    batch with random parameters from ``generator``. ``workers`` > 0 decodes a file-backed
-    set in that many processes (in-memory sets need none).
+    ``order``: the images in this order (default: as stored, or a permutation drawn from
+    ``generator`` with ``shuffle``). ``shard=(r, n)``: only batches r, r + n, r + 2n, ... of
+    that batching (the work of process r of n). ``augment``: (name, strength) pairs of
+    :mod:`fastablate.data.augment`, applied to each batch with random parameters from
+    ``augment_generator`` (default ``generator``). ``workers`` > 0 decodes a file-backed set
+    in that many processes (in-memory sets need none).
     """
     from fastablate.data.augment import augment as apply
 
-    order = torch.randperm(len(ds), generator=generator) if shuffle else torch.arange(len(ds))
-    for x, y in _uint8_batches(ds, order, batch_size, workers):
+    if order is None:
+        order = torch.randperm(len(ds), generator=generator) if shuffle else torch.arange(len(ds))
+    aug_gen = augment_generator or generator
+    for x, y in _uint8_batches(ds, order, batch_size, workers, shard):
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         x = x.float().div_(255)
-        yield (apply(x, augment, generator) if augment else x), y
+        yield (apply(x, augment, aug_gen) if augment else x), y
 
 
 from fastablate.data import datasets  # noqa: E402,F401  (the built-in datasets register themselves)

@@ -29,7 +29,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fastablate.data import ImageSet
-from fastablate.engines.protocol import Runtime, Study, batch_progress, model_name, slug, table
+from fastablate.engines.distributed import all_sum, gather, is_main, merge
+from fastablate.engines.protocol import Runtime, Study, hash_seed, model_name, my_batches, slug, table
 from fastablate.engines.spec import Choice, Float, Int, Spec, Text, option
 from fastablate.errors import FastablateError
 from fastablate.models.checkpoint import atomic_save
@@ -300,15 +301,17 @@ def run_attack(model: nn.Module, ds: ImageSet, spec: AttackSpec, runtime: Runtim
     if spec.target is not None and not 0 <= spec.target < ds.num_classes:
         raise FastablateError(f"--target {spec.target} is not a class of {ds.name} (0..{ds.num_classes - 1})")
     spec = spec.resolved(ds.image_size)
-    gen = torch.Generator().manual_seed(runtime.seed)
     attack = RUNNERS[spec.attack]
     correct = fooled = attacked = skipped = 0
     l0s, l2s, steps_all = [], [], []
     seconds = 0.0
-    kept: dict[str, list[Tensor]] = {k: [] for k in EXAMPLE_KEYS}
+    kept: list[tuple[int, dict[str, Tensor]]] = []  # (batch index, examples)
     name = model_name(model)
     with eval_mode(model, frozen=True):
-        for x, y in batch_progress(ds, runtime, f"{spec.attack} attack {name}"):
+        for i, x, y in my_batches(ds, runtime, f"{spec.attack} attack {name}"):
+            # Each batch draws its own random numbers: the result of a batch does not depend on
+            # the batches before it (or on which process runs it).
+            gen = torch.Generator().manual_seed(hash_seed(runtime.seed, "attack", i))
             with torch.no_grad():
                 pred = model(x).argmax(1)
             ok = pred == y
@@ -339,8 +342,16 @@ def run_attack(model: nn.Module, ds: ImageSet, spec: AttackSpec, runtime: Runtim
             if keep:
                 with torch.no_grad():
                     pred_adv = model(x_adv).argmax(1)
-                for k, v in zip(EXAMPLE_KEYS, (x, x_adv, y, pred_adv, ok, success)):
-                    kept[k].append(v.detach().cpu())
+                kept.append((i, {k: v.detach().cpu() for k, v in zip(EXAMPLE_KEYS, (x, x_adv, y, pred_adv, ok,
+                                                                                       success))}))
+    counts = all_sum(torch.tensor([correct, fooled, attacked, skipped], dtype=torch.int64)).tolist()
+    correct, fooled, attacked, skipped = counts
+    seconds = all_sum(torch.tensor([seconds], dtype=torch.float64)).item()
+    l0s, l2s, steps_all = ([v for part in gather(values) for v in part] for values in (l0s, l2s, steps_all))
+    examples = None
+    if keep:
+        parts = merge(kept)
+        examples = {k: torch.cat([p[k] for p in parts]) for k in EXAMPLE_KEYS}
     n = len(ds)
     return AttackResult(model=name, attack=spec.attack, clean_accuracy=correct / n,
                         robust_accuracy=(correct - fooled) / n, success_rate=fooled / attacked if attacked else 0.0,
@@ -350,7 +361,7 @@ def run_attack(model: nn.Module, ds: ImageSet, spec: AttackSpec, runtime: Runtim
                         steps_mean=sum(steps_all) / len(steps_all) if steps_all else 0.0,
                         seconds_per_image=seconds / attacked if attacked else 0.0, skipped_target_class=skipped,
                         k=spec.k if spec.attack == "sparse" else None, spec=spec.record(runtime.seed),
-                        examples={k: torch.cat(v) for k, v in kept.items()} if keep else None)
+                        examples=examples)
 
 
 def save_grid(examples: dict, path: Path, count: int = 8) -> Path:
@@ -395,9 +406,9 @@ class AttackStudy(Study):
     def run(self, model, data, spec, runtime):
         res = run_attack(model, data, spec, runtime, keep=spec.save_examples or bool(spec.save_dataset))
         ex = res.examples
-        if spec.save_examples:
+        if spec.save_examples and is_main():
             atomic_save(ex, runtime.artifact("adversarial.pt"))
-        if spec.save_dataset:
+        if spec.save_dataset and is_main():
             atomic_save({"images": ex["x_adv"].mul(255).round().to(torch.uint8), "labels": ex["y"],
                          "success": ex["success"], "attacked": ex["attacked"], "classes": list(data.classes),
                          "attack": res.spec, "dataset": data.name, "split": data.split}, spec.save_dataset)

@@ -11,7 +11,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from fastablate.data import ImageSet
-from fastablate.engines.protocol import Runtime, Study, batch_progress, model_name, slug, table
+from fastablate.engines.distributed import all_sum
+from fastablate.engines.protocol import Runtime, Study, model_name, my_batches, slug, table
 from fastablate.engines.spec import Spec
 from fastablate.modes import eval_mode
 from fastablate.plots import pyplot, save
@@ -54,7 +55,7 @@ def evaluate(model: nn.Module, ds: ImageSet, runtime: Runtime, *, desc: str = "e
     confusion = torch.zeros(k, k, dtype=torch.int64)
     loss_sum = 0.0
     with eval_mode(model):
-        for x, y in batch_progress(ds, runtime, desc):
+        for _, x, y in my_batches(ds, runtime, desc):
             x = x.contiguous(memory_format=memory_format)
             logits = model(x)
             if tta:
@@ -62,6 +63,8 @@ def evaluate(model: nn.Module, ds: ImageSet, runtime: Runtime, *, desc: str = "e
             loss_sum += F.cross_entropy(logits.float(), y, reduction="sum").item()
             pred = logits.argmax(1)
             confusion += torch.bincount((y * k + pred).cpu(), minlength=k * k).view(k, k)
+    all_sum(confusion)
+    loss_sum = all_sum(torch.tensor([loss_sum], dtype=torch.float64)).item()
     n = int(confusion.sum())
     counts = confusion.sum(1)
     per_class = [(confusion[i, i] / counts[i]).item() if counts[i] else None for i in range(k)]

@@ -29,7 +29,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fastablate.data import ImageSet, balanced_subset
-from fastablate.engines.protocol import Runtime, Study, model_name, slug, table
+from fastablate.engines.distributed import all_max, all_sum
+from fastablate.engines.protocol import Runtime, Study, model_name, my_batches, slug, table
 from fastablate.engines.spec import Choice, Int, List, Spec, Text, option
 from fastablate.errors import FastablateError
 from fastablate.modes import eval_mode
@@ -166,6 +167,9 @@ class FeaturesData:
     index: list[int]  # their indices in the split, or among the examples
     x_adv: Tensor | None = None  # their adversarial versions (--examples)
 
+    def __len__(self) -> int:
+        return len(self.ds)
+
 
 @dataclass
 class LayerStats:
@@ -175,7 +179,7 @@ class LayerStats:
     squares: float = 0.0
     count: int = 0
     zeros: int = 0
-    alive: Tensor | None = None  # (C,) any nonzero activation seen
+    alive: Tensor | None = None  # (C,) any nonzero activation seen (all False before any image)
 
     def add(self, a: Tensor) -> None:
         a = a.detach().double()
@@ -184,13 +188,19 @@ class LayerStats:
         self.count += a.numel()
         self.zeros += int((a == 0).sum())
         nz = (a != 0).transpose(0, 1).flatten(1).any(1).cpu()
-        self.alive = nz if self.alive is None else self.alive | nz
+        self.alive = self.alive | nz
+
+    def reduce(self) -> None:
+        """Sum the statistics of every process (under torchrun)."""
+        t = all_sum(torch.tensor([self.total, self.squares, self.count, self.zeros], dtype=torch.float64))
+        self.total, self.squares, self.count, self.zeros = t[0].item(), t[1].item(), int(t[2]), int(t[3])
+        self.alive = all_max(self.alive.to(torch.int32)).bool()
 
     def summary(self) -> dict:
-        mean = self.total / self.count
+        mean = self.total / max(self.count, 1)
         return {"mean": mean, "std": math.sqrt(max(0.0, self.squares / self.count - mean * mean)),
                 "channels": int(self.alive.numel()), "dead_channels": int((~self.alive).sum()),
-                "dead_fraction": float((~self.alive).double().mean()), "zero_fraction": self.zeros / self.count}
+                "dead_fraction": float((~self.alive).double().mean()), "zero_fraction": self.zeros / max(self.count, 1)}
 
 
 @dataclass
@@ -251,19 +261,21 @@ def run_features(model: nn.Module, data: FeaturesData, spec: FeaturesSpec, runti
             relative[n] = (d.flatten(1).norm(dim=1) / maps[n].flatten(1).norm(dim=1).clamp_min(1e-12)).mean().item()
     # Channels of the first image at each spatial layer.
     rec = Recorder(model, names)
-    stats = {n: LayerStats() for n in names}
+    shapes = layer_shapes(model, ds.image_size)
+    stats = {n: LayerStats(alive=torch.zeros(shapes[n][0], dtype=torch.bool)) for n in names}
     try:
         with eval_mode(model), torch.no_grad():
             model(x[:1])
             drawn["channels"] = {n: a[0].cpu() for n, a in rec.out.items() if a.dim() == 4}
             sub = ds.subset(balanced_subset(ds.labels, min(spec.stats_images, len(ds)), runtime.seed))
-            from fastablate.data import batches
-            for xb, _ in batches(sub, runtime.batch_size, device=dev, workers=runtime.workers):
+            for _, xb, _ in my_batches(sub, runtime.with_(progress=False), ""):
                 model(xb)
                 for n in names:
                     stats[n].add(rec.out[n])
     finally:
         rec.remove()
+    for s in stats.values():
+        s.reduce()
     summary = {n: s.summary() for n, s in stats.items()}
     drawn["dead"] = {n: [c for c in range(summary[n]["channels"]) if not bool(stats[n].alive[c])]
                      for n in drawn["channels"]}

@@ -27,7 +27,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fastablate.data import ImageSet
-from fastablate.engines.protocol import Runtime, Study, batch_progress, model_name, table
+from fastablate.engines.distributed import all_sum
+from fastablate.engines.protocol import Runtime, Study, model_name, my_batches, table
 from fastablate.engines.spec import Int, List, Size, Spec, Value, option
 from fastablate.errors import FastablateError
 from fastablate.modes import eval_mode
@@ -381,12 +382,14 @@ def run_lesion(model: nn.Module, ds: ImageSet, variants: Sequence[Variant], runt
     loss = torch.zeros(u, dtype=torch.float64)
     conf = torch.zeros(u, dtype=torch.float64)
     with eval_mode(model):
-        for x, y in batch_progress(ds, runtime, f"lesion {model_name(model)} ({u} variants)"):
+        for _, x, y in my_batches(ds, runtime, f"lesion {model_name(model)} ({u} variants)"):
             logp = F.log_softmax(ex(x).float(), dim=-1)  # (variants, N, classes)
             top, pred = logp.max(-1)
             correct += (pred == y).sum(1).double().cpu()
             loss -= logp.gather(2, y.expand(u, -1).unsqueeze(2)).squeeze(2).sum(1).double().cpu()
             conf += top.exp().sum(1).double().cpu()
+    for t in (correct, loss, conf):
+        all_sum(t)
     n = len(ds)
 
     def metrics(v: Variant) -> dict:

@@ -16,7 +16,6 @@ convolutions themselves (a different algorithm may be picked), not the noise.
 """
 from __future__ import annotations
 
-import hashlib
 import math
 import random
 import time
@@ -28,7 +27,8 @@ import torch
 from torch import Tensor, nn
 
 from fastablate.data import ImageSet, batches
-from fastablate.engines.protocol import Runtime, Study, model_name, progress, table
+from fastablate.engines.distributed import all_sum
+from fastablate.engines.protocol import Runtime, Study, hash_seed, model_name, my_batches, progress, table
 from fastablate.engines.spec import Float, Int, List, Spec, Text, option
 from fastablate.errors import FastablateError
 from fastablate.modes import eval_mode
@@ -46,10 +46,7 @@ def conv_layers(model: nn.Module) -> list[tuple[str, nn.Conv2d]]:
     return [(name, m) for name, m in net.named_modules() if isinstance(m, nn.Conv2d)]
 
 
-def stream_seed(*parts) -> int:
-    """A 63-bit Philox key from the parts (run seed, trial, layer, ...)."""
-    digest = hashlib.blake2b(":".join(map(str, parts)).encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") >> 1
+stream_seed = hash_seed  # the Philox key of a (run seed, trial, layer) stream
 
 
 class NoiseInjector:
@@ -228,10 +225,11 @@ def trial_layers(setting: int | str, names: list[str], spec: NoiseSpec, seed: in
 @torch.no_grad()
 def _accuracy(model: nn.Module, ds: ImageSet, runtime: Runtime, injector: NoiseInjector | None,
               input_sigma: float = 0.0, input_seed: int = 0) -> int:
-    """The number of images of ``ds`` classified correctly."""
+    """The number of images of this process's batches of ``ds`` classified correctly. The
+    noise of an image is keyed by its index in ``ds``, whoever evaluates it."""
     correct = 0
-    row = 0
-    for x, y in batches(ds, runtime.batch_size, device=runtime.device, workers=runtime.workers):
+    for i, x, y in my_batches(ds, runtime.with_(progress=False), ""):
+        row = i * runtime.batch_size
         if input_sigma > 0:
             # CIFAR-10-C: clip(x + N(0, c^2), 0, 1), stored as uint8 (truncated).
             x = gaussian_noise(x, input_sigma, seed=input_seed, offset=row * x[0].numel(), inplace=True)
@@ -239,7 +237,6 @@ def _accuracy(model: nn.Module, ds: ImageSet, runtime: Runtime, injector: NoiseI
         if injector is not None:
             injector.row = row
         correct += (model(x).argmax(1) == y).sum().item()
-        row += x.shape[0]
     return correct
 
 
@@ -275,6 +272,9 @@ def run_noise(model: nn.Module, ds: ImageSet, spec: NoiseSpec, runtime: Runtime,
                 correct[pt].append(acc)
     finally:
         injector.remove()
+    counts = all_sum(torch.tensor([clean] + [c for pt in points for c in correct[pt]], dtype=torch.int64)).tolist()
+    clean, rest = counts[0], iter(counts[1:])
+    correct = {pt: [next(rest) for _ in range(spec.trials)] for pt in points}
     grid = []
     for pt in points:
         row = {"kind": pt.kind, "layers": pt.layers, "p": pt.p, "sigma": pt.sigma}

@@ -27,7 +27,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fastablate.data import ImageSet
-from fastablate.engines.protocol import Runtime, Study, model_name, progress, table
+from fastablate.engines import distributed as dist
+from fastablate.engines.protocol import Runtime, Study, hash_seed, model_name, progress, table
 from fastablate.engines.spec import Float, Int, List, Spec, option
 from fastablate.errors import FastablateError
 from fastablate.modes import eval_mode
@@ -170,19 +171,22 @@ def run_paths(model: nn.Module, ds: ImageSet, spec: PathsSpec, runtime: Runtime)
     n = len(view.units)
     lengths = list(spec.lengths) if spec.lengths else list(range(1, n + 1))
     rng = random.Random(f"{runtime.seed}:paths")
-    gen = torch.Generator().manual_seed(runtime.seed)
     work = [(k, frozenset(rng.sample(range(n), k))) for k in lengths for _ in range(spec.samples)]
     per_pass = max(1, runtime.batch_size // spec.images)  # samples stacked in one pass
     chunks = [work[i:i + per_pass] for i in range(0, len(work), per_pass)]
-    norms: dict[int, list[float]] = {k: [] for k in lengths}
+    mine = [(c, chunk) for c, chunk in enumerate(chunks) if dist.mine(c)]
+    measured = []  # (chunk index, [norm of each sample])
     with eval_mode(model, frozen=True):
-        for chunk in progress(chunks, desc=f"paths {name}", enabled=runtime.progress):
+        for c, chunk in progress(mine, desc=f"paths {name}", enabled=runtime.progress):
+            gen = torch.Generator().manual_seed(hash_seed(runtime.seed, "paths", c))  # the chunk's own images
             idx = torch.randint(0, len(ds), (len(chunk), spec.images), generator=gen)
-            x = ds.load(idx.flatten()).to(runtime.device).float().div_(255).view(len(chunk), spec.images,
-                                                                                 *ds.load(idx[0, :1]).shape[1:])
+            x = ds.load(idx.flatten()).to(runtime.device).float().div_(255)
+            x = x.view(len(chunk), spec.images, *x.shape[1:])
             y = ds.labels[idx].to(runtime.device)
-            for (k, _), v in zip(chunk, stacked_gradients(view, x, y, [s for _, s in chunk]).tolist()):
-                norms[k].append(v)
+            measured.append((c, stacked_gradients(view, x, y, [s for _, s in chunk]).tolist()))
+    norms: dict[int, list[float]] = {k: [] for k in lengths}
+    for (k, _), v in zip(work, (v for part in dist.merge(measured) for v in part)):
+        norms[k].append(v)
     gradient = []
     for k in lengths:
         vals = norms[k]

@@ -117,6 +117,13 @@ class Study:
         return {k: document[k] for k in ("accuracy", "loss") if isinstance(document.get(k), (int, float))}
 
 
+def hash_seed(*parts) -> int:
+    """A 63-bit seed from the parts (run seed, purpose, batch index, ...)."""
+    import hashlib
+
+    return int.from_bytes(hashlib.blake2b(":".join(map(str, parts)).encode(), digest_size=8).digest(), "little") >> 1
+
+
 def model_name(model: nn.Module) -> str:
     """How results call ``model``: its ``name`` (NormalizedModel), else its class."""
     return getattr(model, "name", None) or type(model).__name__
@@ -153,3 +160,15 @@ def batch_progress(ds: ImageSet, runtime: Runtime, desc: str, **kw) -> Iterator[
     with a progress bar when the runtime shows progress."""
     it = batches(ds, runtime.batch_size, device=runtime.device, workers=runtime.workers, **kw)
     return iter(progress(it, total=-(-len(ds) // runtime.batch_size), desc=desc, enabled=runtime.progress))
+
+
+def my_batches(ds: ImageSet, runtime: Runtime, desc: str) -> Iterator[tuple[int, Tensor, Tensor]]:
+    """(batch index, images, labels) of this process's share of the batches of ``ds`` (all of
+    them alone; under torchrun, batches rank, rank + N, ...), in order, with a progress bar."""
+    from fastablate.engines import distributed as dist
+
+    rank, world = dist.rank(), dist.world()
+    it = batches(ds, runtime.batch_size, device=runtime.device, workers=runtime.workers, shard=(rank, world))
+    total = len(range(rank, -(-len(ds) // runtime.batch_size), world))
+    for k, (x, y) in enumerate(progress(it, total=total, desc=desc, enabled=runtime.progress)):
+        yield rank + k * world, x, y

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from fastablate.engines import distributed as dist
 from fastablate.engines.common import Setup
 from fastablate.engines.protocol import Result, Study, model_name, slug
 from fastablate.engines.spec import Spec
@@ -41,23 +42,46 @@ def run_study(study: Study, setup: Setup, spec: Spec, *, progress: bool = False)
             if Path(output).resolve() == Path(inp).resolve():
                 raise FastablateError(f"{oflag} {output} is the {iflag} input; choose another file (inputs are "
                                       "never overwritten)")
-    runtime = setup.runtime(progress)
+    rank, world, device = dist.init(setup.device)
+    runtime = setup.runtime(progress and rank == 0)
+    if device is not None:
+        runtime = runtime.with_(device=device)
     data = study.load_data(setup, spec, runtime)
+    if world > 1 and len(data) < world:
+        raise FastablateError(f"torchrun runs {world} processes but {getattr(data, 'name', 'the data')} has "
+                              f"{len(data)} images: use at most {len(data)} processes")
     models = study.load_models(setup, spec, data, runtime)
     study.check(models, data, spec)
     config = {"study": study.name, **{k: v for k, v in setup.to_dict().items() if k not in study.setup_excludes},
               **spec.to_dict()}
-    run_dir = RunDir(setup.out or default_out(study.command), study.command, config, device=str(runtime.device),
-                     seed=setup.seed, info=study.run_info(models, data, spec))
-    with run_dir.start(resume=study.resumes(spec), force=setup.force, inputs=inputs) as run:
+    out = Path(dist.broadcast(str(setup.out or default_out(study.command))))  # one folder, named by process 0
+    run = RunDir(out, study.command, config, device=str(runtime.device), seed=setup.seed,
+                 info={**study.run_info(models, data, spec), **({"world_size": world} if world > 1 else {})})
+    refused, error = None, None
+    if rank == 0:
+        try:
+            run.start(resume=study.resumes(spec), force=setup.force, inputs=inputs)
+        except Exception as e:  # every process stops, process 0 with the error itself
+            refused, error = str(e), e
+    refused = dist.broadcast(refused)
+    if refused:
+        raise error if error is not None else FastablateError(refused)
+    try:
         results: list[Any] = []
         for i, model in enumerate(models):
             name = model_name(model)
             t0 = time.perf_counter()
-            results.append(study.run(model, data, spec, runtime.with_(out=run.path,
+            results.append(study.run(model, data, spec, runtime.with_(out=out,
                                                                        suffix="" if i == 0 else f"-{slug(name)}")))
             run.timings[f"{study.name}_{name}_s"] = round(time.perf_counter() - t0, 3)
-        results[0].plot(run.plot_dir(), *results[1:])
         document = study.document(results, spec)
-        run.write_results(document, [row for r in results for row in r.rows()])
+        if rank == 0:  # one process writes the one result
+            results[0].plot(run.plot_dir(), *results[1:])
+            run.write_results(document, [row for r in results for row in r.rows()])
+    except BaseException as e:
+        if rank == 0:
+            run.finish(error=f"{type(e).__name__}: {e}")
+        raise
+    if rank == 0:
+        run.finish()
     return Outcome(run.path, results, document, study.report(results, spec))

@@ -99,6 +99,8 @@ _Adversarial = make_dataclass("_Adversarial", prefixed(AttackSpec, "adv", ADV_OP
 
 @dataclass(frozen=True)
 class TrainSpec(_Adversarial):
+    sync_bn: bool = option(False, "Under torchrun: BatchNorm statistics over the global batch (SyncBatchNorm) "
+                                  "instead of each process's.")
     eval_sets: tuple = option((), "Extra evaluation sets evaluated after every epoch, e.g. "
                                   "perturbed=adv-test.pt,holdout=h.pt (attack --save-dataset files).",
                               type=NamedFiles(), role="input")
@@ -145,6 +147,9 @@ class TrainData:
     resume: dict | None = None  # the state in last.pt, with --resume
     preview: dict[str, Tensor] = field(default_factory=dict)  # augmentation -> a few augmented images
 
+    def __len__(self) -> int:
+        return len(self.train)
+
 
 @dataclass
 class TrainResult:
@@ -180,14 +185,16 @@ _NOT_FINGERPRINTED = ("out", "workers", "device", "force", "split", "compare")
 
 def fingerprint(setup, spec: TrainSpec, train_set: ImageSet, test_set: ImageSet) -> dict:
     """What --resume checks: every option that shapes the run (model, data, optimizer, seed,
-    schedule) and the data it found (classes, sizes, the labels' digest)."""
+    schedule, processes) and the data it found (classes, sizes, the labels' digest)."""
+    from fastablate.engines.distributed import world
+
     labels = hashlib.blake2b(train_set.labels.numpy().tobytes() + test_set.labels.numpy().tobytes(),
                              digest_size=8).hexdigest()
     return jsonable({**{k: v for k, v in setup.to_dict().items() if k not in _NOT_FINGERPRINTED},
                      **{k: v for k, v in spec.to_dict().items() if k != "resume"},
                      "data_dir": str(Path(setup.data_dir).resolve()) if setup.data_dir else None,
                      "classes": list(train_set.classes), "image_size": train_set.image_size,
-                     "images": [len(train_set), len(test_set)], "labels": labels})
+                     "images": [len(train_set), len(test_set)], "labels": labels, "world_size": world()})
 
 
 def load_resume_state(out: Path) -> dict:
@@ -304,6 +311,10 @@ class TrainStudy(Study):
         return [model]
 
     def check(self, models, data: TrainData, spec):
+        from fastablate.engines.distributed import world
+
+        if spec.sync_bn and world() == 1:
+            raise FastablateError("--sync-bn applies under torchrun (more than one process)")
         if data.resume is None:
             return
         old = data.resume.get("fingerprint")

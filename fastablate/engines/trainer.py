@@ -20,8 +20,9 @@ from torch import Tensor, nn
 
 from fastablate.data import ImageSet
 from fastablate.data.augment import augment
+from fastablate.engines import distributed as dist
 from fastablate.engines.evaluate import EvalResult, evaluate
-from fastablate.engines.protocol import Runtime, batch_progress
+from fastablate.engines.protocol import Runtime, batch_progress, hash_seed
 from fastablate.errors import FastablateError
 from fastablate.models import save_checkpoint
 from fastablate.models.checkpoint import atomic_save
@@ -35,7 +36,7 @@ MODEL_FILE = "model.pt"  # the model in our checkpoint format
 
 def learning_rate(spec, batch_size: int, step: int, total: int) -> float:
     """The learning rate at ``step`` of ``total``: --lr per 128 images, scaled with the batch."""
-    base = spec.lr * batch_size / 128
+    base = spec.lr * batch_size * dist.world() / 128  # the global batch
     if spec.schedule == "onecycle":
         rise = max(1, round(spec.warmup * total))
         return base * (step + 1) / rise if step < rise else base * (total - step) / max(1, total - rise)
@@ -78,8 +79,14 @@ def train(model: nn.Module, data, spec, runtime: Runtime):
 
     start = time.perf_counter()
     device, bs = runtime.device, runtime.batch_size
+    rank, world, main = dist.rank(), dist.world(), dist.is_main()
     fmt = torch.channels_last if spec.memory_format == "channels-last" else torch.contiguous_format
+    if world > 1 and spec.sync_bn:
+        model.net = nn.SyncBatchNorm.convert_sync_batchnorm(model.net)
     model.to(device, memory_format=fmt)
+    # Under torchrun, DDP averages the gradients; each process runs its shard of every epoch.
+    forward = model if world == 1 else nn.parallel.DistributedDataParallel(
+        model, device_ids=[device.index] if device.type == "cuda" else None)
     decay, no_decay = [], []
     for p in model.parameters():
         if p.requires_grad:  # frozen parameters are not the optimizer's
@@ -88,8 +95,8 @@ def train(model: nn.Module, data, spec, runtime: Runtime):
                            {"params": no_decay, "weight_decay": 0.0}],
                           lr=spec.lr, momentum=spec.momentum, nesterov=spec.momentum > 0)
     average = WeightAverage(model, spec.ema) if spec.ema > 0 else None
-    gen = torch.Generator().manual_seed(runtime.seed)  # data order, augmentation, adversarial batches
-    steps_per_epoch = -(-len(data.train) // bs)
+    per_process = len(data.train) // world  # every process the same number of images (and steps)
+    steps_per_epoch = -(-per_process // bs)
     total = spec.epochs * steps_per_epoch
     history: list[dict] = []
     first_epoch = 0
@@ -100,7 +107,6 @@ def train(model: nn.Module, data, spec, runtime: Runtime):
         if average is not None:
             average.model.net.load_state_dict(state["average"])
             average.steps = state["average_steps"]
-        gen.set_state(state["generator"])
         torch.set_rng_state(state["torch_rng"])
         history, first_epoch = state["history"], state["epoch"] + 1
     adv_spec = data.adv_spec
@@ -112,7 +118,13 @@ def train(model: nn.Module, data, spec, runtime: Runtime):
         model.train()
         keep_frozen_bn(model)
         loss_sum, correct, seen = 0.0, 0, 0
-        batches: Iterator = batch_progress(data.train, runtime, f"epoch {epoch + 1}/{spec.epochs}", shuffle=True,
+        # Random numbers are keyed by (seed, epoch): the order by nothing else (every process
+        # draws the same and takes its part), augmentation and adversarial batches also by the
+        # process. So a resumed epoch draws what the uninterrupted one did.
+        order = torch.randperm(len(data.train), generator=torch.Generator().manual_seed(
+            hash_seed(runtime.seed, "order", epoch)))[rank * per_process:(rank + 1) * per_process]
+        gen = torch.Generator().manual_seed(hash_seed(runtime.seed, "augment", epoch, rank))
+        batches: Iterator = batch_progress(data.train, runtime, f"epoch {epoch + 1}/{spec.epochs}", order=order,
                                            generator=gen, augment=data.augment)
         for i, (x, y) in enumerate(batches):
             lr = learning_rate(spec, bs, epoch * steps_per_epoch + i, total)
@@ -129,7 +141,7 @@ def train(model: nn.Module, data, spec, runtime: Runtime):
                 keep_frozen_bn(model)
                 x = torch.cat([xa, x[k:]])
             x = x.contiguous(memory_format=fmt)
-            logits = model(x)
+            logits = forward(x)
             loss = F.cross_entropy(logits, y, label_smoothing=spec.label_smoothing)
             value = loss.item()
             if not math.isfinite(value):
@@ -144,17 +156,21 @@ def train(model: nn.Module, data, spec, runtime: Runtime):
             correct += (logits.argmax(1) == y).sum().item()
             seen += y.numel()
         trained = average.model if average is not None else model
+        dist.sync_buffers(trained)  # process 0's BatchNorm statistics: what is evaluated is what is saved
         final = evaluate_all(trained, data, spec, eval_rt, fmt)
+        loss_sum, correct, seen = dist.all_sum(torch.tensor([loss_sum, correct, seen], dtype=torch.float64)).tolist()
         row = {"epoch": epoch + 1, "lr": lr, "train_loss": loss_sum / seen, "train_accuracy": correct / seen}
         for name, res in final.items():
             row[f"{name}_loss"], row[f"{name}_accuracy"] = res.loss, res.accuracy
         row["seconds"] = time.perf_counter() - t0
         history.append(row)
+        if not main:
+            continue
         meta = {"dataset": data.train.name, "epoch": epoch + 1, "test_accuracy": final["test"].accuracy,
-                "test_loss": final["test"].loss, "seed": runtime.seed}
+                "test_loss": final["test"].loss, "seed": runtime.seed, "world_size": world}
         save_checkpoint(trained, runtime.out / MODEL_FILE, meta)
         atomic_save({"arch": model.arch, "epoch": epoch, "state_dict": model.net.state_dict(),
-                     "optimizer": opt.state_dict(), "generator": gen.get_state(), "fingerprint": data.fingerprint,
+                     "optimizer": opt.state_dict(), "fingerprint": data.fingerprint,
                      "average": average.model.net.state_dict() if average else None,
                      "average_steps": average.steps if average else 0,
                      "torch_rng": torch.get_rng_state(), "history": history}, runtime.out / STATE_FILE)

@@ -1,0 +1,78 @@
+"""torchrun: 2- and 3-process gloo jobs on the CPU give the single-process results exactly;
+training is deterministic for a seed and world size; bad input stops every process."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from fastablate.models import load_model
+
+SYN = ["--dataset", "synthetic", "--limit", "50", "--batch-size", "20", "--device", "cpu"]
+
+
+def fastablate(*args, procs: int = 1, code: int = 0) -> subprocess.CompletedProcess:
+    """Run the CLI in fresh processes: plain, or under torchrun with ``procs`` processes."""
+    launcher = [sys.executable, "-m", "fastablate"] if procs == 1 else [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(procs),
+        "-m", "fastablate"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    out = subprocess.run(launcher + [str(a) for a in args], capture_output=True, text=True, timeout=600, env=env)
+    assert out.returncode == code, out.stdout[-2000:] + out.stderr[-3000:]
+    return out
+
+
+def results(path) -> dict:
+    return json.loads((path / "results.json").read_text())
+
+
+def test_studies_under_torchrun_equal_one_process(trained_resnet8, tmp_path):
+    for name, args in (("lesion", ["eval", "--lesion", "all-single", "--lesion", "k-random", "--samples", "3"]),
+                       ("noise", ["eval", "--noise-layers", "1,2", "--noise-sigma", "0.5,2", "--trials", "2",
+                                  "--input-noise", "3"]),
+                       ("attack", ["attack", "--attack", "pgd", "--eps", "0.05", "--steps", "3", "--save-examples"])):
+        fastablate(*args, "--weights", trained_resnet8, *SYN, "--out", tmp_path / f"{name}-1")
+        fastablate(*args, "--weights", trained_resnet8, *SYN, "--out", tmp_path / f"{name}-2", procs=2)
+        one, two = results(tmp_path / f"{name}-1"), results(tmp_path / f"{name}-2")
+        for doc in (one, two):
+            doc.pop("seconds", None), doc.pop("seconds_per_image", None)
+        assert one == two, name
+    adv1 = torch.load(tmp_path / "attack-1" / "adversarial.pt", weights_only=True)
+    adv2 = torch.load(tmp_path / "attack-2" / "adversarial.pt", weights_only=True)
+    assert all(torch.equal(adv1[k], adv2[k]) for k in adv1)
+    info = json.loads((tmp_path / "lesion-2" / "run.json").read_text())
+    assert info["world_size"] == 2 and info["status"] == "complete"
+
+
+def test_three_processes_on_a_set_they_do_not_divide(trained_resnet8, tmp_path):
+    # 50 images in batches of 20: 3 batches for 3 processes, the last one short.
+    fastablate("eval", "--weights", trained_resnet8, *SYN, "--out", tmp_path / "one")
+    fastablate("eval", "--weights", trained_resnet8, *SYN, "--out", tmp_path / "three", procs=3)
+    one, three = results(tmp_path / "one"), results(tmp_path / "three")
+    assert one["confusion"] == three["confusion"] and sum(map(sum, three["confusion"])) == 50
+    assert one["loss"] == pytest.approx(three["loss"], rel=1e-12)
+
+
+def test_training_under_torchrun_is_deterministic_and_saves_what_it_reports(tmp_path):
+    args = ["train", "--model", "resnet8", *SYN, "--epochs", "1"]
+    out = fastablate(*args, "--out", tmp_path / "a", procs=2)
+    assert out.stdout.count("epoch 1/1") == 1  # one process prints
+    fastablate(*args, "--out", tmp_path / "b", procs=2)
+    a, b = (torch.load(tmp_path / d / "model.pt", weights_only=True)["state_dict"] for d in "ab")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    fastablate("eval", "--weights", tmp_path / "a" / "model.pt", *SYN, "--out", tmp_path / "e")
+    assert results(tmp_path / "e")["accuracy"] == results(tmp_path / "a")["accuracy"]
+    assert load_model(tmp_path / "a" / "model.pt").meta["world_size"] == 2
+    assert json.loads((tmp_path / "a" / "run.json").read_text())["world_size"] == 2
+
+
+def test_bad_input_under_torchrun_stops_every_process(trained_resnet8, tmp_path):
+    out = fastablate("eval", "--weights", trained_resnet8, "--dataset", "synthetic", "--limit", "2",
+                     "--out", tmp_path / "o", procs=3, code=1)
+    errors = [ln for ln in out.stderr.splitlines() if ln.startswith("Error: ")]
+    assert errors == ["Error: torchrun runs 3 processes but synthetic has 2 images: use at most 2 processes"]
+    assert out.stderr.count("exitcode  : 2") == 3 and not (tmp_path / "o").exists()
+    out = fastablate("train", *SYN, "--sync-bn", "--out", tmp_path / "s", code=2)
+    assert out.stderr.strip() == "Error: --sync-bn applies under torchrun (more than one process)"
