@@ -8,6 +8,7 @@ stderr and exit status 2.
 """
 from __future__ import annotations
 
+import inspect
 import os
 import sys
 
@@ -66,13 +67,13 @@ class Group(click.Group):
     def list_commands(self, ctx):
         from fastablate.engines import commands
 
-        return sorted(set(super().list_commands(ctx)) | set(commands()) | {"sweep"})
+        return sorted(set(super().list_commands(ctx)) | set(commands()) | {"sweep", "study"})
 
     def get_command(self, ctx, name):
         from fastablate.engines import commands
 
-        if name == "sweep":
-            return SweepCommand()
+        if name in ("sweep", "study"):
+            return sweep_command() if name == "sweep" else study_command()
         if name in self.commands or name not in commands():
             return super().get_command(ctx, name)
         return StudyCommand(name, callback=_run)
@@ -82,6 +83,7 @@ class Group(click.Group):
 
         rows = [(n, c.get_short_help_str(60)) for n, c in self.commands.items()]
         rows.append(("sweep", "Grids over options of any study command: heatmaps, resumable, local or Ray"))
+        rows.append(("study", "The whole comparison: train, lesion, noise, attacks, paths, features; a report"))
         for name, entries in commands().items():
             main = [e for e in entries if e.name == name] or entries[-1:]
             others = [e.name for e in entries if e not in main]
@@ -161,61 +163,71 @@ def info():
     click.echo(f"{'threads':12s} {torch.get_num_threads()}")
 
 
-class SweepCommand(click.Command):
-    """sweep's options come from SweepSpec; the base command follows ``--``."""
+def sweep_command() -> click.Command:
+    """sweep: its options from SweepSpec, then the base command after ``--``."""
+    from fastablate.commands import SpecCommand
+    from fastablate.engines.sweep import SweepSpec
 
-    def __init__(self):
-        from fastablate.commands import spec_fields
-        from fastablate.engines.sweep import SweepSpec
+    grid = click.Option(["--grid"], multiple=True, metavar="OPTION=V,V,..",
+                        help="A swept option of the base command and its values (repeatable; separate values with "
+                             "; when a value holds commas).")
+    return SpecCommand("sweep", [SweepSpec], _sweep, params=[grid, click.Argument(["base"], nargs=-1,
+                                                                                   type=click.UNPROCESSED)],
+                       context_settings={"ignore_unknown_options": True},
+                       short_help="Grids over options of train/eval/attack/...: heatmaps, resumable, Ray.",
+                       help="Run a grid over options of any study command, each point a full run, with a table and "
+                            "heatmaps of every pair of swept options; resumable; locally or on Ray.\n\n"
+                            "fastablate sweep --grid lr=0.05,0.1,0.2 --grid batch-size=128,256 --repeat 2 "
+                            "--out runs/sweep -- train --model resnet20 --epochs 5")
 
-        self.fields, params = spec_fields([SweepSpec])
-        params = [click.Option(["--grid"], multiple=True, metavar="OPTION=V,V,..",
-                               help="A swept option of the base command and its values (repeatable; separate "
-                                    "values with ; when a value holds commas).")] + params
-        params.append(click.Argument(["base"], nargs=-1, type=click.UNPROCESSED))
-        super().__init__("sweep", params=params, callback=self.run,
-                         context_settings={"ignore_unknown_options": True},
-                         short_help="Grids over options of train/eval/attack/...: heatmaps, resumable, Ray.",
-                         help="Run a grid over options of any study command, each point a full run, with a "
-                              "table and heatmaps of every pair of swept options; resumable; locally or on Ray.\n\n"
-                              "fastablate sweep --grid lr=0.05,0.1,0.2 --grid batch-size=128,256 --repeat 2 "
-                              "--out runs/sweep -- train --model resnet20 --epochs 5")
 
-    def run(self, grid, base, **_):
-        from fastablate.commands import StudyCommand, spec_values
-        from fastablate.config import given
-        from fastablate.engines.common import Setup
-        from fastablate.engines.sweep import Axis, SweepSpec, run_sweep, summary
-        from fastablate.engines.spec import List, NamedFiles, parse_value
+def _sweep(values: dict, grid, base) -> None:
+    from fastablate.engines.common import Setup
+    from fastablate.engines.spec import List, NamedFiles, parse_value
+    from fastablate.engines.sweep import Axis, SweepSpec, run_sweep, summary
 
-        ctx = click.get_current_context()
-        if not base or base[0] in ("sweep", "study"):
-            raise FastablateError("sweep needs a base command after --, e.g. -- train --model resnet20")
-        command = StudyCommand(base[0])
-        sub = command.make_context(base[0], list(base[1:]), parent=ctx)
-        study, setup, spec = command.values(sub)
-        axes = []
-        for item in grid:
-            key, eq, text = item.partition("=")
-            if not eq or not text:
-                raise FastablateError(f"--grid {item!r} is not OPTION=VALUE,VALUE,...")
-            try:
-                cls, name, opt = command.field(key)
-            except FastablateError as e:
-                raise FastablateError(f"--grid {key}: {e}") from None
-            if cls not in (Setup, study.spec_class) or name in ("out", "force"):
-                raise FastablateError(f"--grid {key}: {opt.flag} is not an option {study.name} can sweep")
-            sep = ";" if ";" in text or isinstance(opt.type, (List, NamedFiles)) else ","
-            values = tuple(parse_value(opt, v.strip(), f" (in --grid {key})") for v in text.split(sep))
-            axes.append(Axis("setup" if cls is Setup else "spec", name, opt.flag, values))
-        sweep = SweepSpec(**spec_values(ctx, self.fields, [k for k in self.fields if given(ctx, k)]).get(SweepSpec, {}))
-        out, rows = run_sweep(study.name, setup, spec, axes, sweep, echo=click.echo)
-        click.echo(summary(rows, [a.flag for a in axes]))
-        click.echo(f"results: {out}")
-        failed = [r for r in rows if r["status"] != "complete"]
-        if failed:
-            click.echo(f"sweep: {len(failed)} of {len(rows)} points failed; first: {failed[0].get('error')}", err=True)
-            ctx.exit(1)
+    ctx = click.get_current_context()
+    if not base or base[0] in ("sweep", "study"):
+        raise FastablateError("sweep needs a base command after --, e.g. -- train --model resnet20")
+    command = StudyCommand(base[0])
+    study, setup, spec = command.values(command.make_context(base[0], list(base[1:]), parent=ctx))
+    axes = []
+    for item in grid:
+        key, eq, text = item.partition("=")
+        if not eq or not text:
+            raise FastablateError(f"--grid {item!r} is not OPTION=VALUE,VALUE,...")
+        try:
+            cls, name, opt = command.field(key)
+        except FastablateError as e:
+            raise FastablateError(f"--grid {key}: {e}") from None
+        if cls not in (Setup, study.spec_class) or name in ("out", "force"):
+            raise FastablateError(f"--grid {key}: {opt.flag} is not an option {study.name} can sweep")
+        sep = ";" if ";" in text or isinstance(opt.type, (List, NamedFiles)) else ","
+        values_ = tuple(parse_value(opt, v.strip(), f" (in --grid {key})") for v in text.split(sep))
+        axes.append(Axis("setup" if cls is Setup else "spec", name, opt.flag, values_))
+    out, rows = run_sweep(study.name, setup, spec, axes, SweepSpec(**values.get(SweepSpec, {})), echo=click.echo)
+    click.echo(summary(rows, [a.flag for a in axes]))
+    click.echo(f"results: {out}")
+    failed = [r for r in rows if r["status"] != "complete"]
+    if failed:
+        click.echo(f"sweep: {len(failed)} of {len(rows)} points failed; first: {failed[0].get('error')}", err=True)
+        ctx.exit(1)
+
+
+def study_command() -> click.Command:
+    """study: the whole comparison; its options from Setup and StudySpec."""
+    from fastablate.commands import SpecCommand
+    from fastablate.engines.common import Setup
+    from fastablate.engines.study import StudySpec, run_full_study
+
+    def run(values: dict) -> None:
+        out, parts = run_full_study(Setup(**values.get(Setup, {})), StudySpec(**values.get(StudySpec, {})),
+                                    echo=click.echo)
+        click.echo((out / "report.md").read_text().split("## Models, data, runs")[0].strip())
+        click.echo(f"\nreport: {out / 'report.html'}")
+    return SpecCommand("study", [Setup, StudySpec], run, skip={(Setup, "model"), (Setup, "split")},
+                       short_help="The whole comparison: train, lesion, noise, attacks, paths, features; a report.",
+                       help=inspect.cleandoc(__import__("fastablate.engines.study", fromlist=["x"]).__doc__))
 
 
 def main() -> None:

@@ -56,6 +56,24 @@ def spec_values(ctx: click.Context, fields: dict, keys) -> dict[type, dict]:
     return values
 
 
+class SpecCommand(click.Command):
+    """A command whose options are the fields of ``specs`` (and ``--config``); ``run(values)``
+    gets spec class -> {field: value} of the options given."""
+
+    def __init__(self, name: str, specs, run: Callable[[dict], Any], *, skip=(), params=(), **kw):
+        self.fields, options = spec_fields(specs, skip)
+        options.append(click.Option(["--config"], type=click.Path(dir_okay=False), callback=load_config,
+                                    is_eager=True, expose_value=False,
+                                    help="YAML file of option values (keys: option names)."))
+        self._run = run
+        super().__init__(name, params=[*params, *options], callback=self._call, **kw)
+
+    def _call(self, **raw):
+        ctx = click.get_current_context()
+        return self._run(spec_values(ctx, self.fields, [k for k in self.fields if given(ctx, k)]), **{
+            k: v for k, v in raw.items() if k not in self.fields})
+
+
 class StudyCommand(click.Command):
     """``command``'s options: the shared ones and every option of its studies.
 

@@ -1,0 +1,213 @@
+"""The whole comparison in one command: does a ResNet behave like an ensemble of shallow
+networks, and how much noise and adversarial change does it survive next to a network
+without shortcuts?
+
+``fastablate study`` trains the models (or takes checkpoints), then runs every part on them,
+each an ordinary run directory inside the study's ``--out``: ``train-<model>``, ``eval``,
+``lesion``, ``noise``, ``attack-sparse``, ``attack-noise``, ``paths``, ``features``. A rerun
+reuses every finished part whose options are unchanged. Then report.md and a self-contained
+report.html, with one verdict per finding computed from the numbers
+(:mod:`fastablate.engines.report`).
+"""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Optional
+
+from fastablate.engines.common import Setup
+from fastablate.engines.spec import Choice, Float, Int, List, Spec, Text, option
+from fastablate.errors import FastablateError, note
+from fastablate.results import RunDir, default_out, jsonable
+
+PARTS = ("train", "eval", "lesion", "noise", "attack", "paths", "features")
+
+
+@dataclass(frozen=True)
+class StudySpec(Spec):
+    models: tuple[str, ...] = option(("resnet20", "plain20"), "Registry models to train and compare (the first "
+                                                              "is the reference); or give --weights/--compare.",
+                                     type=List(Text("NAME")))
+    epochs: int = option(10, "Training epochs per model.", type=Int(min=1, max=100_000))
+    lr: float = option(0.2, "Peak learning rate per 128 images (one-cycle schedule).",
+                       type=Float(0, 100, min_open=True))
+    only: tuple[str, ...] = option((), "Run only these parts.", type=List(Choice(*PARTS)))
+    skip: tuple[str, ...] = option((), "Leave these parts out.", type=List(Choice(*PARTS)))
+    eval_limit: Optional[int] = option(None, "Test images for the studies (a seeded class-balanced subset) "
+                                             "[default: all].", type=Int(min=1))
+    samples: int = option(10, "Lesion: random sets per k and orders; paths: unit sets per length (x2).",
+                          type=Int(min=1, max=100_000))
+    noise_sigma: tuple[float, ...] = option((0.25, 0.5, 1.0), "Noise: sigma grid, relative to each layer's "
+                                                              "activation std.", type=List(Float(0, 1e6)))
+    trials: int = option(5, "Noise: trials per grid point.", type=Int(min=2, max=10_000))
+    attack_limit: Optional[int] = option(500, "Test images attacked (a seeded class-balanced subset).",
+                                         type=Int(min=1))
+    pixels: float = option(0.005, "Sparse attack budget as a fraction of the pixels.",
+                           type=Float(0, 1, min_open=True))
+    images: int = option(4, "Features: images drawn.", type=Int(min=1, max=64))
+
+    def validate(self) -> None:
+        if self.only and self.skip:
+            raise FastablateError("--only and --skip both choose the parts: give one")
+        if len(set(self.models)) != len(self.models):
+            raise FastablateError(f"--models {','.join(self.models)} names a model twice")
+
+    def parts(self) -> list[str]:
+        return [p for p in PARTS if (p in self.only if self.only else p not in self.skip)]
+
+
+@dataclass
+class Part:
+    name: str  # the run directory's name
+    study: str  # the registered study that runs it
+    document: dict | None = None  # its results.json
+    path: Path | None = None
+    reused: bool = False
+    seconds: float = 0.0
+
+
+def _complete(path: Path, config: dict) -> dict | None:
+    """results.json of a finished run in ``path`` made with ``config``, or None."""
+    try:
+        info = json.loads((path / "run.json").read_text())
+        document = json.loads((path / "results.json").read_text())
+    except (OSError, ValueError):
+        return None
+    same = info.get("config") == jsonable(config)
+    return document if info.get("status") == "complete" and same else None
+
+
+def _run_part(part: Part, setup: Setup, spec: Spec, echo) -> Part:
+    from fastablate.engines import get_study
+    from fastablate.engines.runner import run_study
+
+    study = get_study(part.study)
+    config = {"study": study.name, **{k: v for k, v in setup.to_dict().items() if k not in study.setup_excludes},
+              **spec.to_dict()}
+    part.path = Path(setup.out)
+    done = _complete(part.path, config)
+    if done is not None:
+        echo(f"study: {part.name}: finished already, reused")
+        part.document, part.reused = done, True
+        return part
+    echo(f"study: {part.name} ...")
+    start = time.perf_counter()
+    part.document = run_study(study, replace(setup, force=True), spec).document
+    part.seconds = time.perf_counter() - start
+    echo(f"study: {part.name} done in {part.seconds:.1f}s")
+    return part
+
+
+def run_full_study(setup: Setup, spec: StudySpec, echo=print) -> tuple[Path, dict[str, Part]]:
+    """Train (or load) the models, run every chosen part, write report.md and report.html."""
+    from fastablate.engines.attacks import AttackSpec
+    from fastablate.engines.evaluate import EvaluateSpec
+    from fastablate.engines.features import FeaturesSpec
+    from fastablate.engines.lesion import LesionSpec
+    from fastablate.engines.noise import NoiseSpec
+    from fastablate.engines.paths import PathsSpec
+    from fastablate.engines.report import write_reports
+    from fastablate.engines.train import TrainSpec
+
+    out = Path(setup.out or default_out("study"))
+    parts_wanted = spec.parts()
+    given = setup.weights is not None
+    if given and "models" in spec.given():
+        raise FastablateError("--models trains models; --weights/--compare give trained ones: use one or the other")
+    if given and "train" in spec.only:
+        raise FastablateError("--only train: with --weights the models are given, there is nothing to train")
+    parts: dict[str, Part] = {}
+    base = replace(setup, compare=(), out=None, force=True)
+    config = {"setup": setup.to_dict(), "study": spec.to_dict()}
+    run = RunDir(out, "study", config, device=setup.device, seed=setup.seed)
+    resume = (out / "run.json").is_file() and _command(out) == "study"
+    with run.start(resume=resume, force=setup.force):
+        # The models: trained here (train-<model>/model.pt) or given.
+        if given:
+            checkpoints = [setup.weights, *setup.compare]
+        else:
+            checkpoints = []
+            for name in spec.models:
+                p = Part(f"train-{name}", "train")
+                train_spec = TrainSpec(epochs=spec.epochs, lr=spec.lr, schedule="onecycle", label_smoothing=0.1,
+                                       ema=0.99)
+                if "train" in parts_wanted or not (out / p.name / "model.pt").is_file():
+                    parts[p.name] = _run_part(p, replace(base, model=name, out=str(out / p.name)), train_spec, echo)
+                checkpoints.append(str(out / p.name / "model.pt"))
+        first, others = checkpoints[0], tuple(checkpoints[1:])
+        study_setup = replace(base, model=None, weights=first, compare=others, limit=spec.eval_limit, split="test")
+
+        def part(name: str, study: str, part_spec: Spec, **changes):
+            parts[name] = _run_part(Part(name, study), replace(study_setup, out=str(out / name), **changes),
+                                    part_spec, echo)
+
+        if "eval" in parts_wanted:
+            part("eval", "evaluate", EvaluateSpec())
+        if "lesion" in parts_wanted:
+            plans = ("all-single", "k-random") + (("reorder",) if all(map(_reorderable, checkpoints)) else ())
+            if "reorder" not in plans:
+                note("study: a model has no two units of the same shape; the lesion part leaves reorder out")
+            part("lesion", "lesion", LesionSpec(plans=plans, samples=spec.samples))
+        if "noise" in parts_wanted:
+            part("noise", "noise", NoiseSpec(layers=(1, 2, 3), sigma=spec.noise_sigma, relative=True,
+                                             trials=spec.trials, input_severities=(1, 3, 5)))
+        if "attack" in parts_wanted:
+            part("attack-sparse", "attack", AttackSpec(attack="sparse", pixels=spec.pixels, save_examples=True),
+                 limit=spec.attack_limit)
+            part("attack-noise", "attack", AttackSpec(attack="noise"), limit=spec.attack_limit)
+        if "paths" in parts_wanted:
+            residual = [c for c in checkpoints if _has_residual_units(c)]
+            if residual:
+                part("paths", "paths", PathsSpec(samples=2 * spec.samples), weights=residual[0],
+                     compare=tuple(residual[1:]), split="train", limit=setup.limit)
+            else:
+                note("study: no model has residual units; the paths part is left out")
+        if "features" in parts_wanted:
+            examples = out / "attack-sparse" / "adversarial.pt"
+            part("features", "features", FeaturesSpec(images=spec.images,
+                                                      examples=str(examples) if _fooled_any(examples) else None))
+        write_reports(out, setup, spec, parts, checkpoints)
+        run.write_json("results.json", {"parts": {n: {"path": str(p.path), "reused": p.reused,
+                                                      "seconds": round(p.seconds, 3)} for n, p in parts.items()},
+                                        "report": ["report.md", "report.html"]})
+    return out, parts
+
+
+def _command(out: Path) -> str | None:
+    try:
+        return json.loads((out / "run.json").read_text()).get("command")
+    except (OSError, ValueError):
+        return None
+
+
+def _fooled_any(examples: Path) -> bool:
+    """Whether the sparse attack's adversarial.pt holds a fooled image (features compares them)."""
+    import torch
+
+    if not examples.is_file():
+        return False
+    return bool(torch.load(examples, map_location="cpu", weights_only=True)["success"].any())
+
+
+def _view(checkpoint: str):
+    from fastablate.models import load_model
+    from fastablate.units import units
+
+    try:
+        return units(load_model(checkpoint))
+    except FastablateError:
+        return None  # a foreign file: the parts' own loading says what is wrong with it
+
+
+def _has_residual_units(checkpoint: str) -> bool:
+    view = _view(checkpoint)
+    return view is not None and bool(view.residual())
+
+
+def _reorderable(checkpoint: str) -> bool:
+    from fastablate.engines.lesion import swappable_groups
+
+    view = _view(checkpoint)
+    return view is not None and bool(swappable_groups(view))
