@@ -62,6 +62,10 @@ class Group(click.Group):
         except click.ClickException as e:
             e.show()
             sys.exit(e.exit_code)
+        if "torch" in sys.modules:
+            from fastablate.engines.distributed import close
+
+            close()
         sys.exit(rv if isinstance(rv, int) else 0)
 
     def list_commands(self, ctx):

@@ -113,6 +113,14 @@ def leave(timeout_s: float = 30.0) -> bool:
     return True
 
 
+def close() -> None:
+    """Meet the other processes and leave the group: a group left to the interpreter's exit can
+    abort a process (its communication threads still running)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def mine(i: int) -> bool:
     """Whether work item ``i`` (a batch, a chunk of samples) is this process's."""
     return i % world() == rank()

@@ -188,7 +188,7 @@ class LayerStats:
         self.count += a.numel()
         self.zeros += int((a == 0).sum())
         nz = (a != 0).transpose(0, 1).flatten(1).any(1).cpu()
-        self.alive = self.alive | nz
+        self.alive = nz if self.alive is None else self.alive | nz
 
     def reduce(self) -> None:
         """Sum the statistics of every process (under torchrun)."""
