@@ -7,8 +7,8 @@ import pytest
 
 PACKAGE = Path(__file__).parent.parent / "fastablate"
 # Higher layers may import lower ones and their own layer, never higher ones.
-LAYERS = {"fastablate.__main__": 6, "fastablate.cli": 6, "fastablate.commands": 6, "fastablate.config": 5, "fastablate.engines": 4,
-          "fastablate.results": 3,
+LAYERS = {"fastablate.__main__": 6, "fastablate.cli": 6, "fastablate.commands": 6, "fastablate.config": 5,
+          "fastablate.engines": 4, "fastablate.results": 3,
           "fastablate.models": 2, "fastablate.data": 2, "fastablate.units": 1, "fastablate.ops": 0,
           "fastablate._ext": 0, "fastablate.errors": 0, "fastablate.files": 0, "fastablate.modes": 0,
           "fastablate.plots": 0, "fastablate": 0}
