@@ -8,7 +8,8 @@ from click.testing import CliRunner
 from fastablate.cli import cli
 from fastablate.data import batches, build_dataset
 from fastablate.errors import FastablateError
-from fastablate.engines.attacks import AttackSpec, margin, run_attack, sparse_attack
+from fastablate.engines.attacks import (AttackSpec, margin, random_search, run_attack, set_pixels, sparse_attack,
+                                        sparse_rs_attack)
 from fastablate.engines.protocol import Runtime
 from fastablate.models.checkpoint import load_model
 
@@ -36,13 +37,47 @@ def test_margin():
 @pytest.mark.parametrize("k", [1, 5, 20])
 def test_sparse_attack_stays_within_k_pixels_and_range(model, ds, k):
     x, y = next(batches(ds, 40))
-    adv, steps = sparse_attack(model, x, y, AttackSpec(k=k, steps=5, restarts=2))
+    adv, steps, queries = sparse_attack(model, x, y, AttackSpec(k=k, steps=5, restarts=2, queries=20))
     changed = (adv != x).any(1).flatten(1).sum(1)
     assert changed.max() <= k and adv.min() >= 0 and adv.max() <= 1
-    assert (steps >= 1).all() and (steps <= 10).all()
+    assert (steps >= 1).all() and (steps <= 10).all() and (queries <= 20).all()
     with torch.no_grad():
         fooled = model(adv).argmax(1) != y
     assert torch.equal(adv[~fooled], x[~fooled])  # a failure returns the original
+
+
+@pytest.mark.parametrize("k", [1, 5])
+def test_sparse_rs_is_black_box_within_budget_and_seeded(model, ds, k):
+    x, y = next(batches(ds, 40))
+    spec = AttackSpec(attack="sparse-rs", k=k, queries=50)
+    x.requires_grad_(False)
+    with torch.autograd.set_grad_enabled(False):  # forward passes only: no gradient is ever taken
+        adv, steps, queries = sparse_rs_attack(model, x, y, spec, None, torch.Generator().manual_seed(3))
+    assert (adv != x).any(1).flatten(1).sum(1).max() <= k and adv.min() >= 0 and adv.max() <= 1
+    assert not steps.any() and (queries >= 1).all() and (queries <= 50).all()
+    with torch.no_grad():
+        fooled = model(adv).argmax(1) != y
+    assert (queries[~fooled] == 50).all()  # only a fooled image stops early
+    again, _, _ = sparse_rs_attack(model, x, y, spec, None, torch.Generator().manual_seed(3))
+    assert torch.equal(adv, again)
+
+
+def test_random_search_keeps_what_it_fooled_and_sets_pixels(model, ds):
+    x, y = next(batches(ds, 40))
+    with torch.no_grad():  # the same start (one query), then only changes that keep the margin
+        start, _ = random_search(model, x, y, 2, 1, None, torch.Generator().manual_seed(0))
+        after, used = random_search(model, x, y, 2, 30, None, torch.Generator().manual_seed(0))
+        fooled0, fooled1 = (margin(model(a), y, None) > 0 for a in (start, after))
+    assert (fooled1 >= fooled0).all() and (used[fooled0] == 1).all()
+    assert torch.equal(after[~fooled1], x[~fooled1]) and ((after != x).any(1).flatten(1).sum(1) <= 2).all()
+    pix = torch.tensor([[0, 5]])
+    out = set_pixels(torch.zeros(1, 3, 2, 3), pix, torch.tensor([[[1.0, 0.0, 1.0], [0.0, 1.0, 1.0]]]))
+    assert out[0, :, 0, 0].tolist() == [1, 0, 1] and out[0, :, 1, 2].tolist() == [0, 1, 1] and out.sum() == 4
+
+
+def test_random_search_finish_fools_more(model, ds):
+    rates = [run_attack(model, ds, AttackSpec(k=1, steps=3, queries=q), RT).success_rate for q in (0, 200)]
+    assert rates[1] >= rates[0] and rates[1] > 0
 
 
 def test_more_pixels_fool_more(model, ds):
@@ -104,7 +139,7 @@ def test_cli_attack_outputs(trained_resnet8, tmp_path):
     for key in ("success_rate", "robust_accuracy", "clean_accuracy", "attacked", "median_l0", "mean_l2", "steps_mean",
                 "seconds_per_image"):
         assert key in res
-    assert res["k"] == 5 and (res["median_l0"] is None or res["median_l0"] <= 5)
+    assert res["k"] == 5 and (res["median_l0"] is None or res["median_l0"] <= 5) and res["queries_mean"] >= 0
     adv = torch.load(out / "adversarial.pt", weights_only=True)
     assert set(adv) >= {"x", "x_adv", "y", "pred_adv"} and adv["x"].shape == (30, 3, 32, 32)
     assert ((adv["x_adv"] != adv["x"]).any(1).flatten(1).sum(1) <= 5).all()
@@ -118,7 +153,10 @@ ATTACK_BAD = [
     (["--k", "2000"], "--k 2000 is more than the 1024 pixels of an image"),
     (["--pixels", "1.5"], "--pixels '1.5': must be in (0, 1]"),
     (["--pixels", "0.01", "--k", "3"], "--pixels and --k both set the pixel budget"),
-    (["--attack", "onepixel"], "--attack 'onepixel': is not one of: sparse, noise, fgsm, pgd, pgd-l2"),
+    (["--attack", "onepixel"], "--attack 'onepixel': is not one of: sparse, sparse-rs, noise, fgsm, pgd, pgd-l2"),
+    (["--attack", "pgd", "--queries", "10"], "--queries does not apply to --attack pgd (it is for sparse, sparse-rs)"),
+    (["--attack", "sparse-rs", "--queries", "-1"], "--queries '-1': must be in [0, 10000000]"),
+    (["--attack", "sparse-rs", "--steps", "3"], "--steps does not apply to --attack sparse-rs"),
     (["--target", "10"], "--target 10 is not a class of synthetic (0..9)"),
     (["--target", "-1"], "--target '-1': must be >= 0"),
     (["--target", "0", "--limit", "1"], "--target 0 equals the label of every image: nothing to attack"),

@@ -37,7 +37,7 @@ BUILTIN = [
      "fastablate.engines.noise:NoiseStudy"),
     ("evaluate", "eval", "Evaluate a checkpoint: accuracy, loss, per-class accuracy, confusion matrix",
      "fastablate.engines.evaluate:EvaluateStudy"),
-    ("attack", "attack", "Attack a checkpoint: sparse pixels (L0), optimized noise (L2), FGSM or PGD",
+    ("attack", "attack", "Attack a checkpoint: sparse pixels (L0; also black-box), optimized noise (L2), FGSM or PGD",
      "fastablate.engines.attacks:AttackStudy"),
     ("paths", "paths", "Veit's paths: path-length distribution, gradient per path length, effective paths",
      "fastablate.engines.paths:PathsStudy"),

@@ -9,8 +9,13 @@ as the target).
   gradient method in the spirit of Croce & Hein 2019): a momentum score of margin gradients
   chooses the k pixels, which move by ``step * sign(score)`` from the original and are
   clamped, through ``fastablate.ops.sparse_pixel_update``; random restarts for the images
-  not fooled yet. The result is checked: an image that differs from its original in more
-  than k pixels, or leaves [0, 1], is an error, never a result.
+  not fooled yet; then a random-search finish (``queries``) for the images still not
+  fooled. The result is checked: an image that differs from its original in more than k
+  pixels, or leaves [0, 1], is an error, never a result.
+- ``sparse-rs``: black-box, score-based (Sparse-RS, Croce et al. 2022): forward passes only,
+  at most ``queries`` per image. k pixels set to corners of the colour cube; each iteration
+  replaces a decaying fraction of them by random pixels with random corners and keeps the
+  change when the margin does not get worse.
 - ``noise``: the optimized-noise attack of robust-training studies: a perturbation found by
   Adam that raises the log-probability of a wrong class (the target, or the most likely
   wrong class) while penalizing ``lam * ||delta||_2^2``; the norm it needed is reported.
@@ -37,12 +42,14 @@ from fastablate.models.checkpoint import atomic_save
 from fastablate.modes import eval_mode
 from fastablate.ops import sparse_pixel_update
 
-ATTACKS = ("sparse", "noise", "fgsm", "pgd", "pgd-l2")
+ATTACKS = ("sparse", "sparse-rs", "noise", "fgsm", "pgd", "pgd-l2")
 DEFAULT_PIXELS = 0.005  # sparse budget: a fraction of the H*W pixels (5 of 32x32)
 DEFAULT_STEPS = {"sparse": 30, "noise": 100, "pgd": 20, "pgd-l2": 20}
+DEFAULT_QUERIES = {"sparse": 300, "sparse-rs": 1000}  # forward passes per image of the random search
 DEFAULT_EPS = {"pgd-l2": 0.5}  # others: 8/255 (L-inf)
 # The attacks each option means something to; giving it to another attack is an error.
-APPLIES = {"pixels": ("sparse",), "k": ("sparse",), "restarts": ("sparse",), "lam": ("noise",), "lr": ("noise",),
+APPLIES = {"pixels": ("sparse", "sparse-rs"), "k": ("sparse", "sparse-rs"), "queries": ("sparse", "sparse-rs"),
+           "restarts": ("sparse",), "lam": ("noise",), "lr": ("noise",),
            "eps": ("fgsm", "pgd", "pgd-l2"), "step": ("sparse", "pgd", "pgd-l2"),
            "steps": ("sparse", "noise", "pgd", "pgd-l2")}
 
@@ -52,9 +59,14 @@ class AttackSpec(Spec):
     """An attack's options; a None is the attack's default (:meth:`resolved` fills it in)."""
 
     attack: str = option("sparse", "The attack.", type=Choice(*ATTACKS))
-    pixels: Optional[float] = option(None, f"sparse: budget as a fraction of the H*W pixels, e.g. 0.005 (5 of 32x32) "
-                                           f"[default: {DEFAULT_PIXELS}].", type=Float(0, 1, min_open=True))
-    k: Optional[int] = option(None, "sparse: budget in pixels (instead of --pixels).", type=Int(min=1))
+    pixels: Optional[float] = option(None, f"sparse, sparse-rs: budget as a fraction of the H*W pixels, e.g. 0.005 "
+                                           f"(5 of 32x32) [default: {DEFAULT_PIXELS}].",
+                                     type=Float(0, 1, min_open=True))
+    k: Optional[int] = option(None, "sparse, sparse-rs: budget in pixels (instead of --pixels).", type=Int(min=1))
+    queries: Optional[int] = option(None, "Forward passes per image of the random search: sparse-rs [default: "
+                                          f"{DEFAULT_QUERIES['sparse-rs']}], sparse's finish for the images the "
+                                          f"gradient steps leave [default: {DEFAULT_QUERIES['sparse']}; 0: none].",
+                                    type=Int(min=0, max=10_000_000))
     steps: Optional[int] = option(None, "Gradient steps: per restart (sparse) [default: 30], in all (noise [100], "
                                         "pgd, pgd-l2 [20]).", type=Int(min=1, max=1_000_000))
     restarts: int = option(1, "sparse: starts of the pixel score per image (later ones random).",
@@ -88,7 +100,10 @@ class AttackSpec(Spec):
         a = self.attack
         changes: dict = {"steps": self.steps or DEFAULT_STEPS[a]} if a in APPLIES["steps"] else {}
         if a == "sparse":
-            changes.update(k=self.budget(image_size), pixels=None, step=self.step or 1.0)
+            changes.update(step=self.step or 1.0)
+        if a in APPLIES["k"]:
+            changes.update(k=self.budget(image_size), pixels=None,
+                           queries=DEFAULT_QUERIES[a] if self.queries is None else self.queries)
         if a in APPLIES["eps"]:
             changes["eps"] = self.eps or DEFAULT_EPS.get(a, 8 / 255)
             if a in APPLIES["step"]:
@@ -97,7 +112,8 @@ class AttackSpec(Spec):
 
     def record(self, seed: int) -> dict:
         """The resolved options as results.json's ``spec`` records them."""
-        return {"attack": self.attack, "k": self.k, "steps": self.steps, "restarts": self.restarts, "step": self.step,
+        return {"attack": self.attack, "k": self.k, "queries": self.queries, "steps": self.steps,
+                "restarts": self.restarts, "step": self.step,
                 "eps": self.eps, "lam": self.lam, "lr": self.lr, "target": self.target, "seed": seed}
 
 
@@ -134,13 +150,16 @@ def _grad(model: nn.Module, x: Tensor, y: Tensor, target: Tensor | None, loss: s
 
 
 def sparse_attack(model: nn.Module, x: Tensor, y: Tensor, spec: AttackSpec, target: Tensor | None = None,
-                  generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+                  generator: torch.Generator | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """Each step: accumulate the normalized margin gradient into a score ``u`` (momentum
     0.9), then make the candidate from the original image with the k pixels of largest
     sum over channels of |u| moved by ``step * sign(u)`` and clamped (one
     ``sparse_pixel_update``). The pixel set may change from step to step; every candidate
     differs from the original in at most k pixels. Restart 0 starts from u = 0, later
-    restarts from a random u, for the images not fooled yet."""
+    restarts from a random u, for the images not fooled yet. With ``queries``, the images
+    still not fooled get a random search (:func:`random_search`) that starts from the k
+    pixels of largest final score and draws most replacements from the pixels the score
+    ranks next, with the corners its signs point to."""
     _check_target(y, target)
     n, _, h, w = x.shape
     spec = spec.resolved(w)
@@ -168,15 +187,21 @@ def sparse_attack(model: nn.Module, x: Tensor, y: Tensor, spec: AttackSpec, targ
             cur, _ = sparse_pixel_update(xa[live], u, spec.k, spec.step)
             steps[todo[live]] += 1
         todo = todo[live]
+    queries = torch.zeros_like(steps)
+    if spec.queries and todo.numel():  # random search for the rest, guided by the last score
+        ta = None if target is None else target[todo]
+        guide = u.abs().sum(1).flatten(1), (u > 0).to(x.dtype).flatten(2).transpose(1, 2)
+        adv, queries[todo] = random_search(model, x[todo], y[todo], spec.k, spec.queries, ta, generator, guide)
+        best[todo] = adv
     changed = (best != x).any(1).flatten(1).sum(1)
     if (changed > spec.k).any() or best.min() < 0 or best.max() > 1:
         raise RuntimeError(f"sparse attack broke its budget: {int(changed.max())} pixels changed, k = {spec.k}, "
                            f"range [{best.min().item():.4f}, {best.max().item():.4f}]")
-    return best, steps
+    return best, steps, queries
 
 
 def noise_attack(model: nn.Module, x: Tensor, y: Tensor, spec: AttackSpec, target: Tensor | None = None,
-                 generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+                 generator: torch.Generator | None = None) -> tuple[Tensor, Tensor, Tensor]:
     _check_target(y, target)
     spec = spec.resolved(x.shape[-1])
     n = x.shape[0]
@@ -201,11 +226,11 @@ def noise_attack(model: nn.Module, x: Tensor, y: Tensor, spec: AttackSpec, targe
         delta.grad[~live] = 0
         opt.step()
         steps[live] += 1
-    return best, steps
+    return best, steps, torch.zeros_like(steps)
 
 
 def gradient_attack(model: nn.Module, x: Tensor, y: Tensor, spec: AttackSpec, target: Tensor | None = None,
-                    generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+                    generator: torch.Generator | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """FGSM (one step of eps), PGD L-inf or L2 (random start, ``spec.steps`` steps of ``spec.step``)."""
     _check_target(y, target)
     spec = spec.resolved(x.shape[-1])
@@ -213,7 +238,8 @@ def gradient_attack(model: nn.Module, x: Tensor, y: Tensor, spec: AttackSpec, ta
     view = (-1, 1, 1, 1)
     if spec.attack == "fgsm":
         g, _ = _grad(model, x, y, target, loss="ce")
-        return (x + spec.eps * g.sign()).clamp(0, 1), torch.ones(n, dtype=torch.long, device=x.device)
+        one = torch.ones(n, dtype=torch.long, device=x.device)
+        return (x + spec.eps * g.sign()).clamp(0, 1), one, torch.zeros_like(one)
     l2 = spec.attack == "pgd-l2"
     noise = torch.rand(x.shape, generator=generator).to(x.device) * 2 - 1
     if l2:
@@ -240,13 +266,114 @@ def gradient_attack(model: nn.Module, x: Tensor, y: Tensor, spec: AttackSpec, ta
     with torch.no_grad():
         ok = _succeeded(model(adv), y, target) & live
     best[ok] = adv[ok]
-    return best, steps
+    return best, steps, torch.zeros_like(steps)
+
+
+# Sparse-RS's schedule of the share of the k pixels replaced per iteration, written for
+# 10,000 queries: (iteration bound, divisor of the initial share).
+RS_SCHEDULE = ((10, 1), (50, 2), (200, 4), (500, 5), (1000, 6), (2000, 8), (4000, 10), (6000, 12), (8000, 15))
+RS_SHARE = 0.3  # the initial share
+RS_GUIDED = 0.7  # guided search: the chance that a replacement comes from the score's pool
+
+
+def _rs_replaced(i: int, queries: int, k: int) -> int:
+    """Pixels replaced at iteration ``i`` of a search of ``queries`` queries."""
+    t = i * 10_000 // max(queries, 1)
+    divisor = next((d for bound, d in RS_SCHEDULE if t <= bound), 20)
+    return max(1, round(RS_SHARE / divisor * k))
+
+
+def set_pixels(x: Tensor, pix: Tensor, col: Tensor) -> Tensor:
+    """``x`` (n, C, H, W) with the pixels ``pix`` (n, k; flat indices) set to ``col`` (n, k, C)."""
+    n, c, h, w = x.shape
+    out = x.reshape(n, c, h * w).clone()
+    out.scatter_(2, pix[:, None, :].expand(n, c, pix.shape[1]), col.transpose(1, 2).to(x.dtype))
+    return out.view(n, c, h, w)
+
+
+def random_search(model: nn.Module, x: Tensor, y: Tensor, k: int, queries: int, target: Tensor | None,
+                  generator: torch.Generator | None, guide: tuple[Tensor, Tensor] | None = None
+                  ) -> tuple[Tensor, Tensor]:
+    """Sparse-RS for L0 (Croce et al. 2022), forward passes only: k distinct pixels, each set to
+    a corner of the colour cube; each iteration replaces a decaying number of them
+    (:data:`RS_SCHEDULE`) by pixels outside the set with random corners, and keeps the change
+    when the margin does not decrease. At most ``queries`` forward passes per image; an image
+    leaves the search when it is fooled. Returns the images (an image not fooled: its
+    original) and the queries each used.
+
+    ``guide`` (score (n, H*W), corner (n, H*W, C)) makes it guided: the search starts from
+    the k pixels of largest score at their corners, and a replacement comes from the next
+    pixels of the score (a pool of max(64, 8k)) with probability :data:`RS_GUIDED`, at the
+    corner the guide gives. Random numbers come from ``generator`` on the CPU, so a seed
+    gives the same search on every device."""
+    n, c, h, w = x.shape
+    area, dev = h * w, x.device
+    rows = torch.arange(n)
+    if guide is None:
+        pix = torch.rand(n, area, generator=generator).argsort(1)[:, :k]
+        col = torch.randint(0, 2, (n, k, c), generator=generator).to(x.dtype)
+        favour = corner = None
+    else:
+        score, corner = (t.detach().cpu() for t in guide)
+        order = score.argsort(1, descending=True)
+        pix = order[:, :k]
+        col = corner[rows[:, None], pix]
+        pool = min(area - k, max(64, 8 * k))
+        favour = torch.ones(n, area)  # pool pixels come first with probability RS_GUIDED
+        if pool > 0:
+            favour[rows[:, None], order[:, k:k + pool]] = pool * (1 - RS_GUIDED) / (RS_GUIDED * (area - pool))
+    used = torch.ones(n, dtype=torch.long)
+    with torch.no_grad():
+        cur = margin(model(set_pixels(x, pix.to(dev), col.to(dev))), y, target).cpu()
+    live = cur <= 0
+    for i in range(queries - 1):
+        idx = live.nonzero().squeeze(1)
+        if idx.numel() == 0:
+            break
+        b, m = idx.numel(), _rs_replaced(i, queries, k)
+        p, q = pix[idx].clone(), col[idx].clone()
+        draw = torch.rand(b, area, generator=generator)
+        if favour is not None:
+            draw *= favour[idx]
+        draw[torch.arange(b)[:, None], p] = 2.0  # never a pixel of the set
+        new = draw.argsort(1)[:, :m]
+        where = torch.rand(b, k, generator=generator).argsort(1)[:, :m]
+        colours = torch.randint(0, 2, (b, m, c), generator=generator).to(x.dtype)
+        if corner is not None:
+            keep = torch.rand(b, m, 1, generator=generator) < RS_GUIDED
+            colours = torch.where(keep, corner[idx[:, None], new], colours)
+        r = torch.arange(b)[:, None]
+        p[r, where], q[r, where] = new, colours
+        with torch.no_grad():
+            trial = margin(model(set_pixels(x[idx.to(dev)], p.to(dev), q.to(dev))), y[idx.to(dev)],
+                           None if target is None else target[idx.to(dev)]).cpu()
+        used[idx] += 1
+        better = trial >= cur[idx]
+        pix[idx[better]], col[idx[better]], cur[idx[better]] = p[better], q[better], trial[better]
+        live = cur <= 0
+    adv = set_pixels(x, pix.to(dev), col.to(dev))
+    return torch.where(live.to(dev).view(-1, 1, 1, 1), x, adv), used.to(dev)
+
+
+def sparse_rs_attack(model: nn.Module, x: Tensor, y: Tensor, spec: AttackSpec, target: Tensor | None = None,
+                     generator: torch.Generator | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """Black-box Sparse-RS from a random start (:func:`random_search`); checked like sparse."""
+    _check_target(y, target)
+    n, _, h, w = x.shape
+    spec = spec.resolved(w)
+    if not 1 <= spec.k <= h * w:
+        raise FastablateError(f"sparse-rs attack: k = {spec.k} pixels is not in 1..{h * w}")
+    best, queries = random_search(model, x, y, spec.k, max(1, spec.queries), target, generator)
+    changed = (best != x).any(1).flatten(1).sum(1)
+    if (changed > spec.k).any() or best.min() < 0 or best.max() > 1:
+        raise RuntimeError(f"sparse-rs attack broke its budget: {int(changed.max())} pixels changed, k = {spec.k}")
+    return best, torch.zeros_like(queries), queries
 
 
 MOMENTUM = 0.9  # sparse: weight of the past in the pixel score
 
-RUNNERS = {"sparse": sparse_attack, "noise": noise_attack, "fgsm": gradient_attack, "pgd": gradient_attack,
-           "pgd-l2": gradient_attack}
+RUNNERS = {"sparse": sparse_attack, "sparse-rs": sparse_rs_attack, "noise": noise_attack, "fgsm": gradient_attack,
+           "pgd": gradient_attack, "pgd-l2": gradient_attack}
 
 
 EXAMPLE_KEYS = ("x", "x_adv", "y", "pred_adv", "attacked", "success")
@@ -266,13 +393,15 @@ class AttackResult:
     steps_mean: float
     seconds_per_image: float
     skipped_target_class: int
+    queries_mean: float | None = None  # sparse, sparse-rs: forward passes of the random search per attacked image
     k: int | None = None  # the sparse budget
     spec: dict = field(default_factory=dict)  # the resolved options
     examples: dict | None = field(default=None, repr=False)  # EXAMPLE_KEYS -> tensors, when kept
 
     def summary(self) -> dict:
         """The figures of the result (results.csv's row)."""
-        return {k: v for k, v in self.__dict__.items() if k not in ("k", "spec", "examples")}
+        return {k: v for k, v in self.__dict__.items() if k not in ("k", "spec", "examples")
+                and not (k == "queries_mean" and v is None)}
 
     def to_dict(self) -> dict:
         return {**self.summary(), "k": self.k, "spec": self.spec}
@@ -303,7 +432,7 @@ def run_attack(model: nn.Module, ds: ImageSet, spec: AttackSpec, runtime: Runtim
     spec = spec.resolved(ds.image_size)
     attack = RUNNERS[spec.attack]
     correct = fooled = attacked = skipped = 0
-    l0s, l2s, steps_all = [], [], []
+    l0s, l2s, steps_all, queries_all = [], [], [], []
     seconds = 0.0
     kept: list[tuple[int, dict[str, Tensor]]] = []  # (batch index, examples)
     name = model_name(model)
@@ -325,7 +454,7 @@ def run_attack(model: nn.Module, ds: ImageSet, spec: AttackSpec, runtime: Runtim
                 xs, ys = x[sel], y[sel]
                 ts = None if spec.target is None else torch.full_like(ys, spec.target)
                 start = time.perf_counter()
-                adv, steps = attack(model, xs, ys, spec, ts, gen)
+                adv, steps, queries = attack(model, xs, ys, spec, ts, gen)
                 if x.device.type == "cuda":
                     torch.cuda.synchronize()
                 seconds += time.perf_counter() - start
@@ -338,6 +467,7 @@ def run_attack(model: nn.Module, ds: ImageSet, spec: AttackSpec, runtime: Runtim
                 l0s += (diff != 0).any(1).flatten(1).sum(1).tolist()
                 l2s += diff.flatten(1).norm(dim=1).tolist()
                 steps_all += steps.tolist()
+                queries_all += queries.tolist()
                 x_adv[sel], success[sel] = adv, won
             if keep:
                 with torch.no_grad():
@@ -347,7 +477,8 @@ def run_attack(model: nn.Module, ds: ImageSet, spec: AttackSpec, runtime: Runtim
     counts = all_sum(torch.tensor([correct, fooled, attacked, skipped], dtype=torch.int64)).tolist()
     correct, fooled, attacked, skipped = counts
     seconds = all_sum(torch.tensor([seconds], dtype=torch.float64)).item()
-    l0s, l2s, steps_all = ([v for part in gather(values) for v in part] for values in (l0s, l2s, steps_all))
+    l0s, l2s, steps_all, queries_all = ([v for part in gather(values) for v in part]
+                                        for values in (l0s, l2s, steps_all, queries_all))
     examples = None
     if keep:
         parts = merge(kept)
@@ -360,7 +491,9 @@ def run_attack(model: nn.Module, ds: ImageSet, spec: AttackSpec, runtime: Runtim
                         mean_l2=sum(l2s) / len(l2s) if l2s else None,
                         steps_mean=sum(steps_all) / len(steps_all) if steps_all else 0.0,
                         seconds_per_image=seconds / attacked if attacked else 0.0, skipped_target_class=skipped,
-                        k=spec.k if spec.attack == "sparse" else None, spec=spec.record(runtime.seed),
+                        queries_mean=(sum(queries_all) / len(queries_all) if queries_all else 0.0)
+                        if spec.attack in APPLIES["queries"] else None,
+                        k=spec.k if spec.attack in APPLIES["k"] else None, spec=spec.record(runtime.seed),
                         examples=examples)
 
 
@@ -381,7 +514,8 @@ def save_grid(examples: dict, path: Path, count: int = 8) -> Path:
 
 
 class AttackStudy(Study):
-    """Attack a checkpoint: sparse pixels (L0), optimized noise (L2), FGSM or PGD. Only images
+    """Attack a checkpoint: sparse pixels (L0; white-box or black-box sparse-rs), optimized noise
+    (L2), FGSM or PGD. Only images
     the model classifies correctly are attacked; success_rate is the fraction of them it fools."""
 
     name = "attack"
@@ -391,7 +525,7 @@ class AttackStudy(Study):
     def check(self, models, data, spec):
         pixels = data.image_size * data.image_size
         k = spec.budget(data.image_size)
-        if spec.attack == "sparse" and not 1 <= k <= pixels:
+        if spec.attack in APPLIES["k"] and not 1 <= k <= pixels:
             raise FastablateError(
                 f"--pixels {spec.pixels or DEFAULT_PIXELS:g} rounds to {k} pixels of {data.image_size}x"
                 f"{data.image_size} images; give a larger fraction or --k" if spec.k is None else

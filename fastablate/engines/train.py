@@ -33,7 +33,7 @@ from fastablate.results import jsonable
 
 DEFAULT_MODEL = "resnet8"
 IMAGENET_STATS = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
-ADV_OPTIONS = ("pixels", "k", "steps", "restarts", "step", "eps", "lam", "lr")
+ADV_OPTIONS = ("pixels", "k", "queries", "steps", "restarts", "step", "eps", "lam", "lr")
 
 
 class Augment(Value):
