@@ -1,5 +1,5 @@
-"""Paths (Veit et al. 2016, Sec. 6): exact distributions, stacked path gradients equal to the
-explicitly masked networks, the effective range, the CLI and its bad input."""
+"""Paths (Veit et al. 2016, Sec. 6): exact distributions, shared-forward path gradients equal to
+the explicitly masked networks, the effective range, the CLI and its bad input."""
 import json
 import math
 import random
@@ -11,7 +11,7 @@ from click.testing import CliRunner
 from conftest import randomize_bn
 from fastablate.cli import cli
 from fastablate.engines.paths import (PathsResult, distribution, effective_range, naive_gradients,
-                                      stacked_gradients)
+                                      shared_gradients)
 from fastablate.models import build_model, save_checkpoint
 from fastablate.units import units
 
@@ -24,20 +24,22 @@ def test_distribution_is_exact():
 
 
 @pytest.mark.parametrize("name", ["resnet20", "resnet18"])
-def test_stacked_gradients_equal_the_masked_networks(name, device):
+def test_shared_gradients_equal_the_masked_networks(name, device):
     torch.manual_seed(0)
     model = randomize_bn(build_model(name)).to(device)
     view = units(model)
     n = len(view.units)
     rng = random.Random(1)
+    # Lengths 0..n, repeated sets and sets agreeing on the top units (rows shared there).
     sets = [frozenset(rng.sample(range(n), k)) for k in (0, 1, 2, n // 2, n - 1, n)]
-    x = torch.rand(len(sets), 3, 3, 32, 32, device=device)
-    y = torch.randint(0, 10, (len(sets), 3), device=device)
-    stacked = stacked_gradients(view, x, y, sets)
+    sets += [sets[3], sets[3] ^ {0}, sets[3] ^ {1}]
+    x = torch.rand(3, 3, 32, 32, device=device)
+    y = torch.randint(0, 10, (3,), device=device)
+    shared = shared_gradients(view, x, y, sets)
     naive = naive_gradients(view, x, y, sets)
-    torch.testing.assert_close(stacked, naive, rtol=1e-5, atol=1e-8)
-    # The masks matter: the all-shortcut path and the all-residual path differ.
-    assert not torch.allclose(stacked[0], stacked[-1])
+    torch.testing.assert_close(shared, naive, rtol=1e-5, atol=1e-8)
+    # The routes matter: the all-shortcut path and the all-residual path differ.
+    assert not torch.allclose(shared[0], shared[5]) and shared[3] == shared[6]
 
 
 def test_effective_range_and_contribution():

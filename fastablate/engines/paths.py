@@ -7,9 +7,10 @@ path shrinks with its length, so the paths that matter are short.
   gradient goes through the residual branch of k sampled units and through the shortcut of
   the others, i.e. along one path of length k. Loss: the summed cross-entropy of a sample's
   images with their labels; magnitude: the L2 norm of the gradient at each input image,
-  averaged over the sample's images. Many (unit set, images) samples are stacked along the
-  batch, each row gated by its own ``block_skip`` backward masks, so one backward pass
-  serves them all; it equals building each masked network explicitly (tested).
+  averaged over the sample's images. The unit sets of one pass share its images: the
+  forward pass runs once, and their gradients are stacked in one backward pass that takes
+  each row through only the branch its set names (:func:`shared_gradients`); it equals
+  building each masked network explicitly (tested).
 - Contribution per length: paths x magnitude, normalized to sum to 1; the effective range
   is the shortest interval of lengths holding ``share`` (0.9) of it.
 """
@@ -32,7 +33,6 @@ from fastablate.engines.protocol import Runtime, Study, hash_seed, model_name, p
 from fastablate.engines.spec import Float, Int, List, Spec, option
 from fastablate.errors import FastablateError
 from fastablate.modes import eval_mode
-from fastablate.ops import block_skip
 from fastablate.plots import pyplot, save
 from fastablate.units import UnitView, units
 
@@ -42,7 +42,8 @@ class PathsSpec(Spec):
     samples: int = option(100, "Random unit sets per path length.", type=Int(min=1, max=1_000_000))
     lengths: Optional[tuple[int, ...]] = option(None, "Path lengths k to measure [default: 1..n].",
                                                 type=List(Int(min=0)))
-    images: int = option(8, "Training images per sample (each sample draws its own).", type=Int(min=1, max=4096))
+    images: int = option(8, "Training images per pass: the unit sets of a pass (batch size / images of them) share "
+                            "them, each pass draws its own.", type=Int(min=1, max=4096))
     share: float = option(0.9, "Share of the total gradient contribution the effective range holds.",
                           type=Float(0, 1, min_open=True, max_open=True))
 
@@ -64,34 +65,57 @@ def distribution(n: int) -> list[dict]:
     return [{"length": k, "paths": math.comb(n, k), "fraction": math.comb(n, k) / 2 ** n} for k in range(n + 1)]
 
 
-def _forward_gated(view: UnitView, x: Tensor, via_residual: Tensor) -> Tensor:
-    """Logits of the whole network; backward, row r follows the residual branch of unit j
-    where ``via_residual[j, r]``, else its shortcut."""
-    keep = torch.ones(x.shape[0], dtype=torch.bool, device=x.device)
-    h = view.stem(x)
-    for j, u in enumerate(view.units):
-        h = block_skip(u.parts.shortcut(h), u.parts.residual(h), keep, relu=u.parts.post_kind == "relu",
-                       backward_keep=via_residual[j], backward_shortcut=~via_residual[j])
-    return view.head(h)
+def shared_gradients(view: UnitView, x: Tensor, y: Tensor, sets: Sequence[frozenset[int]]) -> Tensor:
+    """Mean input-gradient norm of each of the M samples ``sets`` (the unit indices whose
+    residual branch the gradient takes) on the same images ``x`` (B, C, H, W), ``y`` (B,).
 
+    The forward pass does not depend on the path, so it runs once, keeping each branch's
+    vector-Jacobian product; backward, the M gradients are stacked and each unit routes each
+    row through its residual branch or its shortcut only (``torch.func.vmap`` over the
+    branch's VJP, so a branch the row does not take costs nothing). Samples whose sets agree
+    on every unit above the current one carry the same gradient there and share one row.
+    """
+    from torch.func import vjp, vmap
 
-def stacked_gradients(view: UnitView, x: Tensor, y: Tensor, sets: Sequence[frozenset[int]]) -> Tensor:
-    """Mean input-gradient norm of each sample: ``x`` (M, B, C, H, W), ``y`` (M, B), ``sets``
-    the M sets of unit indices whose residual branch the gradient takes."""
-    m, b = x.shape[:2]
-    rows = x.flatten(0, 1).detach().requires_grad_(True)
-    member = torch.tensor([[j in s for s in sets] for j in range(len(view.units))], device=x.device)
-    via = member.repeat_interleave(b, dim=1)  # (units, M*B)
-    loss = F.cross_entropy(_forward_gated(view, rows, via).float(), y.flatten(), reduction="sum")
-    (g,) = torch.autograd.grad(loss, rows)
-    return g.flatten(1).norm(dim=1).view(m, b).mean(1)
+    h, vjp_stem = vjp(view.stem, x.detach())
+    saved = []
+    for u in view.units:
+        sc, vjp_sc = vjp(u.parts.shortcut, h)
+        res, vjp_res = vjp(u.parts.residual, h)
+        z = sc + res
+        relu = u.parts.post_kind == "relu"
+        h = torch.relu(z) if relu else z
+        saved.append((vjp_sc, vjp_res, z > 0 if relu else None))
+    logits, vjp_head = vjp(view.head, h)
+    p = torch.softmax(logits.float(), 1)
+    (g,) = vjp_head((p - F.one_hot(y, p.shape[1]).float()).to(logits.dtype))  # the summed cross-entropy's
+    member = torch.tensor([[j in s for s in sets] for j in range(len(view.units))])
+    row = torch.zeros(len(sets), dtype=torch.long)  # each sample's row of the stacked gradient
+    g = g.unsqueeze(0)
+    for j in reversed(range(len(view.units))):
+        vjp_sc, vjp_res, positive = saved[j]
+        if positive is not None:
+            g = g * positive
+        keys, row = torch.unique(row * 2 + member[j].long(), return_inverse=True)
+        source, via = keys // 2, (keys % 2).bool()
+        out = None
+        for rows, fn in ((via.nonzero().squeeze(1), vjp_res), ((~via).nonzero().squeeze(1), vjp_sc)):
+            if rows.numel():
+                part = vmap(lambda t, fn=fn: fn(t)[0])(g[source[rows].to(g.device)])
+                if out is None:
+                    out = part.new_empty((len(keys), *part.shape[1:]))
+                out[rows.to(g.device)] = part
+        g = out
+    g = vmap(lambda t: vjp_stem(t)[0])(g)
+    return g.flatten(2).norm(dim=2).mean(1)[row.to(g.device)]
 
 
 def naive_gradients(view: UnitView, x: Tensor, y: Tensor, sets: Sequence[frozenset[int]]) -> Tensor:
-    """The reference: for each sample, the network with each unit's other branch detached."""
+    """The reference: for each sample, the network with each unit's other branch detached,
+    forward and backward on the images ``x`` (B, C, H, W), ``y`` (B,)."""
     out = []
-    for xi, yi, s in zip(x, y, sets):
-        xi = xi.detach().requires_grad_(True)
+    for s in sets:
+        xi, yi = x.detach().requires_grad_(True), y
         h = view.stem(xi)
         for j, u in enumerate(view.units):
             sc, res = u.parts.shortcut(h), u.parts.residual(h)
@@ -172,18 +196,18 @@ def run_paths(model: nn.Module, ds: ImageSet, spec: PathsSpec, runtime: Runtime)
     lengths = list(spec.lengths) if spec.lengths else list(range(1, n + 1))
     rng = random.Random(f"{runtime.seed}:paths")
     work = [(k, frozenset(rng.sample(range(n), k))) for k in lengths for _ in range(spec.samples)]
-    per_pass = max(1, runtime.batch_size // spec.images)  # samples stacked in one pass
+    rng.shuffle(work)  # a pass mixes lengths, so each length's samples see many draws of images
+    per_pass = max(1, runtime.batch_size // spec.images)  # samples stacked in one pass (they share its images)
     chunks = [work[i:i + per_pass] for i in range(0, len(work), per_pass)]
     mine = [(c, chunk) for c, chunk in enumerate(chunks) if dist.mine(c)]
     measured = []  # (chunk index, [norm of each sample])
     with eval_mode(model, frozen=True):
         for c, chunk in progress(mine, desc=f"paths {name}", enabled=runtime.progress):
-            gen = torch.Generator().manual_seed(hash_seed(runtime.seed, "paths", c))  # the chunk's own images
-            idx = torch.randint(0, len(ds), (len(chunk), spec.images), generator=gen)
-            x = ds.load(idx.flatten()).to(runtime.device).float().div_(255)
-            x = x.view(len(chunk), spec.images, *x.shape[1:])
+            gen = torch.Generator().manual_seed(hash_seed(runtime.seed, "paths", c))  # the pass's own images
+            idx = torch.randint(0, len(ds), (spec.images,), generator=gen)
+            x = ds.load(idx).to(runtime.device).float().div_(255)
             y = ds.labels[idx].to(runtime.device)
-            measured.append((c, stacked_gradients(view, x, y, [s for _, s in chunk]).tolist()))
+            measured.append((c, shared_gradients(view, x, y, [s for _, s in chunk]).tolist()))
     norms: dict[int, list[float]] = {k: [] for k in lengths}
     for (k, _), v in zip(work, (v for part in dist.merge(measured) for v in part)):
         norms[k].append(v)
