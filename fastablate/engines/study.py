@@ -30,8 +30,8 @@ class StudySpec(Spec):
     models: tuple[str, ...] = option(("resnet20", "plain20"), "Registry models to train and compare (the first "
                                                               "is the reference); or give --weights/--compare.",
                                      type=List(Text("NAME")))
-    epochs: int = option(10, "Training epochs per model.", type=Int(min=1, max=100_000))
-    lr: float = option(0.2, "Peak learning rate per 128 images (one-cycle schedule).",
+    epochs: int = option(6, "Training epochs per model.", type=Int(min=1, max=100_000))
+    lr: float = option(0.1, "Peak learning rate per 128 images (one-cycle schedule).",
                        type=Float(0, 100, min_open=True))
     only: tuple[str, ...] = option((), "Run only these parts.", type=List(Choice(*PARTS)))
     skip: tuple[str, ...] = option((), "Leave these parts out.", type=List(Choice(*PARTS)))
@@ -41,9 +41,11 @@ class StudySpec(Spec):
                           type=Int(min=1, max=100_000))
     noise_sigma: tuple[float, ...] = option((0.25, 0.5, 1.0), "Noise: sigma grid, relative to each layer's "
                                                               "activation std.", type=List(Float(0, 1e6)))
-    trials: int = option(5, "Noise: trials per grid point.", type=Int(min=2, max=10_000))
-    attack_limit: Optional[int] = option(500, "Test images attacked (a seeded class-balanced subset).",
+    trials: int = option(3, "Noise: trials per grid point.", type=Int(min=2, max=10_000))
+    attack_limit: Optional[int] = option(200, "Test images attacked (a seeded class-balanced subset).",
                                          type=Int(min=1))
+    queries: int = option(30, "Sparse attack: random-search queries per image for the images its gradient steps "
+                               "leave (attack --queries).", type=Int(min=0, max=10_000_000))
     pixels: float = option(0.005, "Sparse attack budget as a fraction of the pixels.",
                            type=Float(0, 1, min_open=True))
     images: int = option(4, "Features: images drawn.", type=Int(min=1, max=64))
@@ -154,7 +156,8 @@ def run_full_study(setup: Setup, spec: StudySpec, echo=print) -> tuple[Path, dic
             part("noise", "noise", NoiseSpec(layers=(1, 2, 3), sigma=spec.noise_sigma, relative=True,
                                              trials=spec.trials, input_severities=(1, 3, 5)))
         if "attack" in parts_wanted:
-            part("attack-sparse", "attack", AttackSpec(attack="sparse", pixels=spec.pixels, save_examples=True),
+            part("attack-sparse", "attack", AttackSpec(attack="sparse", pixels=spec.pixels, queries=spec.queries,
+                                                               save_examples=True),
                  limit=spec.attack_limit)
             part("attack-noise", "attack", AttackSpec(attack="noise"), limit=spec.attack_limit)
         if "paths" in parts_wanted:
