@@ -192,9 +192,14 @@ def init_from_checkpoint(model: nn.Module, ckpt: dict, path: str) -> None:
     if fits and (theirs_classes is None or list(theirs_classes) == list(model.classes or [])):
         net.load_state_dict(dict(zip(head_own, (ckpt["state_dict"][k] for k in head_theirs))), strict=False)
         return
-    what = f"its {len(theirs_classes)} classes" if theirs_classes else "its head"
-    note(f"checkpoint {path}: {what} do not fit the {model.num_classes} classes here; the head "
-         f"({head_attr(net)}) is freshly initialized")
+
+    def names(classes) -> str:
+        return ", ".join(map(str, list(classes)[:3])) + (", ..." if len(classes) > 3 else "")
+
+    what = (f"its {len(theirs_classes)} classes ({names(theirs_classes)}) are not the {model.num_classes} here "
+            f"({names(model.classes or [])})" if theirs_classes and fits else "its head does not fit the "
+            f"{model.num_classes} classes here")
+    note(f"checkpoint {path}: {what}; the head ({head_attr(net)}) is freshly initialized")
 
 
 class _Without(nn.Module):
