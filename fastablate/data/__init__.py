@@ -130,18 +130,24 @@ def build_dataset(name: str, root: str | os.PathLike | None = None, split: str =
     return ds
 
 
+def read_saved(path: str, what: str) -> object:
+    """The tensors saved in ``path`` (weights only); a missing or unreadable file is an error
+    naming it, prefixed by ``what`` (the option, e.g. ``"--examples "``)."""
+    p = Path(path)
+    if not p.is_file():
+        raise FastablateError(f"{what}{path}: no such file")
+    try:
+        return torch.load(p, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise FastablateError(f"{what}{path}: cannot read it ({str(e).splitlines()[0] if str(e) else e!r})") from None
+
+
 def load_saved(path: str, what: str, like: ImageSet, *, successful: bool = False) -> ImageSet:
     """A saved split (``attack --save-dataset``: uint8 ``images``, ``labels``, ``classes``) as an
     ImageSet with the classes of ``like`` (matched by name) and its image size; ``what``
     (``"--adv-data "``, ``"--eval-sets x="``) prefixes the path in errors. ``successful``: only
     the images whose ``success`` is set (the adversarial ones), when the file records it."""
-    p = Path(path)
-    if not p.is_file():
-        raise FastablateError(f"{what}{path}: no such file")
-    try:
-        obj = torch.load(p, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise FastablateError(f"{what}{path}: cannot read it ({str(e).splitlines()[0] if str(e) else e!r})") from None
+    obj = read_saved(path, what)
     ok = isinstance(obj, dict) and isinstance(obj.get("images"), Tensor) and isinstance(obj.get("labels"), Tensor)
     if not ok or obj["images"].dtype != torch.uint8 or obj["images"].dim() != 4 or \
             obj["labels"].shape != obj["images"].shape[:1]:
@@ -154,7 +160,8 @@ def load_saved(path: str, what: str, like: ImageSet, *, successful: bool = False
     classes = obj.get("classes") or list(like.classes)
     if labels.numel() and (labels.min() < 0 or labels.max() >= len(classes)):
         raise FastablateError(f"{what}{path}: labels outside its {len(classes)} classes")
-    ds = ImageSet(p.stem, "saved", labels, list(classes), like.mean, like.std, like.image_size, like.flip, images)
+    ds = ImageSet(Path(path).stem, "saved", labels, list(classes), like.mean, like.std, like.image_size, like.flip,
+                  images)
     success = obj.get("success")
     if successful and isinstance(success, Tensor) and success.shape == labels.shape:
         if not bool(success.any()):

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fastablate.data import ImageSet, balanced_subset
+from fastablate.data import ImageSet, balanced_subset, read_saved
 from fastablate.engines.distributed import all_max, all_sum
 from fastablate.engines.protocol import Runtime, Study, model_name, my_batches, slug, table
 from fastablate.engines.spec import Choice, Int, List, Spec, Text, option
@@ -331,14 +331,7 @@ class FeaturesStudy(Study):
 
 def load_examples(path: str, ds: ImageSet) -> dict:
     """attack --save-examples' adversarial.pt, checked against the data's image size."""
-    p = Path(path)
-    if not p.is_file():
-        raise FastablateError(f"--examples {path}: no such file")
-    try:
-        ex = torch.load(p, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise FastablateError(f"--examples {path}: cannot read it ({str(e).splitlines()[0] if str(e) else e!r})") \
-            from None
+    ex = read_saved(path, "--examples ")
     keys = ("x", "x_adv", "y", "success")
     if not isinstance(ex, dict) or not all(isinstance(ex.get(k), Tensor) for k in keys):
         raise FastablateError(f"--examples {path}: not attack --save-examples output (x, x_adv, y, success)")
