@@ -15,6 +15,13 @@ from typing import BinaryIO, Callable
 TMP_SUFFIX = ".tmp"
 
 
+def _file_mode() -> int:
+    """The mode open() would give a new file: 0o666 less the process's umask."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> Path:
     """Call ``write(f)`` on a temporary file beside ``path``, then rename it to ``path``."""
     path = Path(path)
@@ -22,6 +29,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> 
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TMP_SUFFIX)
     try:
         with os.fdopen(fd, "wb") as f:
+            os.fchmod(f.fileno(), _file_mode())  # mkstemp makes it private (0600); outputs are not
             write(f)
             f.flush()
             os.fsync(f.fileno())

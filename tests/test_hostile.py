@@ -267,6 +267,19 @@ def test_out_that_cannot_be_made_or_written(ckpt, tmp_path, monkeypatch):
     assert r.exit_code == 2 and r.stderr.strip() == f"Error: cannot write {out / 'run.json'}: No space left on device"
 
 
+def test_outputs_get_the_mode_of_ordinary_files(ckpt, tmp_path):
+    import os
+
+    mask = os.umask(0o022)
+    try:
+        r = CliRunner().invoke(cli, ["eval", "--weights", str(ckpt), *SYN, "--out", str(tmp_path / "o")])
+    finally:
+        os.umask(mask)
+    assert r.exit_code == 0, r.output
+    files = [p for p in (tmp_path / "o").rglob("*") if p.is_file()]
+    assert files and {p.stat().st_mode & 0o777 for p in files} == {0o644}
+
+
 def test_save_dataset_never_overwrites_an_input(ckpt, tmp_path):
     refused(["attack", "--weights", ckpt, *SYN, "--save-dataset", ckpt, "--out", tmp_path / "o"],
             "is the --weights input", protect=[ckpt], out=tmp_path / "o")
