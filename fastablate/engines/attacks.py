@@ -161,10 +161,8 @@ def sparse_attack(model: nn.Module, x: Tensor, y: Tensor, spec: AttackSpec, targ
     pixels of largest final score and draws most replacements from the pixels the score
     ranks next, with the corners its signs point to."""
     _check_target(y, target)
-    n, _, h, w = x.shape
-    spec = spec.resolved(w)
-    if not 1 <= spec.k <= h * w:
-        raise FastablateError(f"sparse attack: k = {spec.k} pixels is not in 1..{h * w}")
+    n = x.shape[0]
+    spec = _sparse_spec(spec, x)
     best = x.clone()
     steps = torch.zeros(n, dtype=torch.long, device=x.device)
     todo = torch.arange(n, device=x.device)  # images not fooled yet
@@ -193,11 +191,26 @@ def sparse_attack(model: nn.Module, x: Tensor, y: Tensor, spec: AttackSpec, targ
         guide = u.abs().sum(1).flatten(1), (u > 0).to(x.dtype).flatten(2).transpose(1, 2)
         adv, queries[todo] = random_search(model, x[todo], y[todo], spec.k, spec.queries, ta, generator, guide)
         best[todo] = adv
+    return _within_budget(best, x, spec), steps, queries
+
+
+def _sparse_spec(spec: AttackSpec, x: Tensor) -> AttackSpec:
+    """The resolved spec of a sparse attack on ``x``, its budget checked against the image."""
+    h, w = x.shape[-2:]
+    spec = spec.resolved(w)
+    if not 1 <= spec.k <= h * w:
+        raise FastablateError(f"{spec.attack} attack: k = {spec.k} pixels is not in 1..{h * w}")
+    return spec
+
+
+def _within_budget(best: Tensor, x: Tensor, spec: AttackSpec) -> Tensor:
+    """``best``, checked to differ from ``x`` in at most k pixels and to stay in [0, 1]: a
+    violation is an error, never a result."""
     changed = (best != x).any(1).flatten(1).sum(1)
     if (changed > spec.k).any() or best.min() < 0 or best.max() > 1:
-        raise RuntimeError(f"sparse attack broke its budget: {int(changed.max())} pixels changed, k = {spec.k}, "
-                           f"range [{best.min().item():.4f}, {best.max().item():.4f}]")
-    return best, steps, queries
+        raise RuntimeError(f"{spec.attack} attack broke its budget: {int(changed.max())} pixels changed, "
+                           f"k = {spec.k}, range [{best.min().item():.4f}, {best.max().item():.4f}]")
+    return best
 
 
 def noise_attack(model: nn.Module, x: Tensor, y: Tensor, spec: AttackSpec, target: Tensor | None = None,
@@ -359,15 +372,9 @@ def sparse_rs_attack(model: nn.Module, x: Tensor, y: Tensor, spec: AttackSpec, t
                      generator: torch.Generator | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """Black-box Sparse-RS from a random start (:func:`random_search`); checked like sparse."""
     _check_target(y, target)
-    n, _, h, w = x.shape
-    spec = spec.resolved(w)
-    if not 1 <= spec.k <= h * w:
-        raise FastablateError(f"sparse-rs attack: k = {spec.k} pixels is not in 1..{h * w}")
+    spec = _sparse_spec(spec, x)
     best, queries = random_search(model, x, y, spec.k, max(1, spec.queries), target, generator)
-    changed = (best != x).any(1).flatten(1).sum(1)
-    if (changed > spec.k).any() or best.min() < 0 or best.max() > 1:
-        raise RuntimeError(f"sparse-rs attack broke its budget: {int(changed.max())} pixels changed, k = {spec.k}")
-    return best, torch.zeros_like(queries), queries
+    return _within_budget(best, x, spec), torch.zeros_like(queries), queries
 
 
 MOMENTUM = 0.9  # sparse: weight of the past in the pixel score

@@ -147,7 +147,7 @@ def paths_finding(doc: dict, figures: Path) -> Finding:
                    [figures / "paths.png"])
 
 
-def features_finding(doc: dict, figures: Path, directory: Path) -> Finding:
+def features_finding(doc: dict, figures: Path) -> Finding:
     rows = []
     for m in _models(doc):
         for layer, s in m["stats"].items():
@@ -159,7 +159,7 @@ def features_finding(doc: dict, figures: Path, directory: Path) -> Finding:
         f"{k}: {v}" for k, v in dead.items()) + "."
     from fastablate.engines.protocol import slug
 
-    figs = sorted(directory.glob("heatmaps-*.png"))[:2] + [directory / f"channels-{slug(doc['layers'][-1])}.png"]
+    figs = sorted(figures.glob("heatmaps-*.png"))[:2] + [figures / f"channels-{slug(doc['layers'][-1])}.png"]
     return Finding("Feature maps: where do the layers look?", verdict, "measured", rows, figs)
 
 
@@ -180,7 +180,7 @@ def findings(out: Path, parts: dict) -> list[Finding]:
     if doc("paths"):
         out_list.append(paths_finding(doc("paths"), out / "paths" / "plots"))
     if doc("features"):
-        out_list.append(features_finding(doc("features"), out / "features" / "plots", out / "features" / "plots"))
+        out_list.append(features_finding(doc("features"), out / "features" / "plots"))
     for f in out_list:
         f.figures = [p for p in f.figures if p.is_file()]
     return out_list
@@ -192,10 +192,15 @@ def _fmt(v) -> str:
     return "" if v is None else str(v)
 
 
+def _columns(rows: list[dict]) -> list[str]:
+    """Every key of the rows, in order of first appearance."""
+    return list(dict.fromkeys(k for r in rows for k in r))
+
+
 def _md_table(rows: list[dict]) -> str:
     if not rows:
         return ""
-    cols = list(dict.fromkeys(k for r in rows for k in r))
+    cols = _columns(rows)
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     lines += ["| " + " | ".join(_fmt(r.get(c)) for c in cols) + " |" for r in rows]
     return "\n".join(lines)
@@ -246,7 +251,7 @@ img{max-width:100%;margin:.4em 0;border:1px solid #eee}h2{margin-top:1.6em}"""
 def _html_table(rows: list[dict]) -> str:
     if not rows:
         return ""
-    cols = list(dict.fromkeys(k for r in rows for k in r))
+    cols = _columns(rows)
     head = "".join(f"<th>{html.escape(c)}</th>" for c in cols)
     body = "".join("<tr>" + "".join(f"<td>{html.escape(_fmt(r.get(c)))}</td>" for c in cols) + "</tr>" for r in rows)
     return f"<table><tr>{head}</tr>{body}</table>"

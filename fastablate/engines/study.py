@@ -140,6 +140,7 @@ def run_full_study(setup: Setup, spec: StudySpec, echo=print) -> tuple[Path, dic
                 checkpoints.append(str(out / p.name / "model.pt"))
         first, others = checkpoints[0], tuple(checkpoints[1:])
         study_setup = replace(base, model=None, weights=first, compare=others, limit=spec.eval_limit, split="test")
+        views = [(c, _view(c)) for c in checkpoints]  # None for a file the parts' own loading will reject
 
         def part(name: str, study: str, part_spec: Spec, **changes):
             parts[name] = _run_part(Part(name, study), replace(study_setup, out=str(out / name), **changes),
@@ -148,7 +149,7 @@ def run_full_study(setup: Setup, spec: StudySpec, echo=print) -> tuple[Path, dic
         if "eval" in parts_wanted:
             part("eval", "evaluate", EvaluateSpec())
         if "lesion" in parts_wanted:
-            plans = ("all-single", "k-random") + (("reorder",) if all(map(_reorderable, checkpoints)) else ())
+            plans = ("all-single", "k-random") + (("reorder",) if all(_reorderable(v) for _, v in views) else ())
             if "reorder" not in plans:
                 note("study: a model has no two units of the same shape; the lesion part leaves reorder out")
             part("lesion", "lesion", LesionSpec(plans=plans, samples=spec.samples))
@@ -156,12 +157,11 @@ def run_full_study(setup: Setup, spec: StudySpec, echo=print) -> tuple[Path, dic
             part("noise", "noise", NoiseSpec(layers=(1, 2, 3), sigma=spec.noise_sigma, relative=True,
                                              trials=spec.trials, input_severities=(1, 3, 5)))
         if "attack" in parts_wanted:
-            part("attack-sparse", "attack", AttackSpec(attack="sparse", pixels=spec.pixels, queries=spec.queries,
-                                                               save_examples=True),
-                 limit=spec.attack_limit)
+            sparse = AttackSpec(attack="sparse", pixels=spec.pixels, queries=spec.queries, save_examples=True)
+            part("attack-sparse", "attack", sparse, limit=spec.attack_limit)
             part("attack-noise", "attack", AttackSpec(attack="noise"), limit=spec.attack_limit)
         if "paths" in parts_wanted:
-            residual = [c for c in checkpoints if _has_residual_units(c)]
+            residual = [c for c, v in views if v is not None and v.residual()]
             if residual:
                 part("paths", "paths", PathsSpec(samples=2 * spec.samples), weights=residual[0],
                      compare=tuple(residual[1:]), split="train", limit=setup.limit)
@@ -204,13 +204,7 @@ def _view(checkpoint: str):
         return None  # a foreign file: the parts' own loading says what is wrong with it
 
 
-def _has_residual_units(checkpoint: str) -> bool:
-    view = _view(checkpoint)
-    return view is not None and bool(view.residual())
-
-
-def _reorderable(checkpoint: str) -> bool:
+def _reorderable(view) -> bool:
     from fastablate.engines.lesion import swappable_groups
 
-    view = _view(checkpoint)
     return view is not None and bool(swappable_groups(view))
