@@ -4,7 +4,8 @@ from __future__ import annotations
 from contextlib import contextmanager
 from typing import Iterator
 
-from torch import nn
+import torch
+from torch import Tensor, nn
 
 
 @contextmanager
@@ -23,3 +24,39 @@ def eval_mode(model: nn.Module, *, frozen: bool = False) -> Iterator[nn.Module]:
         for p, req in grads:
             p.requires_grad_(req)
         model.train(was_training)
+
+
+@contextmanager
+def affine_batchnorm(model: nn.Module) -> Iterator[nn.Module]:
+    """Every eval-mode BatchNorm of ``model`` computed as the per-channel affine map it is
+    (``x * scale + shift`` from its running statistics) for the block: the same values, but
+    its vector-Jacobian product is one multiply, which ``torch.func.vmap`` batches as it is
+    (the batch rule of ``native_batch_norm_backward`` copies, and costs a third of a stacked
+    backward pass). Modules in training mode or without running statistics are left as they
+    are. Restored afterwards, also on error."""
+    from torch.nn.modules.batchnorm import _BatchNorm
+
+    patched = []
+    for m in model.modules():
+        if isinstance(m, _BatchNorm) and not m.training and m.running_var is not None and "forward" not in vars(m):
+            with torch.no_grad():
+                scale = torch.rsqrt(m.running_var + m.eps)
+                if m.weight is not None:
+                    scale = scale * m.weight
+                shift = -m.running_mean * scale
+                if m.bias is not None:
+                    shift = shift + m.bias
+            m.forward = _affine(scale, shift)
+            patched.append(m)
+    try:
+        yield model
+    finally:
+        for m in patched:
+            del m.forward
+
+
+def _affine(scale: Tensor, shift: Tensor):
+    def forward(x: Tensor) -> Tensor:
+        shape = (-1,) + (1,) * (x.dim() - 2)  # channels on dim 1: (N, C), (N, C, L), (N, C, H, W), ...
+        return torch.addcmul(shift.view(shape), x, scale.view(shape))
+    return forward

@@ -13,6 +13,7 @@ from fastablate.cli import cli
 from fastablate.engines.paths import (PathsResult, distribution, effective_range, naive_gradients,
                                       shared_gradients)
 from fastablate.models import build_model, save_checkpoint
+from fastablate.modes import affine_batchnorm
 from fastablate.units import units
 
 
@@ -35,11 +36,34 @@ def test_shared_gradients_equal_the_masked_networks(name, device):
     sets += [sets[3], sets[3] ^ {0}, sets[3] ^ {1}]
     x = torch.rand(3, 3, 32, 32, device=device)
     y = torch.randint(0, 10, (3,), device=device)
-    shared = shared_gradients(view, x, y, sets)
     naive = naive_gradients(view, x, y, sets)
+    shared = shared_gradients(view, x, y, sets)
     torch.testing.assert_close(shared, naive, rtol=1e-5, atol=1e-8)
+    with affine_batchnorm(model):  # as the study runs it
+        torch.testing.assert_close(shared_gradients(view, x, y, sets), naive, rtol=1e-5, atol=1e-7)
+    # Few sets: units no set takes, and units every set takes.
+    few = [frozenset(), frozenset({0, n - 1})]
+    torch.testing.assert_close(shared_gradients(view, x, y, few), naive_gradients(view, x, y, few), rtol=1e-5,
+                               atol=1e-8)
     # The routes matter: the all-shortcut path and the all-residual path differ.
     assert not torch.allclose(shared[0], shared[5]) and shared[3] == shared[6]
+
+
+def test_affine_batchnorm_computes_the_same_and_restores():
+    torch.manual_seed(0)
+    model = randomize_bn(build_model("resnet20"))
+    model.net.bn1.train()  # a BatchNorm in training mode keeps its batch statistics
+    x = torch.rand(4, 3, 32, 32)
+    with torch.no_grad():
+        want = model(x)
+        with affine_batchnorm(model):
+            assert "forward" in vars(model.net.layer1[0].bn1) and "forward" not in vars(model.net.bn1)
+            got = model(x)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert not any("forward" in vars(m) for m in model.modules())
+    with pytest.raises(RuntimeError), affine_batchnorm(model):
+        raise RuntimeError("restored on error too")
+    assert not any("forward" in vars(m) for m in model.modules())
 
 
 def test_effective_range_and_contribution():
@@ -63,7 +87,7 @@ def checkpoints(tmp_path_factory):
     return d
 
 
-SYN = ["--dataset", "synthetic", "--limit", "40", "--batch-size", "32", "--device", "cpu"]
+SYN = ["--dataset", "synthetic", "--limit", "40", "--sets", "8", "--device", "cpu"]
 
 
 def test_cli_paths_with_compare(checkpoints, tmp_path):
@@ -96,9 +120,11 @@ def test_cli_paths_with_compare(checkpoints, tmp_path):
                                                          "must be in 0..3, got 4"),
     (["--weights", "{ck}/resnet8.pt", "--lengths", "-1"], "--lengths '-1': item -1 must be >= 0"),
     (["--weights", "{ck}/resnet8.pt", "--share", "1"], "--share '1': must be in (0, 1)"),
+    (["--weights", "{ck}/resnet8.pt", "--sets", "0"], "--sets '0': must be in [1, 65536]"),
+    (["--weights", "{ck}/resnet8.pt", "--batch-size", "64"], "No such option '--batch-size'"),
 ])
 def test_cli_bad_paths_input(args, message, checkpoints, tmp_path):
     args = [a.format(ck=checkpoints) for a in args]
-    r = CliRunner().invoke(cli, ["paths", *args, *SYN, "--out", str(tmp_path / "o")])
+    r = CliRunner().invoke(cli, ["paths", *SYN, *args, "--out", str(tmp_path / "o")])
     assert r.exit_code == 2 and r.stderr.strip().startswith(f"Error: {message}"), r.stderr
     assert len(r.stderr.strip().splitlines()) == 1 and not (tmp_path / "o").exists()

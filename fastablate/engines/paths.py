@@ -32,7 +32,7 @@ from fastablate.engines import distributed as dist
 from fastablate.engines.protocol import Runtime, Study, hash_seed, model_name, progress, table
 from fastablate.engines.spec import Float, Int, List, Spec, option
 from fastablate.errors import FastablateError
-from fastablate.modes import eval_mode
+from fastablate.modes import affine_batchnorm, eval_mode
 from fastablate.plots import pyplot, save
 from fastablate.units import UnitView, units
 
@@ -42,8 +42,10 @@ class PathsSpec(Spec):
     samples: int = option(100, "Random unit sets per path length.", type=Int(min=1, max=1_000_000))
     lengths: Optional[tuple[int, ...]] = option(None, "Path lengths k to measure [default: 1..n].",
                                                 type=List(Int(min=0)))
-    images: int = option(8, "Training images per pass: the unit sets of a pass (batch size / images of them) share "
-                            "them, each pass draws its own.", type=Int(min=1, max=4096))
+    images: int = option(8, "Training images per pass: the unit sets of a pass share them, each pass draws its own.",
+                         type=Int(min=1, max=4096))
+    sets: int = option(64, "Unit sets stacked in one pass: they share its images and its forward pass; the backward "
+                           "pass holds sets x images rows.", type=Int(min=1, max=65536))
     share: float = option(0.9, "Share of the total gradient contribution the effective range holds.",
                           type=Float(0, 1, min_open=True, max_open=True))
 
@@ -72,15 +74,21 @@ def shared_gradients(view: UnitView, x: Tensor, y: Tensor, sets: Sequence[frozen
     The forward pass does not depend on the path, so it runs once, keeping each branch's
     vector-Jacobian product; backward, the M gradients are stacked and each unit routes each
     row through its residual branch or its shortcut only (``torch.func.vmap`` over the
-    branch's VJP, so a branch the row does not take costs nothing). Samples whose sets agree
-    on every unit above the current one carry the same gradient there and share one row.
+    branch's VJP, so a branch the row does not take costs nothing; across an identity
+    shortcut a row stays where it is, uncopied). Samples whose sets agree on every unit above
+    the current one carry the same gradient there and share one row.
+    Run it under :func:`fastablate.modes.affine_batchnorm` (as the paths study does): the
+    same numbers, and eval-mode BatchNorm's VJP then batches without copies.
     """
-    from torch.func import vjp, vmap
+    from torch.func import vjp
 
     h, vjp_stem = vjp(view.stem, x.detach())
     saved = []
     for u in view.units:
-        sc, vjp_sc = vjp(u.parts.shortcut, h)
+        if isinstance(u.parts.shortcut, nn.Identity):
+            sc, vjp_sc = h, None  # the gradient passes unchanged
+        else:
+            sc, vjp_sc = vjp(u.parts.shortcut, h)
         res, vjp_res = vjp(u.parts.residual, h)
         z = sc + res
         relu = u.parts.post_kind == "relu"
@@ -95,19 +103,41 @@ def shared_gradients(view: UnitView, x: Tensor, y: Tensor, sets: Sequence[frozen
     for j in reversed(range(len(view.units))):
         vjp_sc, vjp_res, positive = saved[j]
         if positive is not None:
-            g = g * positive
-        keys, row = torch.unique(row * 2 + member[j].long(), return_inverse=True)
-        source, via = keys // 2, (keys % 2).bool()
-        out = None
-        for rows, fn in ((via.nonzero().squeeze(1), vjp_res), ((~via).nonzero().squeeze(1), vjp_sc)):
-            if rows.numel():
-                part = vmap(lambda t, fn=fn: fn(t)[0])(g[source[rows].to(g.device)])
-                if out is None:
-                    out = part.new_empty((len(keys), *part.shape[1:]))
-                out[rows.to(g.device)] = part
-        g = out
-    g = vmap(lambda t: vjp_stem(t)[0])(g)
+            g.mul_(positive)  # g is always this function's own tensor
+        takes = member[j]
+        res, sc = row[takes].unique(), row[~takes].unique()  # the rows some sample routes each way
+        if vjp_sc is None and not res.numel():
+            continue  # no sample takes the branch: the identity shortcut passes every row unchanged
+        if vjp_sc is None:
+            # Identity shortcut: a row no sample routes through the branch stays where it is; a row
+            # all its samples route through it is replaced; a row split between the two gets a new
+            # row for its samples that take the branch.
+            split = torch.isin(res, sc)
+            both = bool(split.any())
+            out = _through(vjp_res, g if len(res) == len(g) else g[res.to(g.device)])
+            if both:  # the samples of split rows that take the branch move to the new rows
+                where = torch.full((len(g),), -1, dtype=torch.long)
+                where[res[split]] = torch.arange(len(g), len(g) + int(split.sum()))
+                moved = takes & (where[row] >= 0)
+                row[moved] = where[row[moved]]
+                g.index_copy_(0, res[~split].to(g.device), out[(~split).to(g.device)])
+                g = torch.cat([g, out[split.to(g.device)]])
+            else:
+                g = out if len(res) == len(g) else g.index_copy_(0, res.to(g.device), out)
+        else:
+            # Projection shortcut: the gradient changes shape; the rows through the branch first.
+            parts = [_through(fn, g[rows.to(g.device)]) for rows, fn in ((res, vjp_res), (sc, vjp_sc)) if rows.numel()]
+            g = torch.cat(parts)
+            row = torch.where(takes, torch.searchsorted(res, row), len(res) + torch.searchsorted(sc, row))
+    g = _through(vjp_stem, g)
     return g.flatten(2).norm(dim=2).mean(1)[row.to(g.device)]
+
+
+def _through(fn, g: Tensor) -> Tensor:
+    """The vector-Jacobian product ``fn`` of one forward pass applied to each row of ``g``."""
+    from torch.func import vmap
+
+    return vmap(lambda t: fn(t)[0])(g)
 
 
 def naive_gradients(view: UnitView, x: Tensor, y: Tensor, sets: Sequence[frozenset[int]]) -> Tensor:
@@ -197,11 +227,10 @@ def run_paths(model: nn.Module, ds: ImageSet, spec: PathsSpec, runtime: Runtime)
     rng = random.Random(f"{runtime.seed}:paths")
     work = [(k, frozenset(rng.sample(range(n), k))) for k in lengths for _ in range(spec.samples)]
     rng.shuffle(work)  # a pass mixes lengths, so each length's samples see many draws of images
-    per_pass = max(1, runtime.batch_size // spec.images)  # samples stacked in one pass (they share its images)
-    chunks = [work[i:i + per_pass] for i in range(0, len(work), per_pass)]
+    chunks = [work[i:i + spec.sets] for i in range(0, len(work), spec.sets)]
     mine = [(c, chunk) for c, chunk in enumerate(chunks) if dist.mine(c)]
     measured = []  # (chunk index, [norm of each sample])
-    with eval_mode(model, frozen=True):
+    with eval_mode(model, frozen=True), affine_batchnorm(model):
         for c, chunk in progress(mine, desc=f"paths {name}", enabled=runtime.progress):
             gen = torch.Generator().manual_seed(hash_seed(runtime.seed, "paths", c))  # the pass's own images
             idx = torch.randint(0, len(ds), (spec.images,), generator=gen)
@@ -251,6 +280,7 @@ class PathsStudy(Study):
     name = "paths"
     command = "paths"
     spec_class = PathsSpec
+    setup_excludes = ("batch_size",)  # --sets x --images rows per pass
 
     def load_data(self, setup, spec, runtime):
         from dataclasses import replace

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Optional
 
 from fastablate.engines.common import Setup
-from fastablate.engines.spec import Choice, Float, Int, List, Spec, Text, option
+from fastablate.engines.spec import Choice, Float, Int, List, Spec, Text, option, spec_options
 from fastablate.errors import FastablateError, note
 from fastablate.results import RunDir, default_out, jsonable
 
@@ -86,6 +86,7 @@ def _run_part(part: Part, setup: Setup, spec: Spec, echo) -> Part:
     from fastablate.engines.runner import run_study
 
     study = get_study(part.study)
+    setup = replace(setup, **{n: d for n, _, d in spec_options(Setup) if n in study.setup_excludes})
     config = {"study": study.name, **{k: v for k, v in setup.to_dict().items() if k not in study.setup_excludes},
               **spec.to_dict()}
     part.path = Path(setup.out)
