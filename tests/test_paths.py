@@ -100,6 +100,7 @@ def test_cli_paths_with_compare(checkpoints, tmp_path):
     assert res["n"] == 6 and [d["paths"] for d in res["distribution"]] == [math.comb(6, k) for k in range(7)]
     assert [g["length"] for g in res["gradient"]] == list(range(1, 7)) and all(g["samples"] == 6
                                                                                   for g in res["gradient"])
+    assert all(g["q25"] <= g["median"] <= g["q75"] and g["q25"] > 0 for g in res["gradient"])
     assert set(res["effective"]) >= {"lo", "hi", "share", "paths_fraction", "mean_effective_length"}
     assert res["compare"]["n"] == 3 and "norm" in res and "loss" in res
     assert (out / "plots" / "paths.png").stat().st_size > 5000

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 import random
+import statistics
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -174,7 +175,7 @@ def effective_range(shares: Sequence[float], share: float) -> tuple[int, int, fl
 class PathsResult:
     model: str
     units: list[str]
-    gradient: list[dict]  # length, mean, std, samples
+    gradient: list[dict]  # length, mean, std, samples, q25, median, q75
     share: float
     seconds: float
     n_images: int
@@ -245,7 +246,9 @@ def run_paths(model: nn.Module, ds: ImageSet, spec: PathsSpec, runtime: Runtime)
         vals = norms[k]
         mean = sum(vals) / len(vals)
         std = math.sqrt(sum((v - mean) ** 2 for v in vals) / (len(vals) - 1)) if len(vals) > 1 else None
-        gradient.append({"length": k, "mean": mean, "std": std, "samples": len(vals)})
+        q25, median, q75 = statistics.quantiles(vals, n=4, method="inclusive") if len(vals) > 1 else vals * 3
+        gradient.append({"length": k, "mean": mean, "std": std, "samples": len(vals), "q25": q25, "median": median,
+                         "q75": q75})
     return PathsResult(name, view.names(), gradient, spec.share, time.perf_counter() - start, spec.images)
 
 
@@ -259,8 +262,9 @@ def plot_paths(results: Sequence[PathsResult], path: Path) -> Path:
         a.plot([d["length"] for d in r.distribution], [d["fraction"] for d in r.distribution], "o-", ms=3, color=col,
                label=f"{r.model} (n={len(r.units)})")
         ks = [g["length"] for g in r.gradient]
-        b.errorbar(ks, [g["mean"] for g in r.gradient], yerr=[g["std"] or 0 for g in r.gradient], fmt="o-", ms=3,
-                   capsize=2, color=col, label=r.model)
+        b.plot(ks, [g["mean"] for g in r.gradient], "o-", ms=3, color=col, label=f"{r.model}: mean")
+        b.fill_between(ks, [g["q25"] for g in r.gradient], [g["q75"] for g in r.gradient], color=col, alpha=0.2,
+                       lw=0, label=f"{r.model}: 25-75% of the sets")
         c.plot([x["length"] for x in r.contribution], [x["share"] for x in r.contribution], "o-", ms=3, color=col,
                label=f"{r.model}: effective {r.effective['lo']}-{r.effective['hi']}")
         c.axvspan(r.effective["lo"], r.effective["hi"], color=col, alpha=0.12)
@@ -311,7 +315,7 @@ class PathsStudy(Study):
         for r in results:
             e = r.effective
             out.append(table([{"length": g["length"], "paths": f"{math.comb(len(r.units), g['length']):.3g}",
-                               "gradient": g["mean"], "contribution": next(c["share"] for c in r.contribution
+                               "gradient": f"{g['mean']:.3g}", "contribution": next(c["share"] for c in r.contribution
                                                                           if c["length"] == g["length"])}
                               for g in r.gradient]))
             out.append(f"{r.model}: {len(r.units)} residual units, 2^{len(r.units)} paths; effective paths "
