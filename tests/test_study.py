@@ -71,6 +71,14 @@ def test_rerun_reuses_finished_parts(study, tmp_path):
     assert "noise" not in r.output.split("## ")[0]  # --only: the other parts are not run
 
 
+def test_shared_options_a_part_does_not_take(study):
+    out, _ = study
+    # paths stacks --sets, not batches: a study's --batch-size does not reach it (nor change its run).
+    r = CliRunner().invoke(cli, ["study", *TINY, "--out", str(out), "--only", "paths", "--batch-size", "16"])
+    assert r.exit_code == 0, r.output
+    assert "paths: finished already, reused" in r.output
+
+
 @pytest.mark.parametrize("args, message", [
     (["--only", "lesion", "--skip", "noise"], "--only and --skip both choose the parts"),
     (["--only", "bogus"], "--only 'bogus': item bogus is not one of: train, eval"),
