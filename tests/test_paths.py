@@ -113,6 +113,14 @@ def test_cli_paths_with_compare(checkpoints, tmp_path):
                              "--images", "4", "--lengths", "0,3", "--out", str(tmp_path / "b")])
     a, b = (json.loads((tmp_path / d / "results.json").read_text())["gradient"] for d in "ab")
     assert a == b and [g["length"] for g in a] == [0, 3]
+    # A pass too large for --max-memory runs its sets in groups on the same images: the same numbers.
+    r = CliRunner().invoke(cli, ["paths", "--weights", str(checkpoints / "resnet14.pt"), *SYN, "--samples", "6",
+                                 "--images", "4", "--lengths", "0,3", "--max-memory", "100K", "--out",
+                                 str(tmp_path / "c")])
+    assert r.exit_code == 0 and "8 sets x 4 images of resnet14 need about" in r.stderr, r.output
+    c = json.loads((tmp_path / "c" / "results.json").read_text())["gradient"]
+    for g, h in zip(a, c):
+        assert g["samples"] == h["samples"] and math.isclose(g["mean"], h["mean"], rel_tol=1e-5)
 
 
 @pytest.mark.parametrize("args, message", [
@@ -122,6 +130,7 @@ def test_cli_paths_with_compare(checkpoints, tmp_path):
     (["--weights", "{ck}/resnet8.pt", "--lengths", "-1"], "--lengths '-1': item -1 must be >= 0"),
     (["--weights", "{ck}/resnet8.pt", "--share", "1"], "--share '1': must be in (0, 1)"),
     (["--weights", "{ck}/resnet8.pt", "--sets", "0"], "--sets '0': must be in [1, 65536]"),
+    (["--weights", "{ck}/resnet8.pt", "--max-memory", "lots"], "--max-memory 'lots'"),
     (["--weights", "{ck}/resnet8.pt", "--batch-size", "64"], "No such option '--batch-size'"),
 ])
 def test_cli_bad_paths_input(args, message, checkpoints, tmp_path):

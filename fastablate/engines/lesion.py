@@ -28,7 +28,7 @@ from torch import Tensor, nn
 
 from fastablate.data import ImageSet
 from fastablate.engines.distributed import all_sum
-from fastablate.engines.protocol import Runtime, Study, model_name, my_batches, table
+from fastablate.engines.protocol import Runtime, Study, default_max_memory, model_name, my_batches, table
 from fastablate.engines.spec import Int, List, Size, Spec, Value, option
 from fastablate.errors import FastablateError
 from fastablate.modes import eval_mode
@@ -165,19 +165,6 @@ def build_variants(view: UnitView, plans: Sequence[str], *, ks: Sequence[int] | 
 
 
 # --- the executor ---------------------------------------------------------------------------
-def default_max_memory(device: torch.device) -> int:
-    """Bytes of activations one chunk of variants may hold: half the free GPU memory, or a
-    quarter of the available RAM (at most 8 GiB)."""
-    if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0] // 2
-    try:
-        with open("/proc/meminfo") as f:
-            avail = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable"))
-    except (OSError, StopIteration):
-        avail = 8 << 30
-    return min(avail // 4, 8 << 30)
-
-
 def _rows(t: Tensor, groups: Sequence[int], batch: int) -> Tensor:
     """The stacked states of ``groups`` (each ``batch`` rows) of ``t``; a view when they are consecutive."""
     groups = list(groups)

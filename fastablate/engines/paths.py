@@ -30,9 +30,10 @@ from torch import Tensor, nn
 
 from fastablate.data import ImageSet
 from fastablate.engines import distributed as dist
-from fastablate.engines.protocol import Runtime, Study, hash_seed, model_name, progress, table
-from fastablate.engines.spec import Float, Int, List, Spec, option
-from fastablate.errors import FastablateError
+from fastablate.engines.protocol import (Runtime, Study, default_max_memory, hash_seed, model_name, progress,
+                                         table)
+from fastablate.engines.spec import Float, Int, List, Size, Spec, option
+from fastablate.errors import FastablateError, note
 from fastablate.modes import affine_batchnorm, eval_mode
 from fastablate.plots import pyplot, save
 from fastablate.units import UnitView, units
@@ -47,6 +48,9 @@ class PathsSpec(Spec):
                          type=Int(min=1, max=4096))
     sets: int = option(64, "Unit sets stacked in one pass: they share its images and its forward pass; the backward "
                            "pass holds sets x images rows.", type=Int(min=1, max=65536))
+    max_memory: Optional[int] = option(None, "Gradient rows one backward pass may hold, e.g. 2G: the sets of a pass "
+                                             "run in groups that fit, on the same images, with the same results "
+                                             "[default: 1/4 of free RAM, 1/2 of free GPU].", type=Size())
     share: float = option(0.9, "Share of the total gradient contribution the effective range holds.",
                           type=Float(0, 1, min_open=True, max_open=True))
 
@@ -229,6 +233,7 @@ def run_paths(model: nn.Module, ds: ImageSet, spec: PathsSpec, runtime: Runtime)
     work = [(k, frozenset(rng.sample(range(n), k))) for k in lengths for _ in range(spec.samples)]
     rng.shuffle(work)  # a pass mixes lengths, so each length's samples see many draws of images
     chunks = [work[i:i + spec.sets] for i in range(0, len(work), spec.sets)]
+    group = sets_per_backward(view, spec, runtime.device, name)
     mine = [(c, chunk) for c, chunk in enumerate(chunks) if dist.mine(c)]
     measured = []  # (chunk index, [norm of each sample])
     with eval_mode(model, frozen=True), affine_batchnorm(model):
@@ -237,7 +242,9 @@ def run_paths(model: nn.Module, ds: ImageSet, spec: PathsSpec, runtime: Runtime)
             idx = torch.randint(0, len(ds), (spec.images,), generator=gen)
             x = ds.load(idx).to(runtime.device).float().div_(255)
             y = ds.labels[idx].to(runtime.device)
-            measured.append((c, shared_gradients(view, x, y, [s for _, s in chunk]).tolist()))
+            sets = [s for _, s in chunk]
+            measured.append((c, [v for i in range(0, len(sets), group)
+                                 for v in shared_gradients(view, x, y, sets[i:i + group]).tolist()]))
     norms: dict[int, list[float]] = {k: [] for k in lengths}
     for (k, _), v in zip(work, (v for part in dist.merge(measured) for v in part)):
         norms[k].append(v)
@@ -250,6 +257,20 @@ def run_paths(model: nn.Module, ds: ImageSet, spec: PathsSpec, runtime: Runtime)
         gradient.append({"length": k, "mean": mean, "std": std, "samples": len(vals), "q25": q25, "median": median,
                          "q75": q75})
     return PathsResult(name, view.names(), gradient, spec.share, time.perf_counter() - start, spec.images)
+
+
+def sets_per_backward(view: UnitView, spec: PathsSpec, device: torch.device, name: str) -> int:
+    """Sets of one pass that share a backward pass within ``--max-memory``: a stacked row holds
+    the largest unit output of one image, about four times over (the gradient, its gathered
+    rows, the branch's result and its intermediates); with a note when a pass must split."""
+    row = 4 * 4 * spec.images * max(math.prod(u.out_shape) for u in view.units)
+    limit = spec.max_memory or default_max_memory(device)
+    group = max(1, min(spec.sets, limit // row))
+    if group < spec.sets and dist.is_main():
+        note(f"paths: {spec.sets} sets x {spec.images} images of {name} need about {spec.sets * row / 2**30:.2f} GiB "
+             f"per backward pass, over the {limit / 2**30:.2f} GiB allowed (--max-memory): {group} sets per backward "
+             "pass, on the same images, with the same results")
+    return group
 
 
 def plot_paths(results: Sequence[PathsResult], path: Path) -> Path:

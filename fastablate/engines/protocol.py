@@ -134,6 +134,19 @@ def slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-")
 
 
+def default_max_memory(device: torch.device) -> int:
+    """Bytes of activations one stacked pass (a chunk of lesion variants, a group of path
+    sets) may hold: half the free GPU memory, or a quarter of the available RAM (at most 8 GiB)."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0] // 2
+    try:
+        with open("/proc/meminfo") as f:
+            avail = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable"))
+    except (OSError, StopIteration):
+        avail = 8 << 30
+    return min(avail // 4, 8 << 30)
+
+
 def table(rows: list[dict], columns: Sequence[str] | None = None) -> str:
     """A plain fixed-width table (floats with 4 decimals)."""
     if not rows:
