@@ -29,6 +29,13 @@ class Outcome:
     report: str  # what the terminal shows
 
 
+def run_config(study: Study, setup: Setup, spec: Spec) -> dict:
+    """What run.json records as a run's config: the study, the shared options it takes and its
+    own (a finished run with the same config is the same run)."""
+    return {"study": study.name, **{k: v for k, v in setup.to_dict().items() if k not in study.setup_excludes},
+            **spec.to_dict()}
+
+
 def run_study(study: Study, setup: Setup, spec: Spec, *, progress: bool = False) -> Outcome:
     """Run ``study`` as the CLI does and write its run directory (``setup.out``, default
     ``runs/<command>-<timestamp>``)."""
@@ -52,8 +59,7 @@ def run_study(study: Study, setup: Setup, spec: Spec, *, progress: bool = False)
                               f"{len(data)} images: use at most {len(data)} processes")
     models = study.load_models(setup, spec, data, runtime)
     study.check(models, data, spec)
-    config = {"study": study.name, **{k: v for k, v in setup.to_dict().items() if k not in study.setup_excludes},
-              **spec.to_dict()}
+    config = run_config(study, setup, spec)
     out = Path(dist.broadcast(str(setup.out or default_out(study.command))))  # one folder, named by process 0
     run = RunDir(out, study.command, config, device=str(runtime.device), seed=setup.seed,
                  info={**study.run_info(models, data, spec), **({"world_size": world} if world > 1 else {})})

@@ -83,12 +83,11 @@ def _complete(path: Path, config: dict) -> dict | None:
 
 def _run_part(part: Part, setup: Setup, spec: Spec, echo) -> Part:
     from fastablate.engines import get_study
-    from fastablate.engines.runner import run_study
+    from fastablate.engines.runner import run_config, run_study
 
     study = get_study(part.study)
     setup = replace(setup, **{n: d for n, _, d in spec_options(Setup) if n in study.setup_excludes})
-    config = {"study": study.name, **{k: v for k, v in setup.to_dict().items() if k not in study.setup_excludes},
-              **spec.to_dict()}
+    config = run_config(study, setup, spec)
     part.path = Path(setup.out)
     done = _complete(part.path, config)
     if done is not None:
