@@ -252,7 +252,7 @@ def run_paths(model: nn.Module, ds: ImageSet, spec: PathsSpec, runtime: Runtime)
     for k in lengths:
         vals = norms[k]
         mean = sum(vals) / len(vals)
-        std = math.sqrt(sum((v - mean) ** 2 for v in vals) / (len(vals) - 1)) if len(vals) > 1 else None
+        std = statistics.stdev(vals, mean) if len(vals) > 1 else None
         q25, median, q75 = statistics.quantiles(vals, n=4, method="inclusive") if len(vals) > 1 else vals * 3
         gradient.append({"length": k, "mean": mean, "std": std, "samples": len(vals), "q25": q25, "median": median,
                          "q75": q75})
