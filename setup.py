@@ -65,7 +65,9 @@ def extensions():
     # -fno-math-errno: sqrtf must not set errno, or the noise kernel's loops do not vectorize.
     # -fopenmp: at::parallel_for is inline; without it the kernels run on one thread. The
     # extension then loads torch's own libgomp (same soname), so torch.set_num_threads applies.
-    cxx = opt + ["-fno-math-errno", "-fopenmp"]
+    # -ffp-contract=off: a*b+c is never fused into an FMA, whatever the compiler or -march a user
+    # builds with, so the kernels round as the references do (CUDA: --fmad=false, same reason).
+    cxx = opt + ["-fno-math-errno", "-ffp-contract=off", "-fopenmp"]
     link = ["-fopenmp"]
     use_cuda = _want_cuda()
     print(f"fastablate: building CPU kernels; CUDA kernels: {'yes' if use_cuda else 'no'}"
@@ -80,7 +82,7 @@ def extensions():
         os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0"
     print(f"fastablate: TORCH_CUDA_ARCH_LIST={os.environ.get('TORCH_CUDA_ARCH_LIST', '(detected)')}")
     sources += sorted(glob.glob("csrc/cuda/*.cu"))
-    nvcc = opt + ["-lineinfo"]
+    nvcc = opt + ["-lineinfo", "--fmad=false"]
     return [cpp_extension.CUDAExtension(
         "fastablate._C", sources, include_dirs=[os.path.abspath("csrc")] + _wheel_cuda_includes(),
         extra_compile_args={"cxx": cxx, "nvcc": nvcc}, extra_link_args=link)]

@@ -129,9 +129,12 @@ def models(layers_of, image_size):
         click.echo(table([{"layer": n, "type": type(kinds[n]).__name__, "output": "x".join(map(str, shape))}
                           for n, shape in layer_shapes(model, image_size).items()]))
         return
+    import torch
+
     rows = []
     for name, spec in MODELS.items():
-        m = build_model(name, 10)
+        with torch.device("meta"):  # shapes and counts only: no memory, no initialization
+            m = build_model(name, 10)
         view = units(m)
         rows.append({"model": name, "family": spec.family, "params": f"{count_parameters(m) / 1e6:.2f}M",
                      "units": len(view.units), "lesionable": len(view.lesionable()), "description": spec.description})

@@ -26,9 +26,10 @@ def click_option(opt, default) -> click.Option:
                         metavar=opt.metavar or opt.type.metavar, help=opt.help + shown)
 
 
-def spec_fields(specs, skip=()) -> tuple[dict[str, tuple[type, str, Any]], list[click.Parameter]]:
+def spec_fields(specs, skip=(), defaults=None) -> tuple[dict[str, tuple[type, str, Any]], list[click.Parameter]]:
     """(parameter name -> (spec class, field, Option), click options) of the option fields of
-    ``specs`` (``skip``: (spec class, field) pairs left out)."""
+    ``specs`` (``skip``: (spec class, field) pairs left out; ``defaults``: (spec class, field) ->
+    the default a command's help shows instead of the field's)."""
     from fastablate.engines.spec import spec_options
 
     fields: dict[str, tuple[type, str, Any]] = {}
@@ -41,7 +42,7 @@ def spec_fields(specs, skip=()) -> tuple[dict[str, tuple[type, str, Any]], list[
                 raise RuntimeError(f"option {opt.flag} is declared twice ({fields[opt.key][0].__name__}, "
                                    f"{cls.__name__})")
             fields[opt.key] = (cls, name, opt)
-            params.append(click_option(opt, default))
+            params.append(click_option(opt, (defaults or {}).get((cls, name), default)))
     return fields, params
 
 
@@ -87,8 +88,10 @@ class StudyCommand(click.Command):
 
         self.studies = command_studies(command)
         excluded = set.intersection(*(set(s.setup_excludes) for s in self.studies))
+        shared_defaults = [s.setup_defaults for s in self.studies]
+        defaults = {(Setup, k): v for k, v in shared_defaults[0].items() if all(d.get(k) == v for d in shared_defaults)}
         self.fields, params = spec_fields([Setup] + [s.spec_class for s in self.studies],
-                                          skip={(Setup, n) for n in excluded})
+                                          skip={(Setup, n) for n in excluded}, defaults=defaults)
         params.append(click.Option(["--config"], type=click.Path(dir_okay=False), callback=load_config, is_eager=True,
                                    expose_value=False, help="YAML file of option values (keys: option names)."))
         helps = []

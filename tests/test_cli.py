@@ -38,11 +38,24 @@ def test_version_and_listings():
         assert f"cpu: {'kernel' if status[op]['cpu'] else 'reference'}" in line and "cuda: " in line
 
 
-def test_models_listing():
+def test_models_listing(monkeypatch):
+    # Counted from the architecture on the meta device: no weights are allocated or initialized.
+    import torch.nn.init
+    real = torch.nn.init.kaiming_normal_
+    monkeypatch.setattr(torch.nn.init, "kaiming_normal_",
+                        lambda t, *a, **k: real(t, *a, **k) if t.is_meta else pytest.fail("weights in memory"))
     r = run("models")
-    assert r.exit_code == 0
+    assert r.exit_code == 0, r.output
     line = next(ln for ln in r.output.splitlines() if ln.startswith("resnet20 "))
     assert "0.27M" in line and " 9 " in line
+    vgg = next(ln for ln in r.output.splitlines() if ln.startswith("vgg19 "))
+    assert "20.03M" in vgg and " 16 " in vgg and "resnet50 " in r.output
+
+
+def test_help_shows_each_command_s_own_defaults():
+    # paths measures on training images (Veit), so its --split defaults to train.
+    assert "Split to use. [default: train]" in " ".join(run("paths", "--help").output.split())
+    assert "Split to use. [default: test]" in " ".join(run("eval", "--help").output.split())
 
 
 @pytest.fixture(scope="module")

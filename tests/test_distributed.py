@@ -1,4 +1,5 @@
-"""torchrun: 2- and 3-process gloo jobs on the CPU give the single-process results exactly;
+"""torchrun: 2- and 3-process gloo jobs on the CPU give the single-process results (the same batches
+at the same thread count: the same bits; counts gathered and summed in batch order);
 training is deterministic for a seed and world size; bad input stops every process."""
 import json
 import os

@@ -15,6 +15,7 @@ from fastablate.models import build_model, save_checkpoint
 SYN = ["--dataset", "synthetic", "--limit", "40", "--batch-size", "20", "--device", "cpu"]
 
 
+@pytest.mark.numerics
 def test_mean_map_and_gradcam_follow_their_definitions():
     torch.manual_seed(0)
     model = randomize_bn(build_model("resnet8"))

@@ -9,14 +9,14 @@ import torchvision
 from click.testing import CliRunner
 from torch import nn
 
-from conftest import randomize_bn
+from conftest import assert_same_predictions, randomize_bn
 from fastablate.cli import cli
 from fastablate.engines.protocol import Runtime
 from fastablate.engines.lesion import (LesionExecutor, build_variants, kendall_tau, naive_logits, run_lesion,
                                        swappable_groups)
 from fastablate.errors import FastablateError
 from fastablate.data import build_dataset
-from fastablate.models import NormalizedModel, build_model, save_checkpoint
+from fastablate.models import NormalizedModel, build_model, load_model, save_checkpoint
 from fastablate.units import units
 
 
@@ -29,6 +29,7 @@ def _models():
     yield "vgg11", build_model("vgg11"), ["all-single", "k-random"]
 
 
+@pytest.mark.numerics
 @pytest.mark.parametrize("name, model, plans", list(_models()), ids=lambda v: v if isinstance(v, str) else "")
 def test_executor_equals_naive_loop(name, model, plans, device):
     model = randomize_bn(model).to(device)
@@ -44,7 +45,8 @@ def test_executor_equals_naive_loop(name, model, plans, device):
                             stack_rows=stack_rows, stack_bytes=stack_bytes)
         slot = {s: i for i, s in enumerate(ex.unique)}
         got = ex(x)[[slot[v.steps] for v in variants]]
-        assert torch.equal(got, ref), (name, max_memory, stack_rows, stack_bytes, (got - ref).abs().max())
+        # Stacked rows run at other batch sizes than the naive loop's: within float32's tolerance.
+        assert_same_predictions(got, ref, msg=f"{name} {max_memory} {stack_rows} {stack_bytes}")
     assert len(LesionExecutor(view, [v.steps for v in variants], batch_size=3, max_memory=1).chunks) == len(ex.unique)
 
 
@@ -131,21 +133,26 @@ def test_bad_plans(plans, kw, message):
         build_variants(units(build_model("plain20")), ["units:layer2.0"], model_name="plain20")
 
 
-def test_run_lesion_metrics_match_naive_logits():
-    torch.manual_seed(0)
-    model = randomize_bn(build_model("resnet8"))
-    ds = build_dataset("synthetic", None, "test", limit=50)
+@pytest.mark.numerics
+def test_run_lesion_metrics_match_naive_logits(trained_resnet8):
+    """Per-variant accuracies equal the naive loop's on a trained model and real-sized batches;
+    losses and confidences within float32's tolerance (DESIGN.md, Numerics)."""
+    model = load_model(trained_resnet8).eval()
+    ds = build_dataset("synthetic", None, "test", limit=256)
     view = units(model)
-    variants = build_variants(view, ["all-single", "k-random"], samples=2)
-    res = run_lesion(model, ds, variants, Runtime(batch_size=16), view=view, max_memory=1 << 30)
+    variants = build_variants(view, ["all-single", "k-random"], ks=[1, 2], samples=3)
+    res = run_lesion(model, ds, variants, Runtime(batch_size=64), view=view, max_memory=1 << 30)
     x = ds.load(torch.arange(len(ds))).float() / 255
     y = ds.labels
     logits = naive_logits(view, variants, x)
+    accuracies = set()
     for v, row in zip(variants, [res.intact] + res.variants):
         lg = logits[variants.index(v)]
-        assert row["accuracy"] == pytest.approx((lg.argmax(1) == y).double().mean().item(), abs=1e-12)
+        assert row["accuracy"] == (lg.argmax(1) == y).double().mean().item(), v.deleted
         assert row["loss"] == pytest.approx(nn.functional.cross_entropy(lg, y).item(), rel=1e-5)
         assert row["mean_confidence"] == pytest.approx(lg.softmax(1).max(1).values.mean().item(), rel=1e-5)
+        accuracies.add(row["accuracy"])
+    assert len(accuracies) > 3  # the variants differ: the comparison is not between constants
     assert res.variants[0]["delta"] == pytest.approx(res.variants[0]["accuracy"] - res.intact["accuracy"])
     assert res.unit_evaluations < res.naive_unit_evaluations
 

@@ -49,6 +49,7 @@ def _logits(model, x, injector, batch):
     return torch.cat(out)
 
 
+@pytest.mark.numerics
 def test_kernel_and_reference_hooks_agree_and_noise_is_batch_size_invariant(device):
     model = _model().to(device)
     x = torch.rand(24, 3, 32, 32, device=device)
@@ -94,6 +95,7 @@ def test_runs_reproduce_from_seed_and_differ_across_seeds(ds, trained):
     assert a == b and a != c
 
 
+@pytest.mark.numerics
 def test_kernel_and_reference_grids_agree(ds, trained):
     model = trained
     spec = NoiseSpec(layers=[1, 2], sigma=[0.5, 2.0], trials=2, relative=True)

@@ -9,6 +9,8 @@ from conftest import call_fake, run_without_extension
 from fastablate import _ext
 from fastablate.ops import BlockSkip, reference, block_skip
 
+pytestmark = pytest.mark.numerics  # rerun by .ci/run under another CPU code path
+
 needs_kernel = pytest.mark.skipif(not _ext.loaded, reason=f"extension not loaded: {_ext.load_error()}")
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 

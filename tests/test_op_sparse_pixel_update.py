@@ -1,4 +1,10 @@
-"""sparse_pixel_update: exact agreement with the reference, the L0 budget, bounds, bad input."""
+"""sparse_pixel_update: agreement with the reference, the L0 budget, bounds, bad input.
+
+What is exact and what is not (DESIGN.md, Numerics): the chosen pixels, and the outputs of the
+sign step, are exact by construction (saliency is a sum of |g| over channels in one order on both
+sides; x + step * sign(g) and the clamp round once). The L2 step divides by the norm of the chosen
+gradient entries, a sum the reference leaves to ATen: its outputs agree within the dtype's tolerance.
+"""
 import re
 
 import pytest
@@ -8,6 +14,8 @@ from conftest import call_fake, run_without_extension
 from fastablate import _ext
 from fastablate.ops import reference, sparse_pixel_update
 
+pytestmark = pytest.mark.numerics  # rerun by .ci/run under another CPU code path
+
 needs_kernel = pytest.mark.skipif(not _ext.loaded, reason=f"extension not loaded: {_ext.load_error()}")
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 
@@ -16,6 +24,14 @@ def _inputs(device, dtype=torch.float32, n=5, c=3, h=8, w=9):
     x = torch.rand(n, c, h, w, device=device).to(dtype)
     g = torch.randn(n, c, h, w, device=device).to(dtype)
     return x, g
+
+
+def assert_matches(out, idx, ref, ref_idx, mode):
+    assert torch.equal(idx, ref_idx)
+    if mode == "sign":
+        assert torch.equal(out, ref)
+    else:
+        torch.testing.assert_close(out, ref)
 
 
 def _ref(x, g, k, step, lo=0.0, hi=1.0, **kw):
@@ -33,8 +49,7 @@ def test_equals_reference(device, dtype, mode, k):
     x, g = _inputs(device, dtype)
     out, idx = sparse_pixel_update(x, g, k, 0.3, mode=mode)
     ref, ref_idx = _ref(x, g, k, 0.3, mode=mode)
-    assert torch.equal(idx, ref_idx)
-    assert torch.equal(out, ref)
+    assert_matches(out, idx, ref, ref_idx, mode)
 
 
 def test_budget_and_bounds(device):
@@ -69,8 +84,7 @@ def test_large_images_equal_reference(device, dtype, side, k, ties):
     mode = "sign" if ties else "l2"
     out, idx = sparse_pixel_update(x, g, k, 0.1, mode=mode)
     ref, ref_idx = _ref(x, g, k, 0.1, mode=mode)
-    assert torch.equal(idx, ref_idx)
-    assert torch.equal(out, ref)
+    assert_matches(out, idx, ref, ref_idx, mode)
 
 
 @needs_kernel

@@ -24,6 +24,7 @@ def test_distribution_is_exact():
     assert math.isclose(sum(x["fraction"] for x in d), 1.0)
 
 
+@pytest.mark.numerics
 @pytest.mark.parametrize("name", ["resnet20", "resnet18"])
 def test_shared_gradients_equal_the_masked_networks(name, device):
     torch.manual_seed(0)
@@ -38,17 +39,21 @@ def test_shared_gradients_equal_the_masked_networks(name, device):
     y = torch.randint(0, 10, (3,), device=device)
     naive = naive_gradients(view, x, y, sets)
     shared = shared_gradients(view, x, y, sets)
-    torch.testing.assert_close(shared, naive, rtol=1e-5, atol=1e-8)
+    # Gradients through up to n units, computed at other batch sizes (and, below, with BatchNorm as
+    # its affine map, which rounds differently): the rounding differences grow with depth, so
+    # 1e-4 relative, not float32's few ulps. Measured: up to 4.5e-5 on an AVX-512 CPU, 2e-7 elsewhere.
+    tol = dict(rtol=1e-4, atol=0.0)
+    torch.testing.assert_close(shared, naive, **tol)
     with affine_batchnorm(model):  # as the study runs it
-        torch.testing.assert_close(shared_gradients(view, x, y, sets), naive, rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(shared_gradients(view, x, y, sets), naive, **tol)
     # Few sets: units no set takes, and units every set takes.
     few = [frozenset(), frozenset({0, n - 1})]
-    torch.testing.assert_close(shared_gradients(view, x, y, few), naive_gradients(view, x, y, few), rtol=1e-5,
-                               atol=1e-8)
+    torch.testing.assert_close(shared_gradients(view, x, y, few), naive_gradients(view, x, y, few), **tol)
     # The routes matter: the all-shortcut path and the all-residual path differ.
     assert not torch.allclose(shared[0], shared[5]) and shared[3] == shared[6]
 
 
+@pytest.mark.numerics
 def test_affine_batchnorm_computes_the_same_and_restores():
     torch.manual_seed(0)
     model = randomize_bn(build_model("resnet20"))

@@ -3,6 +3,7 @@ recorded, heatmaps; the Ray backend gives the local backend's numbers."""
 import json
 
 import pytest
+import torch
 from click.testing import CliRunner
 
 from fastablate.cli import cli
@@ -20,12 +21,16 @@ def sweep(*args, code=0):
 
 def test_points_keys_and_seeds():
     axes = [Axis("spec", "lr", "--lr", (0.1, 0.2)), Axis("setup", "batch_size", "--batch-size", (32,))]
-    pts = make_points("train", {"seed": 5}, {"epochs": 1}, axes, repeat=3)
+    pts = make_points("train", {"seed": 5}, {"epochs": 1}, axes, repeat=3, threads=2)
     assert len(pts) == 6 and [p["seed"] for p in pts[:3]] == [5, 6, 7]
     assert pts[0]["params"] == {"lr": 0.1, "batch-size": 32} and pts[0]["spec"]["lr"] == 0.1
     assert len({p["key"] for p in pts}) == 6
-    again = make_points("train", {"seed": 5, "out": "elsewhere", "workers": 3}, {"epochs": 1}, axes, repeat=3)
+    again = make_points("train", {"seed": 5, "out": "elsewhere", "workers": 3}, {"epochs": 1}, axes, repeat=3,
+                        threads=2)
     assert [p["key"] for p in again] == [p["key"] for p in pts]  # where and how fast do not make another point
+    # Another thread count may round differently: another point.
+    one = make_points("train", {"seed": 5}, {"epochs": 1}, axes, repeat=3, threads=1)
+    assert not {p["key"] for p in one} & {p["key"] for p in pts} and one[0]["threads"] == 1
 
 
 def test_sweep_grid_resume_extend_and_plots(tmp_path):
@@ -87,8 +92,9 @@ def test_sweep_needs_a_base_command():
 
 
 def test_ray_backend_equals_local(tmp_path):
+    """The same defaults on both backends: the same points, keys and numbers."""
     pytest.importorskip("ray")
-    common = ["--grid", "lr=0.05,0.2", "--cpus-per-point", "1"]
+    common = ["--grid", "lr=0.05,0.2"]
     sweep(*common, "--out", tmp_path / "local", *BASE)
     sweep(*common, "--backend", "ray", "--out", tmp_path / "ray", *BASE)
     import ray
@@ -97,3 +103,4 @@ def test_ray_backend_equals_local(tmp_path):
     strip = [{k: v for k, v in p.items() if k != "seconds"} for p in local]
     assert strip == [{k: v for k, v in p.items() if k != "seconds"} for p in remote]
     assert all((tmp_path / "ray" / "points" / p["key"] / "model.pt").is_file() for p in remote)
+    assert all(p["threads"] == torch.get_num_threads() for p in remote)

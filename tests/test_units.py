@@ -10,6 +10,8 @@ from fastablate.errors import FastablateError
 from fastablate.models import MODELS, build_model
 from fastablate.units import BlockParts, register_adapter, units
 
+pytestmark = pytest.mark.numerics  # rerun by .ci/run under another CPU code path
+
 FAST = [n for n in MODELS if n not in ("resnet110", "plain110", "vgg19", "vgg19_bn", "vgg16", "vgg16_bn")]
 
 

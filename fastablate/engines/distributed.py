@@ -1,8 +1,8 @@
 """torchrun: every command runs unchanged under ``torchrun --nproc-per-node N -m fastablate``.
 
 Training uses DistributedDataParallel. Studies shard work exactly: process r takes batches
-r, r + N, r + 2N, ... of the single-process batching (the same batches, so the same numbers
-bit for bit: nothing is padded or evaluated twice), then the counts, losses and per-image
+r, r + N, r + 2N, ... of the single-process batching (the same batches, so the same counts,
+and at the same thread count the same bits: nothing is padded or evaluated twice), then the counts, losses and per-image
 records are reduced, and process 0 writes the one result. Randomness is keyed per batch
 (and noise per image), never drawn from a stream shared across batches, so it does not
 depend on who runs the batch.

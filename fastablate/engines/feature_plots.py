@@ -26,19 +26,29 @@ def _overlay(ax, image: Tensor, m: Tensor, cmap: str = "jet", symmetric: bool = 
 
 def plot_heatmaps(results: Sequence, i: int, path: Path) -> Path:
     """Rows = layers, columns = models (clean | adversarial | difference with --examples);
-    each cell the layer's map of image ``i`` over the image, with a colour bar."""
+    each cell the layer's map of image ``i`` over the image, with a colour bar. Each model
+    draws its own layers, paired by position in its list (a ResNet's ``layer2`` beside a VGG's
+    ``features.10``); a model with fewer layers leaves its last rows empty."""
     first = results[0]
-    layers = [n for n in first.layers if n in first.drawn["maps"]]
+    drawn_layers = [[n for n in r.layers if n in r.drawn["maps"]] for r in results]
+    same = all(layers == drawn_layers[0] for layers in drawn_layers)
     adversarial = "adv_maps" in first.drawn
     kinds = ["clean", "adversarial", "difference"] if adversarial else ["map"]
-    cols = [(r, k) for r in results for k in kinds]
-    fig, axes = pyplot().subplots(len(layers), len(cols), figsize=(2.3 * len(cols) + 0.8, 2.1 * len(layers) + 0.6),
+    cols = [(m, r, k) for m, r in enumerate(results) for k in kinds]
+    nrows = max(len(layers) for layers in drawn_layers)
+    fig, axes = pyplot().subplots(nrows, len(cols), figsize=(2.3 * len(cols) + 0.8, 2.1 * nrows + 0.6),
                                   squeeze=False)
     classes = first.drawn["classes"]
-    for c, (r, kind) in enumerate(cols):
+    for c, (m, r, kind) in enumerate(cols):
         d = r.drawn
-        for row, layer in enumerate(layers):
+        for row in range(nrows):
             ax = axes[row][c]
+            if row >= len(drawn_layers[m]):
+                ax.axis("off")
+                ax.text(0.5, 0.5, f"{r.model}:\nno layer {row + 1}", ha="center", va="center", fontsize=7,
+                        transform=ax.transAxes)
+                continue
+            layer = drawn_layers[m][row]
             if kind == "difference":
                 shown = _overlay(ax, d["x"][i], d["adv_maps"][layer][i] - d["maps"][layer][i], "coolwarm", True)
             else:
@@ -48,6 +58,8 @@ def plot_heatmaps(results: Sequence, i: int, path: Path) -> Path:
             fig.colorbar(shown, ax=ax, fraction=0.046, pad=0.03).ax.tick_params(labelsize=6)
             if c == 0:
                 ax.set_ylabel(layer, fontsize=8)
+            elif not same and m > 0 and kind == kinds[0]:  # its own layer, under the cell
+                ax.set_xlabel(layer, fontsize=7)
             if row == 0:
                 pred = d["adv_pred"][i] if kind == "adversarial" else d["pred"][i]
                 label = f"{r.model}" + (f" {kind}" if adversarial else "")

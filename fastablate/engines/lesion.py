@@ -8,8 +8,9 @@ The executor runs many variants at once. Their hidden states are stacked along t
 dimension, and variants that share a prefix of steps share its computation: at each
 position the intact stream "forks" a lesioned copy, and the residual add of every copy
 goes through one ``block_skip`` call. For ``all-single`` over n units this costs about
-n^2/2 unit evaluations instead of the naive loop's n^2, and it returns exactly the
-naive loop's logits (tested). Variants are run in chunks whose activations fit in
+n^2/2 unit evaluations instead of the naive loop's n^2, and it gives the naive loop's
+predictions, with logits within float32's tolerance (stacked passes run at other batch sizes,
+where oneDNN may round differently; tested). Variants are run in chunks whose activations fit in
 ``max_memory``.
 """
 from __future__ import annotations

@@ -83,7 +83,7 @@ def shared_gradients(view: UnitView, x: Tensor, y: Tensor, sets: Sequence[frozen
     shortcut a row stays where it is, uncopied). Samples whose sets agree on every unit above
     the current one carry the same gradient there and share one row.
     Run it under :func:`fastablate.modes.affine_batchnorm` (as the paths study does): the
-    same numbers, and eval-mode BatchNorm's VJP then batches without copies.
+    same values up to rounding, and eval-mode BatchNorm's VJP then batches without copies.
     """
     from torch.func import vjp
 
@@ -306,13 +306,14 @@ class PathsStudy(Study):
     command = "paths"
     spec_class = PathsSpec
     setup_excludes = ("batch_size",)  # --sets x --images rows per pass
+    setup_defaults = {"split": "train"}  # Veit measured on training images
 
     def load_data(self, setup, spec, runtime):
         from dataclasses import replace
 
         from fastablate.engines.common import checkpoint_data, load_data
 
-        split = setup.split if "split" in setup.given() else "train"  # Veit measured on training images
+        split = setup.split if "split" in setup.given() else self.setup_defaults["split"]
         return load_data(replace(setup, split=split), **checkpoint_data(setup.weights))
 
     def check(self, models, data, spec):

@@ -69,6 +69,7 @@ class Study:
     spec_class: ClassVar[type[Spec]]
     triggers: ClassVar[tuple[str, ...]] = ()  # spec fields whose being given selects this study within its command
     setup_excludes: ClassVar[tuple[str, ...]] = ()  # shared options that do not apply ("compare", "split", ...)
+    setup_defaults: ClassVar[dict[str, Any]] = {}  # shared options whose default differs here ({"split": "train"})
 
     def load_data(self, setup, spec: Spec, runtime: Runtime) -> Any:
         """The data ``run`` gets: by default the ``--split`` of the dataset, at the image size

@@ -10,7 +10,9 @@ and does not stop the others.
 
 Backends: ``local`` runs the points one after another in this process; ``ray`` runs each as
 a Ray task (``num_cpus``/``num_gpus`` per point) on a Ray cluster, with the same results for
-the same seeds (each point sets its thread count to ``cpus_per_point`` in both backends).
+the same seeds: each point runs with ``cpus_per_point`` threads in both backends (default: the
+threads torch uses here), and the thread count is part of its key, since kernels that reduce
+across threads may round differently with another count.
 """
 from __future__ import annotations
 
@@ -41,8 +43,9 @@ class SweepSpec(Spec):
                           type=Choice("local", "ray"))
     address: Optional[str] = option(None, "ray: the cluster to join (HOST:PORT or auto) [default: a local "
                                           "instance].", type=Text("ADDRESS"))
-    cpus_per_point: Optional[int] = option(None, "CPU threads per point (and Ray's num_cpus) [default: all here; "
-                                                 "1 on Ray].", type=Int(min=1, max=1024))
+    cpus_per_point: Optional[int] = option(None, "CPU threads per point, on either backend (and Ray's num_cpus) "
+                                                 "[default: the threads torch uses here].",
+                                           type=Int(min=1, max=1024))
     gpus_per_point: float = option(0.0, "ray: GPUs per point (Ray's num_gpus).", type=Float(0, 64))
     out: Optional[str] = option(None, "Output directory of the sweep [default: runs/sweep-<timestamp>].",
                                 type=Text("DIR"))
@@ -65,13 +68,13 @@ class Axis:
 
 def point_key(point: dict) -> str:
     """A stable hash of what shapes a point's run."""
-    shaped = {"study": point["study"], "seed": point["seed"],
+    shaped = {"study": point["study"], "seed": point["seed"], "threads": point["threads"],
               "setup": {k: v for k, v in point["setup"].items() if k not in _NOT_KEYED}, "spec": point["spec"]}
     return hashlib.blake2b(json.dumps(jsonable(shaped), sort_keys=True).encode(), digest_size=6).hexdigest()
 
 
-def make_points(study: str, setup: dict, spec: dict, axes: Sequence[Axis], repeat: int) -> list[dict]:
-    """Every (grid combination, seed) as a point dict."""
+def make_points(study: str, setup: dict, spec: dict, axes: Sequence[Axis], repeat: int, threads: int) -> list[dict]:
+    """Every (grid combination, seed) as a point dict, each run with ``threads`` CPU threads."""
     points = []
     for combo in itertools.product(*(a.values for a in axes)):
         s, p = dict(setup), dict(spec)
@@ -80,7 +83,8 @@ def make_points(study: str, setup: dict, spec: dict, axes: Sequence[Axis], repea
         base_seed = s.get("seed", 0)
         for r in range(repeat):
             pt = {"study": study, "setup": {**s, "seed": base_seed + r}, "spec": p,
-                  "params": {a.flag.lstrip("-"): v for a, v in zip(axes, combo)}, "seed": base_seed + r}
+                  "params": {a.flag.lstrip("-"): v for a, v in zip(axes, combo)}, "seed": base_seed + r,
+                  "threads": threads}
             pt["key"] = point_key(pt)
             points.append(pt)
     return points
@@ -95,17 +99,16 @@ def build(point: dict):
     return study, Setup(**point["setup"]), study.spec_class(**point["spec"])
 
 
-def run_point(point: dict, out: str, threads: int | None) -> dict:
-    """Run one point into ``<out>/points/<key>`` and return its row (params, seed, status,
-    seconds, metrics or error). Importable by Ray workers."""
+def run_point(point: dict, out: str) -> dict:
+    """Run one point into ``<out>/points/<key>`` with its thread count and return its row
+    (params, seed, status, seconds, metrics or error). Importable by Ray workers."""
     import torch
 
     from fastablate.engines.runner import run_study
 
-    if threads:
-        torch.set_num_threads(threads)
+    torch.set_num_threads(point["threads"])
     path = Path(out) / "points" / point["key"]
-    row = {**point["params"], "seed": point["seed"], "key": point["key"]}
+    row = _row(point)
     start = time.perf_counter()
     try:
         study, setup, spec = build(point)
@@ -121,6 +124,10 @@ def run_point(point: dict, out: str, threads: int | None) -> dict:
             path.mkdir(parents=True, exist_ok=True)
             (path / "traceback.txt").write_text(traceback.format_exc())
         return {**row, "status": "failed", "seconds": round(time.perf_counter() - start, 3), "error": line}
+
+
+def _row(point: dict) -> dict:
+    return {**point["params"], "seed": point["seed"], "key": point["key"]}
 
 
 def _seconds(path: Path) -> float | None:
@@ -145,7 +152,9 @@ def run_sweep(study_name: str, setup: dict, spec: dict, axes: Sequence[Axis], sw
 
     if not axes:
         raise FastablateError("sweep needs at least one --grid OPTION=VALUE,VALUE")
-    points = make_points(study_name, setup, spec, axes, sweep.repeat)
+    import torch
+
+    points = make_points(study_name, setup, spec, axes, sweep.repeat, sweep.cpus_per_point or torch.get_num_threads())
     for pt in points:  # every point's options are checked before anything runs
         try:
             build(pt)
@@ -163,8 +172,8 @@ def run_sweep(study_name: str, setup: dict, spec: dict, axes: Sequence[Axis], sw
         for pt in points:
             document = _done(out / "points" / pt["key"])
             if document is not None:
-                rows[pt["key"]] = {**pt["params"], "seed": pt["seed"], "key": pt["key"], "status": "complete",
-                                   "seconds": _seconds(out / "points" / pt["key"]), **study.metrics(document)}
+                rows[pt["key"]] = {**_row(pt), "status": "complete", "seconds": _seconds(out / "points" / pt["key"]),
+                                   **study.metrics(document)}
             else:
                 todo.append(pt)
         echo(f"sweep: {len(points)} points ({len(points) - len(todo)} complete already), {len(todo)} to run on "
@@ -175,10 +184,10 @@ def run_sweep(study_name: str, setup: dict, spec: dict, axes: Sequence[Axis], sw
             finished = []
             for i, pt in enumerate(todo):
                 echo(f"point {i + 1}/{len(todo)}: {pt['params']} seed {pt['seed']}")
-                finished.append(run_point(pt, str(out), sweep.cpus_per_point))
+                finished.append(run_point(pt, str(out)))
         for row in finished:
             rows[row["key"]] = row
-        ordered = [rows[pt["key"]] for pt in points]
+        ordered = [{**rows[pt["key"]], "threads": pt["threads"]} for pt in points]  # last: earlier columns stay
         plot_sweep(ordered, [a.flag.lstrip("-") for a in axes], run.plot_dir())
         run.write_results({"study": study_name, "grid": config["grid"], "repeat": sweep.repeat,
                            "points": ordered}, ordered)
@@ -198,10 +207,9 @@ def _run_ray(points: list[dict], out: Path, sweep: SweepSpec, echo) -> list[dict
     except ImportError:
         raise FastablateError("--backend ray needs Ray: pip install \"fastablate[ray]\" (or pip install ray)") \
             from None
-    cpus = sweep.cpus_per_point or 1
     ray.init(address=sweep.address, ignore_reinit_error=True, include_dashboard=False, log_to_driver=False)
-    task = ray.remote(num_cpus=cpus, num_gpus=sweep.gpus_per_point)(run_point)
-    pending = {task.remote(pt, str(out.resolve()), cpus): pt for pt in points}
+    pending = {ray.remote(num_cpus=pt["threads"], num_gpus=sweep.gpus_per_point)(run_point).remote(
+        pt, str(out.resolve())): pt for pt in points}
     rows = []
     while pending:
         done, _ = ray.wait(list(pending), num_returns=1)
@@ -227,7 +235,7 @@ def plot_sweep(rows: list[dict], params: list[str], directory: Path) -> list[Pat
     ok = [r for r in rows if r["status"] == "complete"]
     if not ok:
         return []
-    reserved = {*params, "seed", "key", "status", "seconds", "error"}
+    reserved = {*params, "seed", "threads", "key", "status", "seconds", "error"}
     metrics = [k for k in ok[0] if k not in reserved and isinstance(ok[0][k], (int, float))]
     plt = pyplot()
     paths = []
