@@ -14,7 +14,7 @@ import torch
 
 from fastablate.data import ImageSet, build_dataset
 from fastablate.engines.protocol import Runtime
-from fastablate.engines.spec import Choice, Float, Int, List, Spec, Text, option
+from fastablate.engines.spec import Choice, Float, Int, List, ModelFile, Spec, Text, option
 from fastablate.errors import FastablateError
 from fastablate.modes import eval_mode
 from fastablate.models import NormalizedModel, build_model
@@ -44,8 +44,9 @@ class Setup(Spec):
     force: bool = option(False, "Replace what --out holds (another run, other files) instead of refusing.")
     download: bool = option(False, "Let torchvision download CIFAR when absent.")
     compare: tuple[str, ...] = option((), "A checkpoint run through the same study on the same images and drawn "
-                                          "on the same plots (repeatable).", type=Text("FILE"), multiple=True,
-                                      role="input")
+                                          "on the same plots (repeatable); MODEL=FILE names the model of a "
+                                          "foreign state_dict, e.g. resnet32=peer.th.", type=ModelFile(),
+                                      multiple=True, role="input")
 
     def validate(self) -> None:
         if (self.mean is None) != (self.std is None):
@@ -151,8 +152,15 @@ def load_checkpoints(setup: Setup, ds: ImageSet, runtime: Runtime, *, command: s
         raise FastablateError(f"{command} needs --weights CHECKPOINT")
     first = load_or_build_model(setup, ds).to(runtime.device)
     models = [first]
-    for path in setup.compare:
-        other = load_or_build_model(replace(setup, model=None), ds, weights=path)
+    for entry in setup.compare:
+        arch, path = ModelFile.split(entry)
+        try:
+            other = load_or_build_model(replace(setup, model=arch), ds, weights=path)
+        except FastablateError:
+            if arch is None and read_checkpoint(path)["format"] != FORMAT:
+                raise FastablateError(f"--compare {path} is a bare state_dict: name its model as MODEL=FILE, e.g. "
+                                      f"--compare {first.arch}={path}") from None
+            raise
         if other.classes != first.classes:
             raise FastablateError(f"--compare {path} has classes {', '.join(other.classes[:5])} ...; --weights "
                                   f"{setup.weights} has {', '.join(first.classes[:5])} ...: compare models of one "

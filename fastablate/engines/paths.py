@@ -316,6 +316,20 @@ class PathsStudy(Study):
         split = setup.split if "split" in setup.given() else self.setup_defaults["split"]
         return load_data(replace(setup, split=split), **checkpoint_data(setup.weights))
 
+    def load_models(self, setup, spec, data, runtime):
+        """``--weights`` and the ``--compare`` models that have paths: a compared plain net (one
+        path only) is left out with a note; a plain ``--weights`` model is an error (in check)."""
+        models = super().load_models(setup, spec, data, runtime)
+        kept = models[:1]
+        for m in models[1:]:
+            try:
+                residual_units(units(m, (3, data.image_size, data.image_size)), model_name(m))
+            except FastablateError as e:
+                note(f"--compare {model_name(m)} left out: {str(e).removeprefix('paths: ')}")
+                continue
+            kept.append(m)
+        return kept
+
     def check(self, models, data, spec):
         for m in models:
             view = units(m, (3, data.image_size, data.image_size))

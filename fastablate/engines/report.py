@@ -206,16 +206,16 @@ def _md_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def _overview(setup, spec, parts: dict, checkpoints: list[str]) -> tuple[list[dict], list[dict]]:
+def _overview(setup, spec, parts: dict, checkpoints: list[tuple[str | None, str]]) -> tuple[list[dict], list[dict]]:
     from fastablate.models.checkpoint import read_checkpoint
     from fastablate.results import versions
 
     models = []
-    for c in checkpoints:
+    for arch, c in checkpoints:
         ck = read_checkpoint(c)
         meta = ck.get("meta") or {}
-        models.append({"checkpoint": c, "model": ck["arch"], "test accuracy at training": meta.get("test_accuracy"),
-                       "epochs": meta.get("epoch")})
+        models.append({"checkpoint": c, "model": ck.get("arch") or arch,
+                       "test accuracy at training": meta.get("test_accuracy"), "epochs": meta.get("epoch")})
     runs = [{"part": n, "run": str(p.path), "seconds": round(p.seconds, 1), "reused": p.reused}
             for n, p in parts.items()]
     info = {"dataset": setup.dataset, "data-dir": setup.data_dir, "seed": setup.seed,
@@ -223,8 +223,9 @@ def _overview(setup, spec, parts: dict, checkpoints: list[str]) -> tuple[list[di
     return models, runs + [{"part": k, "run": v} for k, v in info.items()]
 
 
-def write_reports(out: Path, setup, spec, parts: dict, checkpoints: list[str]) -> list[Path]:
-    """report.md (figures linked) and report.html (figures embedded) in ``out``."""
+def write_reports(out: Path, setup, spec, parts: dict, checkpoints: list[tuple[str | None, str]]) -> list[Path]:
+    """report.md (figures linked) and report.html (figures embedded) in ``out``; ``checkpoints``:
+    (model, file) of each studied model (the model named for a foreign file, else None)."""
     found = findings(out, parts)
     models, runs = _overview(setup, spec, parts, checkpoints)
     when = time.strftime("%Y-%m-%d %H:%M")

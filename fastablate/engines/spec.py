@@ -58,6 +58,27 @@ class Text(Value):
         return None
 
 
+class ModelFile(Text):
+    """A checkpoint file, optionally preceded by the model it holds: ``FILE`` or ``MODEL=FILE``
+    (a foreign bare state_dict needs its architecture named)."""
+
+    def __init__(self):
+        super().__init__("[MODEL=]FILE")
+
+    @staticmethod
+    def split(value: str) -> tuple[str | None, str]:
+        """(model or None, file); a file whose own name holds ``=`` is taken whole when it exists."""
+        import os
+
+        name, eq, path = value.partition("=")
+        if not eq or os.path.exists(value) or not name or not path:
+            return None, value
+        return name, path
+
+    def files(self, value) -> list[str]:
+        return [self.split(value)[1]]
+
+
 class Flag(Value):
     metavar = ""
 

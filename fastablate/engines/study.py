@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Optional
 
 from fastablate.engines.common import Setup
-from fastablate.engines.spec import Choice, Float, Int, List, Spec, Text, option, spec_options
+from fastablate.engines.spec import Choice, Float, Int, List, ModelFile, Spec, Text, option, spec_options
 from fastablate.errors import FastablateError, note
 from fastablate.results import RunDir, default_out, jsonable
 
@@ -139,8 +139,12 @@ def run_full_study(setup: Setup, spec: StudySpec, echo=print) -> tuple[Path, dic
                     parts[p.name] = _run_part(p, replace(base, model=name, out=str(out / p.name)), train_spec, echo)
                 checkpoints.append(str(out / p.name / "model.pt"))
         first, others = checkpoints[0], tuple(checkpoints[1:])
-        study_setup = replace(base, model=None, weights=first, compare=others, limit=spec.eval_limit, split="test")
-        views = [(c, _view(c)) for c in checkpoints]  # None for a file the parts' own loading will reject
+        # --model names the architecture of a foreign --weights file; trained models carry theirs.
+        study_setup = replace(base, model=setup.model if given else None, weights=first, compare=others,
+                              limit=spec.eval_limit, split="test")
+        # (model, file) of each: a compared foreign file may name its model as MODEL=FILE.
+        entries = [(study_setup.model, first)] + [ModelFile.split(c) for c in others]
+        views = [(c, _view(*e)) for c, e in zip(checkpoints, entries)]  # None: the parts' loading says why
 
         def part(name: str, study: str, part_spec: Spec, **changes):
             parts[name] = _run_part(Part(name, study), replace(study_setup, out=str(out / name), **changes),
@@ -161,17 +165,18 @@ def run_full_study(setup: Setup, spec: StudySpec, echo=print) -> tuple[Path, dic
             part("attack-sparse", "attack", sparse, limit=spec.attack_limit)
             part("attack-noise", "attack", AttackSpec(attack="noise"), limit=spec.attack_limit)
         if "paths" in parts_wanted:
-            residual = [c for c, v in views if v is not None and v.residual()]
+            residual = [(c, e) for (c, v), e in zip(views, entries) if v is not None and v.residual()]
             if residual:
-                part("paths", "paths", PathsSpec(samples=2 * spec.samples), weights=residual[0],
-                     compare=tuple(residual[1:]), split="train", limit=setup.limit)
+                (arch, path), rest = residual[0][1], tuple(c for c, _ in residual[1:])
+                part("paths", "paths", PathsSpec(samples=2 * spec.samples), model=arch, weights=path, compare=rest,
+                     split="train", limit=setup.limit)
             else:
                 note("study: no model has residual units; the paths part is left out")
         if "features" in parts_wanted:
             examples = out / "attack-sparse" / "adversarial.pt"
             part("features", "features", FeaturesSpec(images=spec.images,
                                                       examples=str(examples) if _fooled_any(examples) else None))
-        write_reports(out, setup, spec, parts, checkpoints)
+        write_reports(out, setup, spec, parts, entries)
         run.write_json("results.json", {"parts": {n: {"path": str(p.path), "reused": p.reused,
                                                       "seconds": round(p.seconds, 3)} for n, p in parts.items()},
                                         "report": ["report.md", "report.html"]})
@@ -194,12 +199,14 @@ def _fooled_any(examples: Path) -> bool:
     return bool(torch.load(examples, map_location="cpu", weights_only=True)["success"].any())
 
 
-def _view(checkpoint: str):
+def _view(arch: str | None, checkpoint: str):
+    """The unit view of a checkpoint's model (a foreign file's built as ``arch``), or None."""
     from fastablate.models import load_model
     from fastablate.units import units
 
+    norm = {} if arch is None else {"mean": (0.5,) * 3, "std": (0.5,) * 3}  # a foreign file's: the structure only
     try:
-        return units(load_model(checkpoint))
+        return units(load_model(checkpoint, arch, **norm))
     except FastablateError:
         return None  # a foreign file: the parts' own loading says what is wrong with it
 
