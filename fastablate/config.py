@@ -13,14 +13,27 @@ from fastablate.errors import FastablateError
 
 ENV_PREFIX = "FASTABLATE"
 _CONFIG_KEY = "fastablate.config"
+MAX_CONFIG_BYTES = 1 << 20  # a config of options is a few hundred bytes; /dev/zero never ends
 
 
 def read_yaml(path: str) -> dict:
-    """The mapping in a YAML file; one error line naming the file otherwise."""
+    """The mapping in a YAML file (a regular file of at most 1 MiB); one error line naming the
+    file otherwise."""
+    import os
+    import stat
+
     import yaml
 
     try:
-        text = Path(path).read_bytes().decode("utf-8")
+        st = os.stat(path)
+        if not stat.S_ISREG(st.st_mode):
+            raise FastablateError(f"--config {path!r}: not a regular file (a device, pipe or folder); give a YAML "
+                                  "file")
+        with open(path, "rb") as f:
+            raw = f.read(MAX_CONFIG_BYTES + 1)
+        if len(raw) > MAX_CONFIG_BYTES:
+            raise FastablateError(f"--config {path!r}: larger than 1 MiB; a config file holds option: value lines")
+        text = raw.decode("utf-8")
         data = yaml.safe_load(text)
     except UnicodeDecodeError as e:
         raise FastablateError(f"--config {path!r}: not UTF-8 text (byte {e.start})") from None

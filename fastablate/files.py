@@ -3,10 +3,13 @@
 Every file fastablate writes (checkpoints, run.json, results, metrics) goes through
 :func:`atomic_write`: the bytes go to a temporary file beside the target, are flushed to
 disk, and the temporary file is renamed over the target. A killed write leaves only a
-``.<name>.<random>.tmp`` file behind, which :func:`remove_stale_temporaries` deletes.
+``.<name>.<random>.tmp`` file behind, which :func:`remove_stale_temporaries` deletes. A
+full disk, a quota or a file-size limit (``ulimit -f``) is one error line naming the file,
+and the file as it was before stays in place.
 """
 from __future__ import annotations
 
+import errno
 import os
 import tempfile
 from pathlib import Path
@@ -22,20 +25,50 @@ def _file_mode() -> int:
     return 0o666 & ~mask
 
 
+_NO_SPACE = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is used up",
+             errno.EFBIG: "the file would exceed this process's file-size limit (ulimit -f)"}
+
+
+class _Writes:
+    """The file, keeping the first OSError of its writes: a writer such as torch.save may
+    report a failed write as a RuntimeError of its own."""
+
+    def __init__(self, f: BinaryIO):
+        self.f, self.error = f, None
+
+    def write(self, data) -> int:
+        try:
+            return self.f.write(data)
+        except OSError as e:
+            self.error = self.error or e
+            raise
+
+    def flush(self) -> None:
+        self.f.flush()
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> Path:
     """Call ``write(f)`` on a temporary file beside ``path``, then rename it to ``path``."""
+    from fastablate.errors import FastablateError
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TMP_SUFFIX)
+    writes = None
     try:
         with os.fdopen(fd, "wb") as f:
             os.fchmod(f.fileno(), _file_mode())  # mkstemp makes it private (0600); outputs are not
-            write(f)
+            writes = _Writes(f)
+            write(writes)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
+        cause = (writes.error if writes is not None else None) or e
+        if isinstance(cause, OSError) and cause.errno in _NO_SPACE:
+            kept = "is unchanged" if path.exists() else "was not written"
+            raise FastablateError(f"cannot write {path}: {_NO_SPACE[cause.errno]}; {path.name} {kept}") from None
         raise
     return path
 

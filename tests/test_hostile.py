@@ -160,6 +160,19 @@ def test_bad_values_from_a_config_file(tmp_path):
             out=tmp_path / "o")
 
 
+def test_config_that_is_not_a_small_regular_file(tmp_path):
+    """/dev/zero would be read until the kernel kills the process for memory."""
+    refused(["train", *SYN, "--config", "/dev/zero", "--out", tmp_path / "o"],
+            "--config '/dev/zero': not a regular file (a device, pipe or folder)", out=tmp_path / "o")
+    fifo = tmp_path / "pipe.yaml"
+    os.mkfifo(fifo)
+    refused(["eval", *SYN, "--config", fifo, "--out", tmp_path / "o"], "not a regular file", out=tmp_path / "o")
+    big = tmp_path / "big.yaml"
+    big.write_text("# padding\n" * 120_000 + "epochs: 1\n")
+    refused(["train", *SYN, "--config", big, "--out", tmp_path / "o"], "larger than 1 MiB", protect=[big],
+            out=tmp_path / "o")
+
+
 @pytest.mark.parametrize("args, message", [
     (["--attack", "noise", "--lam", "nan"], "--lam 'nan': is not a finite number"),
     (["--attack", "noise", "--lam", "-1"], "--lam '-1': must be in [0, 1e+06]"),
@@ -184,7 +197,23 @@ def test_bad_checkpoints(tmp_path):
     (tmp_path / "text.pt").write_text("these are not weights\n")
     torch.save({"format": "fastablate", "arch": "resnet8"}, tmp_path / "keyless.pt")
     torch.save({"a": 1}, tmp_path / "nontensor.pt")
-    cases = [("nan.pt", "conv1.weight holds NaN or infinite values"), ("std.pt", "is not finite numbers with positive"),
+    good = torch.load(zero_std, weights_only=True) | {"std": [0.5, 0.5, 0.5]}
+    for name, change in (("size-neg", {"image_size": -5}), ("size-huge", {"image_size": 100000}),
+                         ("classes0", {"num_classes": 0}), ("dropout", {"dropout": 1.5}),
+                         ("names", {"classes": [1] * 10}), ("head", {"head": 3})):
+        torch.save(good | change, tmp_path / f"{name}.pt")
+    negvar = {k: v.clone() for k, v in model.net.state_dict().items()}
+    negvar["layer1.0.bn1.running_var"][3] = -0.5
+    torch.save(good | {"state_dict": negvar}, tmp_path / "negvar.pt")
+    torch.save(negvar, tmp_path / "negvar-foreign.pt")
+    cases = [("nan.pt", "conv1.weight holds NaN or infinite values"), ("std.pt", "is not 1 to 4 finite numbers"),
+             ("size-neg.pt", "image_size is -5; expected 8..1024 pixels"),
+             ("size-huge.pt", "image_size is 100000; expected 8..1024 pixels"),
+             ("classes0.pt", "num_classes is 0; expected 1..100000"),
+             ("dropout.pt", "dropout is 1.5; expected a probability in [0, 1)"),
+             ("names.pt", "classes are not 10 names, one per output"), ("head.pt", "head is 3; expected a head spec"),
+             ("negvar.pt", "layer1.0.bn1.running_var holds a negative variance (-0.5)"),
+             ("negvar-foreign.pt", "layer1.0.bn1.running_var holds a negative variance (-0.5)"),
              ("empty.pt", "the file is empty"), ("text.pt", "cannot read checkpoint"),
              ("keyless.pt", "lacks num_classes, image_size, mean, std, state_dict"),
              ("nontensor.pt", "holds no state_dict")]
@@ -335,3 +364,99 @@ def test_datasets_listing_gives_true_split_sizes():
     out = CliRunner().invoke(cli, ["datasets"]).output
     line = next(ln for ln in out.splitlines() if ln.startswith("digits"))
     assert f"{len(build_dataset('digits', None, 'train'))}/{len(build_dataset('digits', None, 'test'))}" in line
+
+
+@pytest.mark.parametrize("study", [["eval"], ["eval", "--lesion", "all-single"],
+                                   ["eval", "--noise-layers", "1", "--noise-sigma", "0.5"],
+                                   ["attack", "--attack", "fgsm"], ["features"], ["paths"]])
+def test_nan_logits_are_an_error_naming_where_they_start(study, tmp_path):
+    """Finite weights whose forward pass overflows: every study stops, naming the layer."""
+    model = build_model("resnet8", 10)
+    model.net.layer2[0].conv1.weight.data.fill_(3e38)
+    path = tmp_path / "overflow.pt"
+    save_checkpoint(model, path)
+    data = SYN if study[0] != "paths" else [a for a in SYN if a not in ("--batch-size", "20")]
+    refused([*study, "--weights", path, *data, "--out", tmp_path / "o"],
+            "resnet8 gives NaN or infinite logits on these images; they start at layer net.layer2.0.conv1 (Conv2d)",
+            protect=[path], out=tmp_path / "o")
+
+
+def test_nan_logits_past_the_first_image_stop_the_study():
+    from fastablate.data import ImageSet
+    from fastablate.engines.evaluate import evaluate
+    from fastablate.engines.protocol import Runtime
+    from fastablate.errors import FastablateError
+    model = build_model("resnet8", 10, mean=(0, 0, 0), std=(1, 1, 1)).eval()
+    model.net.conv1.weight.data.fill_(3e38)  # a black image stays finite, a bright one overflows
+    images = torch.stack([torch.zeros(3, 32, 32, dtype=torch.uint8), torch.full((3, 32, 32), 255, dtype=torch.uint8)])
+    ds = ImageSet("two", "test", torch.tensor([0, 1]), [str(i) for i in range(10)], (0, 0, 0), (1, 1, 1), 32,
+                  images=images)
+    with pytest.raises(FastablateError, match=r"they start at layer net.conv1 \(Conv2d\)"):
+        evaluate(model, ds, Runtime(batch_size=2))
+
+
+# --- faults while writing, runs that go wrong ------------------------------------------------
+def test_full_disk_while_saving_keeps_the_previous_checkpoints(tmp_path, monkeypatch):
+    """The disk fills up during epoch 2's save: one Error line, exit 2, epoch 1's model.pt and
+    last.pt intact, and --resume finishes the run once there is space again."""
+    import errno
+
+    from fastablate.engines import trainer
+    from fastablate import files
+    out = tmp_path / "t"
+    args = ["train", "--model", "resnet8", *SYN, "--epochs", "2", "--out", out]
+    full = {"on": False}
+    real_eval, real_write = trainer.evaluate, files._Writes.write
+
+    def evaluate(*a, **k):  # epoch 2's evaluation: then the disk is full
+        if trainer.evaluate.calls == 1:
+            full["on"] = True
+        trainer.evaluate.calls += 1
+        return real_eval(*a, **k)
+    evaluate.calls = 0
+
+    def write(self, data):
+        if full["on"]:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_write(self, data)
+    monkeypatch.setattr(trainer, "evaluate", evaluate)
+    monkeypatch.setattr(files._Writes, "write", write)
+    r = CliRunner().invoke(cli, [str(a) for a in args])
+    assert r.exit_code == 2, (r.output, r.exception)
+    errors = [ln for ln in r.stderr.splitlines() if ln.startswith("Error: ")]
+    assert errors == [f"Error: cannot write {out / 'model.pt'}: the disk is full; model.pt is unchanged"], r.stderr
+    assert torch.load(out / "model.pt", weights_only=True)["meta"]["epoch"] == 1
+    assert torch.load(out / "last.pt", weights_only=True)["epoch"] == 0
+    assert not (out / "results.json").exists() and not [p for p in out.iterdir() if p.name.endswith(".tmp")]
+    monkeypatch.undo()
+    r = ok([*args, "--resume"])
+    assert "epoch 2/2" in r.output and torch.load(out / "model.pt", weights_only=True)["meta"]["epoch"] == 2
+
+
+def test_file_size_limit_is_one_error_line(tmp_path):
+    """ulimit -f below the checkpoint's size: the write fails with EFBIG (Python ignores SIGXFSZ)."""
+    import resource
+    import subprocess
+    import sys
+    out = tmp_path / "t"
+    code = ("import resource; resource.setrlimit(resource.RLIMIT_FSIZE, (150_000, 150_000));"
+            "from fastablate.cli import main; main()")
+    r = subprocess.run([sys.executable, "-c", code, "train", "--model", "resnet8", *SYN, "--epochs", "1", "--out",
+                        str(out)], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert r.stderr.strip().splitlines()[-1] == (f"Error: cannot write {out / 'model.pt'}: the file would exceed this "
+                                                 "process's file-size limit (ulimit -f); model.pt was not written")
+    assert "Traceback" not in r.stderr and not (out / "model.pt").exists()
+    assert resource.getrlimit(resource.RLIMIT_FSIZE)  # the limit applied to the child only
+
+
+def test_diverging_training_is_said_once_and_recorded(tmp_path):
+    out = tmp_path / "d"
+    r = ok(["train", "--model", "resnet8", "--dataset", "synthetic", "--limit", "100", "--device", "cpu",
+            "--epochs", "3", "--lr", "5", "--out", out])  # test loss ~1e2, then ~1e11 here
+    said = [ln for ln in r.stderr.splitlines() if "training is diverging" in ln]
+    assert len(said) == 1 and said[0].startswith("note: training is diverging: the ")
+    assert json.loads((out / "run.json").read_text())["warnings"] == [said[0].removeprefix("note: ")]
+    calm = tmp_path / "c"
+    ok(["train", "--model", "resnet8", *SYN, "--epochs", "2", "--out", calm])
+    assert "warnings" not in json.loads((calm / "run.json").read_text())

@@ -1,10 +1,14 @@
 """The built-in datasets; each registers itself on import."""
 from __future__ import annotations
 
+import pickle
+from collections import Counter
+
 import torch
 
 from fastablate.data import ImageSet, balanced_subset, register_dataset
-from fastablate.data.files import decode, choose_size, image_stats, list_images, memory_limit, note_skipped
+from fastablate.data.files import (IMAGE_EXTENSIONS, choose_size, decode, image_stats, list_images, memory_limit,
+                                   note_skipped)
 from fastablate.errors import FastablateError
 
 
@@ -55,11 +59,27 @@ _CIFAR = {  # folder, train files, test file, meta file, label key, class key, m
 }
 
 
-def _cifar(name):
-    """torchvision's on-disk CIFAR format (the python pickles), read directly."""
-    def load(root, split, download, image_size) -> ImageSet:
-        import pickle
+class _CifarUnpickler(pickle.Unpickler):
+    """Reads CIFAR's python batches and nothing else: a pickle can name any callable, and
+    ``pickle.load`` calls it, so a crafted batch file would run code. The format holds dicts,
+    lists, strings, bytes, ints and numpy arrays; only the classes that rebuild an array are
+    allowed."""
 
+    ALLOWED = {("numpy", "ndarray"), ("numpy", "dtype"), ("numpy.core.multiarray", "_reconstruct"),
+               ("numpy._core.multiarray", "_reconstruct"), ("numpy.core.numeric", "_frombuffer"),
+               ("numpy._core.numeric", "_frombuffer"),  # protocol 5
+               ("_codecs", "encode")}  # protocol 2 written by Python 3: an array's bytes as latin-1 text
+
+    def find_class(self, module, name):
+        if (module, name) in self.ALLOWED:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"it names {module}.{name}, which a CIFAR batch never holds")
+
+
+def _cifar(name):
+    """torchvision's on-disk CIFAR format (the python pickles), read directly with
+    :class:`_CifarUnpickler`."""
+    def load(root, split, download, image_size) -> ImageSet:
         import numpy as np
 
         folder, train_files, test_file, meta_file, label_key, class_key, mean, std = _CIFAR[name]
@@ -75,16 +95,25 @@ def _cifar(name):
                                   f"{', '.join(train_files + [test_file, meta_file])} (torchvision's format), "
                                   "or pass --download")
 
-        def read(f):
+        def read(f, keys):
             try:
                 with open(base / f, "rb") as fh:
-                    return pickle.load(fh, encoding="latin1")
+                    doc = _CifarUnpickler(fh, encoding="latin1").load()
             except Exception as e:
                 raise FastablateError(f"dataset {name}: cannot read {str(base / f)!r}: {e}") from None
-        parts = [read(f) for f in wanted[:-1]]
-        images = torch.from_numpy(np.concatenate([p["data"] for p in parts]))
+            if not isinstance(doc, dict) or not all(k in doc for k in keys):
+                raise FastablateError(f"dataset {name}: {str(base / f)!r} is not a CIFAR batch (no "
+                                      f"{' and '.join(keys)})")
+            return doc
+        parts = [read(f, ("data", label_key)) for f in wanted[:-1]]
+        data = [p["data"] for p in parts]
+        if not all(isinstance(d, np.ndarray) and d.dtype == np.uint8 and d.ndim == 2 and d.shape[1] == 3072
+                   for d in data) or any(len(d) != len(p[label_key]) for d, p in zip(data, parts)):
+            raise FastablateError(f"dataset {name}: a batch in {str(base)!r} does not hold uint8 rows of 3072 values "
+                                  "with one label each")
+        images = torch.from_numpy(np.concatenate(data))
         labels = torch.tensor([y for p in parts for y in p[label_key]], dtype=torch.int64)
-        return ImageSet(name, split, labels, list(read(meta_file)[class_key]), mean, std, 32,
+        return ImageSet(name, split, labels, list(read(meta_file, (class_key,))[class_key]), mean, std, 32,
                         images=images.view(-1, 3, 32, 32).contiguous())
     return load
 
@@ -97,14 +126,21 @@ def _imagefolder(root, split, download, image_size) -> ImageSet:
     if not folder.is_dir():
         raise FastablateError(f"dataset imagefolder: no {split} split at {str(root)!r}; expected {layout}")
     classes = sorted(p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
-    files, labels, skipped = [], [], []
+    files, labels, skipped, other = [], [], [], Counter()
+    empty = []
     for c, cls in enumerate(classes):
-        for f in list_images(folder / cls, skipped):
-            files.append(str(f))
-            labels.append(c)
-    note_skipped(skipped, str(folder))
+        found = list_images(folder / cls, skipped, other)
+        if not found:
+            empty.append(cls)
+        files += [str(f) for f in found]
+        labels += [c] * len(found)
+    note_skipped(skipped, str(folder), other)
     if not files:
         raise FastablateError(f"dataset imagefolder: no images under {str(folder)!r}; expected {layout}")
+    if empty:
+        raise FastablateError(f"dataset imagefolder: class folder {str(folder / empty[0])!r} holds no image"
+                              f"{f' ({len(empty)} such classes)' if len(empty) > 1 else ''}; images are "
+                              f"{', '.join(IMAGE_EXTENSIONS)} files")
     return from_files("imagefolder", split, files, labels, classes, image_size, None, None)
 
 
@@ -117,13 +153,13 @@ def _tinyimagenet(root, split, download, image_size) -> ImageSet:
         raise FastablateError(f"dataset tinyimagenet: no data at {str(root)!r}; expected {layout}")
     wnids = (root / "wnids.txt").read_text().split()
     index = {w: i for i, w in enumerate(wnids)}
-    files, labels, skipped = [], [], []
+    files, labels, skipped, other = [], [], [], Counter()
     if split == "train":
         for w in wnids:
-            for f in list_images(root / "train" / w / "images", skipped):
+            for f in list_images(root / "train" / w / "images", skipped, other):
                 files.append(str(f))
                 labels.append(index[w])
-        note_skipped(skipped, str(root / "train"))
+        note_skipped(skipped, str(root / "train"), other)
     else:
         ann = root / "val" / "val_annotations.txt"
         if not ann.is_file():

@@ -1,11 +1,17 @@
 """Image files: listing, decoding, and the image-size policy of file-backed datasets.
 
 Policy, for every file-backed dataset (imagefolder, tinyimagenet):
+- Images are the files torchvision's ImageFolder reads (jpg, jpeg, png, ppm, bmp, pgm, tif,
+  tiff, webp, any case), decoded to RGB with its pixels: PIL's ``convert("RGB")`` (palette
+  images through their palette, gray and gray+alpha replicated, alpha dropped, CMYK
+  converted, 16-bit clipped as PIL clips). JPEG, PNG and WebP take torchvision's faster
+  decoders, which give the same pixels.
 - Entries whose names start with ``.`` (macOS's ``._*`` files, ``.DS_Store``) and folders are
-  not images: they are skipped, and a note counts them.
+  not images: they are skipped, and a note counts them. Files of another extension (a .gif,
+  a .txt) are left out with a note that counts them by extension; a class folder left with
+  no image is an error.
 - A file with an image extension that does not decode (truncated, not an image, empty) is an
   error naming the file: a dataset is never silently smaller than its folders.
-- 16-bit images are reduced to 8 bits, gray and gray+alpha images become RGB, alpha is dropped.
 - The image size is the model's (a checkpoint's ``image_size``, or the training split's) when
   known, else the most common size among the files; images of another size are resized to
   it (squares; a note counts them). One odd image never changes the size of the others.
@@ -22,7 +28,7 @@ from torch import Tensor
 from fastablate.errors import FastablateError, note
 from fastablate.files import parse_size
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")  # ImageFolder's
 MEMORY_LIMIT_VAR = "FASTABLATE_MEMORY_LIMIT"
 
 
@@ -37,11 +43,14 @@ def memory_limit() -> int:
         raise FastablateError(f"{MEMORY_LIMIT_VAR}={text!r}: {e}") from None
 
 
-def list_images(folder: Path, skipped: list[str]) -> list[Path]:
-    """The image files in ``folder``, sorted; hidden entries and folders go to ``skipped``."""
+def list_images(folder: Path, skipped: list[str], other: Counter | None = None) -> list[Path]:
+    """The image files in ``folder``, sorted; hidden entries and folders with image names go to
+    ``skipped``, and the extensions of other visible files are counted in ``other``."""
     out = []
     for p in sorted(folder.iterdir()):
         if p.suffix.lower() not in IMAGE_EXTENSIONS:
+            if other is not None and not p.name.startswith(".") and p.is_file():
+                other[p.suffix.lower() or "(none)"] += 1
             continue
         if p.name.startswith(".") or not p.is_file():
             skipped.append(str(p))
@@ -50,10 +59,14 @@ def list_images(folder: Path, skipped: list[str]) -> list[Path]:
     return out
 
 
-def note_skipped(skipped: list[str], where: str) -> None:
+def note_skipped(skipped: list[str], where: str, other: Counter | None = None) -> None:
     if skipped:
         note(f"skipped {len(skipped)} hidden files or folders with image names in {where} (e.g. {skipped[0]}): "
              "they are not images")
+    if other:
+        counts = ", ".join(f"{n} {ext}" for ext, n in other.most_common())
+        note(f"left out {sum(other.values())} files in {where} that are not images by their extension ({counts}); "
+             f"images are {' '.join(IMAGE_EXTENSIONS)}")
 
 
 def _reason(e: Exception) -> str:
@@ -61,28 +74,46 @@ def _reason(e: Exception) -> str:
     return str(e).splitlines()[0].rsplit(", ", 1)[-1] if str(e) else type(e).__name__
 
 
+_FAST = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"RIFF")  # JPEG, PNG, WebP: torchvision's decoders
+
+
+def _decode_pil(data: bytes, path: str) -> Tensor:
+    import io
+
+    import numpy as np
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            rgb = np.array(im.convert("RGB"))
+    except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as e:
+        raise FastablateError(f"{path} is not a readable image ({str(e).splitlines()[0] if str(e) else e})") from None
+    return torch.from_numpy(rgb).permute(2, 0, 1)
+
+
 def decode(path: str, size: int | None = None) -> Tensor:
-    """(3, H, W) uint8 RGB image of ``path``, resized to ``size`` x ``size`` when given."""
+    """(3, H, W) uint8 RGB image of ``path`` with the pixels of PIL's ``convert("RGB")`` (the
+    policy above), resized to ``size`` x ``size`` when given."""
     import warnings
 
-    from torchvision.io import ImageReadMode, decode_image, read_file
+    from torchvision.io import ImageReadMode, decode_image
     from torchvision.transforms.v2.functional import resize
 
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", DeprecationWarning)  # torchvision.io's decoders, still the fastest
-            img = decode_image(read_file(path), mode=ImageReadMode.UNCHANGED)
-    except (RuntimeError, ValueError) as e:
-        raise FastablateError(f"{path} is not a readable image ({_reason(e)})") from None
-    if img.dtype != torch.uint8:  # 16-bit PNG: keep the high byte
-        img = (img.to(torch.int32) >> 8).to(torch.uint8)
-    channels = img.shape[0]
-    if channels in (1, 2):
-        img = img[:1].expand(3, -1, -1)
-    elif channels == 4:
-        img = img[:3]
-    elif channels != 3:
-        raise FastablateError(f"{path} has {channels} channels; expected gray, RGB or RGBA")
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as e:
+        raise FastablateError(f"{path} is not a readable image ({e.strerror})") from None
+    img = None
+    if data.startswith(_FAST):
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", DeprecationWarning)  # torchvision.io's decoders, still the fastest
+                img = decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
+        except (RuntimeError, ValueError):  # a file PIL may still read; if not, PIL says why
+            img = None
+    if img is None or img.dtype != torch.uint8:  # 16-bit PNGs: PIL's conversion, not torchvision's
+        img = _decode_pil(data, path)
     if size is not None and (img.shape[1] != size or img.shape[2] != size):
         img = resize(img.contiguous(), [size, size], antialias=True)
     return img.contiguous()

@@ -35,7 +35,7 @@ from torch import Tensor, nn
 
 from fastablate.data import ImageSet
 from fastablate.engines.distributed import all_sum, gather, is_main, merge
-from fastablate.engines.protocol import Runtime, Study, hash_seed, model_name, my_batches, slug, table
+from fastablate.engines.protocol import Runtime, Study, check_finite, hash_seed, model_name, my_batches, slug, table
 from fastablate.engines.spec import Choice, Float, Int, Spec, Text, option
 from fastablate.errors import FastablateError
 from fastablate.models.checkpoint import atomic_save
@@ -449,7 +449,9 @@ def run_attack(model: nn.Module, ds: ImageSet, spec: AttackSpec, runtime: Runtim
             # the batches before it (or on which process runs it).
             gen = torch.Generator().manual_seed(hash_seed(runtime.seed, "attack", i))
             with torch.no_grad():
-                pred = model(x).argmax(1)
+                logits = model(x)
+            check_finite(model, logits, x)
+            pred = logits.argmax(1)
             ok = pred == y
             correct += int(ok.sum())
             if spec.target is not None:

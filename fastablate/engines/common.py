@@ -13,7 +13,7 @@ from typing import Optional
 import torch
 
 from fastablate.data import ImageSet, build_dataset
-from fastablate.engines.protocol import Runtime
+from fastablate.engines.protocol import Runtime, check_finite
 from fastablate.engines.spec import Choice, Float, Int, List, ModelFile, Spec, Text, option
 from fastablate.errors import FastablateError
 from fastablate.modes import eval_mode
@@ -132,17 +132,21 @@ def load_or_build_model(setup: Setup, ds: ImageSet, *, weights: str | None = Non
 
 def check_fits(model: NormalizedModel, ds: ImageSet) -> None:
     """The model takes the data's images: as many normalization values as channels, and a
-    forward pass of one image works (a model too deep for the image size fails here)."""
+    forward pass of one image works (a model too deep for the image size fails here) and gives
+    finite logits (before anything is written; the studies check every batch again)."""
     sample = ds.load(torch.arange(1)).float().div(255)
     if model.mean.numel() != sample.shape[1]:
         raise FastablateError(f"--mean/--std have {model.mean.numel()} values, the images have {sample.shape[1]} "
                               "channels")
+    sample = sample.to(next(model.parameters()).device)
     try:
         with eval_mode(model), torch.no_grad():
-            model(sample.to(next(model.parameters()).device))
+            logits = model(sample)
     except RuntimeError as e:
         raise FastablateError(f"model {model.arch} cannot take {ds.image_size}x{ds.image_size} images: "
                               f"{str(e).splitlines()[0]}") from None
+    with eval_mode(model):
+        check_finite(model, logits, sample)
 
 
 def load_checkpoints(setup: Setup, ds: ImageSet, runtime: Runtime, *, command: str) -> list[NormalizedModel]:

@@ -12,7 +12,7 @@ from torch import nn
 
 from fastablate.data import ImageSet
 from fastablate.engines.distributed import all_sum
-from fastablate.engines.protocol import Runtime, Study, model_name, my_batches, slug, table
+from fastablate.engines.protocol import Runtime, Study, check_finite, model_name, my_batches, slug, table
 from fastablate.engines.spec import Spec
 from fastablate.modes import eval_mode
 from fastablate.plots import pyplot, save
@@ -58,6 +58,7 @@ def evaluate(model: nn.Module, ds: ImageSet, runtime: Runtime, *, desc: str = "e
         for _, x, y in my_batches(ds, runtime, desc):
             x = x.contiguous(memory_format=memory_format)
             logits = model(x)
+            check_finite(model, logits, x)
             if tta:
                 logits = (logits.float().softmax(1) + model(x.flip(3)).float().softmax(1)).div_(2).log_()
             loss_sum += F.cross_entropy(logits.float(), y, reduction="sum").item()

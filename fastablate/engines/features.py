@@ -30,7 +30,7 @@ from torch import Tensor, nn
 
 from fastablate.data import ImageSet, balanced_subset, read_saved
 from fastablate.engines.distributed import all_max, all_sum
-from fastablate.engines.protocol import Runtime, Study, model_name, my_batches, slug, table
+from fastablate.engines.protocol import Runtime, Study, check_finite, model_name, my_batches, slug, table
 from fastablate.engines.spec import Choice, Int, List, Spec, Text, option
 from fastablate.errors import FastablateError
 from fastablate.modes import eval_mode
@@ -145,6 +145,7 @@ def layer_maps(model: nn.Module, names: Sequence[str], x: Tensor, method: str) -
             x = x.detach().requires_grad_(method == "gradcam")
             with torch.set_grad_enabled(method == "gradcam"):
                 logits = model(x)
+                check_finite(model, logits, x)
                 pred = logits.argmax(1)
                 acts = {n: a for n, a in rec.out.items() if a.dim() == 4}
                 if method == "gradcam":

@@ -29,7 +29,7 @@ from torch import Tensor, nn
 
 from fastablate.data import ImageSet
 from fastablate.engines.distributed import all_sum
-from fastablate.engines.protocol import Runtime, Study, default_max_memory, model_name, my_batches, table
+from fastablate.engines.protocol import Runtime, Study, check_finite, default_max_memory, model_name, my_batches, table
 from fastablate.engines.spec import Int, List, Size, Spec, Value, option
 from fastablate.errors import FastablateError
 from fastablate.modes import eval_mode
@@ -371,7 +371,9 @@ def run_lesion(model: nn.Module, ds: ImageSet, variants: Sequence[Variant], runt
     conf = torch.zeros(u, dtype=torch.float64)
     with eval_mode(model):
         for _, x, y in my_batches(ds, runtime, f"lesion {model_name(model)} ({u} variants)"):
-            logp = F.log_softmax(ex(x).float(), dim=-1)  # (variants, N, classes)
+            logits = ex(x)
+            check_finite(model, logits[slot[variants[0].steps]], x)
+            logp = F.log_softmax(logits.float(), dim=-1)  # (variants, N, classes)
             top, pred = logp.max(-1)
             correct += (pred == y).sum(1).double().cpu()
             loss -= logp.gather(2, y.expand(u, -1).unsqueeze(2)).squeeze(2).sum(1).double().cpu()

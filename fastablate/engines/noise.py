@@ -28,7 +28,7 @@ from torch import Tensor, nn
 
 from fastablate.data import ImageSet, batches
 from fastablate.engines.distributed import all_sum
-from fastablate.engines.protocol import Runtime, Study, hash_seed, model_name, my_batches, progress, table
+from fastablate.engines.protocol import Runtime, Study, check_finite, hash_seed, model_name, my_batches, progress, table
 from fastablate.engines.spec import Float, Int, List, Spec, Text, option
 from fastablate.errors import FastablateError
 from fastablate.modes import eval_mode
@@ -236,7 +236,10 @@ def _accuracy(model: nn.Module, ds: ImageSet, runtime: Runtime, injector: NoiseI
             x = x.clamp_(0, 1).mul_(255).floor_().div_(255)
         if injector is not None:
             injector.row = row
-        correct += (model(x).argmax(1) == y).sum().item()
+        logits = model(x)
+        if injector is None and input_sigma == 0:  # the clean pass
+            check_finite(model, logits, x)
+        correct += (logits.argmax(1) == y).sum().item()
     return correct
 
 

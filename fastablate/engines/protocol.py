@@ -18,6 +18,7 @@ from torch import Tensor, nn
 
 from fastablate.data import ImageSet, batches
 from fastablate.engines.spec import Spec
+from fastablate.errors import FastablateError
 
 T = TypeVar("T")
 
@@ -46,7 +47,8 @@ class Runtime:
 
 
 class Result(Protocol):
-    """What a study's run returns."""
+    """What a study's run returns; a ``warnings`` list of lines, where a result has one, goes
+    into run.json."""
 
     model: str
 
@@ -133,6 +135,32 @@ def model_name(model: nn.Module) -> str:
 def slug(text: str) -> str:
     """A file-name-safe form of a model name."""
     return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-")
+
+
+def check_finite(model: nn.Module, logits: Tensor, x: Tensor) -> None:
+    """A study's numbers come from finite logits: NaN or infinite logits of ``model`` on ``x``
+    are an error naming the first layer (in the order they run) whose output is not finite,
+    never an accuracy."""
+    if bool(torch.isfinite(logits).all()):
+        return
+    first: list[str] = []
+
+    def hook(name):
+        def keep(module, inputs, output):
+            if not first and isinstance(output, Tensor) and output.is_floating_point() and \
+                    not bool(torch.isfinite(output).all()):
+                first.append(f"{name} ({type(module).__name__})")
+        return keep
+    handles = [m.register_forward_hook(hook(n)) for n, m in model.named_modules() if n and not list(m.children())]
+    try:
+        with torch.no_grad():
+            model(x)
+    finally:
+        for h in handles:
+            h.remove()
+    where = f"they start at layer {first[0]}" if first else "no single layer's output is the first"
+    raise FastablateError(f"{model_name(model)} gives NaN or infinite logits on these images; {where}: check its "
+                          "weights and BatchNorm statistics")
 
 
 def default_max_memory(device: torch.device) -> int:

@@ -81,6 +81,9 @@ def run_study(study: Study, setup: Setup, spec: Spec, *, progress: bool = False)
                                                                        suffix="" if i == 0 else f"-{slug(name)}")))
             run.timings[f"{study.name}_{name}_s"] = round(time.perf_counter() - t0, 3)
         document = study.document(results, spec)
+        warnings = [w for r in results for w in getattr(r, "warnings", ())]
+        if warnings:  # what a user should know about the numbers, beside them
+            run.info["warnings"] = warnings
         if rank == 0:  # one process writes the one result
             results[0].plot(run.plot_dir(), *results[1:])
             run.write_results(document, [row for r in results for row in r.rows()])

@@ -162,6 +162,7 @@ class TrainResult:
     frozen: list[str] = field(default_factory=list)
     init: str = "none"
     preview: dict[str, Tensor] = field(default_factory=dict, repr=False)
+    warnings: list[str] = field(default_factory=list)  # run.json records them (see the runner)
 
     def to_dict(self) -> dict:
         return {"accuracy": self.final.accuracy, "loss": self.final.loss, "epochs": len(self.history),

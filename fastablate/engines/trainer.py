@@ -23,7 +23,7 @@ from fastablate.data.augment import augment
 from fastablate.engines import distributed as dist
 from fastablate.engines.evaluate import EvalResult, evaluate
 from fastablate.engines.protocol import Runtime, batch_progress, hash_seed
-from fastablate.errors import FastablateError
+from fastablate.errors import FastablateError, note
 from fastablate.models import save_checkpoint
 from fastablate.models.checkpoint import atomic_save
 from fastablate.models.transfer import keep_frozen_bn
@@ -61,6 +61,21 @@ class WeightAverage:
         for a, b in zip(self.model.buffers(), model.buffers()):
             a.copy_(b)
         self.steps += 1
+
+
+DIVERGING = 100  # a loss this many times its first-epoch value: the training is diverging
+
+
+def divergence_warning(history: list[dict]) -> str | None:
+    """A line for the first epoch whose train or test loss is over DIVERGING times its
+    first-epoch value (the run goes on: a lower --lr is the user's call), or None."""
+    for row in history[1:]:
+        for key in ("test_loss", "train_loss"):
+            first, now = history[0][key], row[key]
+            if now > DIVERGING * first:
+                return (f"training is diverging: the {key.replace('_', ' ')} at epoch {row['epoch']} is {now:.3g}, "
+                        f"over {DIVERGING} times its first-epoch {first:.3g}; lower --lr")
+    return None
 
 
 def _saved_batches(ds: ImageSet, size: int, gen: torch.Generator, augments, device) -> Tensor:
@@ -113,6 +128,7 @@ def train(model: nn.Module, data, spec, runtime: Runtime):
     eval_rt = runtime.with_(batch_size=max(bs, 256), progress=False)
     final: dict[str, EvalResult] = {}
     lr = 0.0
+    warned = divergence_warning(history) is not None  # said once, by the run that saw it
     for epoch in range(first_epoch, spec.epochs):
         t0 = time.perf_counter()
         model.train()
@@ -166,6 +182,9 @@ def train(model: nn.Module, data, spec, runtime: Runtime):
         history.append(row)
         if not main:
             continue
+        if not warned and divergence_warning(history):
+            note(divergence_warning(history))
+            warned = True
         meta = {"dataset": data.train.name, "epoch": epoch + 1, "test_accuracy": final["test"].accuracy,
                 "test_loss": final["test"].loss, "seed": runtime.seed, "world_size": world}
         save_checkpoint(trained, runtime.out / MODEL_FILE, meta)
@@ -181,9 +200,10 @@ def train(model: nn.Module, data, spec, runtime: Runtime):
               f"{row['seconds']:.1f}s", flush=True)
     if not final:  # resumed a finished run: report the saved model
         final = evaluate_all(average.model if average is not None else model, data, spec, eval_rt, fmt)
+    diverging = divergence_warning(history)
     return TrainResult(model.name, history, final["test"], runtime.out / MODEL_FILE, time.perf_counter() - start,
                        {n: r for n, r in final.items() if n != "test"}, getattr(model, "frozen", []),
-                       getattr(model, "init", "none"), data.preview)
+                       getattr(model, "init", "none"), data.preview, [diverging] if diverging else [])
 
 
 def evaluate_all(model: nn.Module, data, spec, runtime: Runtime, fmt) -> dict[str, EvalResult]:

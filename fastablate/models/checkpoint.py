@@ -6,7 +6,10 @@ Ours is a dict of tensors and plain Python types::
      "image_size": 32, "mean": [...], "std": [...], "classes": ["airplane", ...],
      "state_dict": {...}, "meta": {...}}
 
-Reading one checks it: the keys are there, every weight is finite, every std is positive.
+Reading one checks it as options are checked: the keys are there with their types and in
+their ranges (``image_size`` 8..1024, ``num_classes`` 1..100,000, a dropout in [0, 1), one
+class name per output), every weight is finite, every std is positive, and every BatchNorm
+``running_var`` is non-negative (a negative variance makes every output NaN).
 
 Foreign files are a raw state_dict, ``{"state_dict": ...}`` or ``{"model": ...}``, with or
 without DataParallel's ``module.`` prefix; they need ``arch`` and the normalization.
@@ -82,6 +85,9 @@ def _read(resolved: str, mtime_ns: int, size: int, shown: str) -> dict:
     for k, v in state.items():
         if v.is_floating_point() and not bool(torch.isfinite(v).all()):
             raise FastablateError(f"checkpoint {shown!r}: {k} holds NaN or infinite values")
+        if k.endswith("running_var") and v.numel() and float(v.min()) < 0:
+            raise FastablateError(f"checkpoint {shown!r}: {k} holds a negative variance ({float(v.min()):.4g}); "
+                                  "BatchNorm statistics are never negative")
     return obj
 
 
@@ -95,14 +101,29 @@ def _check_ours(obj: dict, shown: str) -> None:
                               f"a fastablate checkpoint holds {', '.join(_OURS)}")
     if not all(isinstance(v, torch.Tensor) for v in obj["state_dict"].values()):
         raise FastablateError(f"checkpoint {shown!r}: its state_dict holds values that are not tensors")
+    def bad(field, value, want):
+        return FastablateError(f"checkpoint {shown!r}: {field} is {value!r}; {want}")
+    if isinstance(obj["image_size"], bool) or not 8 <= obj["image_size"] <= 1024:
+        raise bad("image_size", obj["image_size"], "expected 8..1024 pixels")
+    if isinstance(obj["num_classes"], bool) or not 1 <= obj["num_classes"] <= 100_000:
+        raise bad("num_classes", obj["num_classes"], "expected 1..100000")
+    if not obj["arch"].strip():
+        raise bad("arch", obj["arch"], "expected a model name")
     stds = obj["std"]
-    if len(stds) != len(obj["mean"]) or not all(isinstance(v, (int, float)) and math.isfinite(v) for v in
-                                                 stds + obj["mean"]) or min(stds, default=0) <= 0:
+    if not 1 <= len(stds) <= 4 or len(stds) != len(obj["mean"]) or not all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in stds + obj["mean"]) \
+            or min(stds) <= 0:
         raise FastablateError(f"checkpoint {shown!r}: its normalization mean {obj['mean']} / std {stds} is not "
-                              "finite numbers with positive stds")
+                              "1 to 4 finite numbers each, with positive stds")
     classes = obj.get("classes")
-    if classes is not None and (not isinstance(classes, list) or len(classes) != obj["num_classes"]):
-        raise FastablateError(f"checkpoint {shown!r}: classes do not match its {obj['num_classes']} outputs")
+    if classes is not None and (not isinstance(classes, list) or len(classes) != obj["num_classes"]
+                                or not all(isinstance(c, str) for c in classes)):
+        raise FastablateError(f"checkpoint {shown!r}: classes are not {obj['num_classes']} names, one per output")
+    head, dropout = obj.get("head", "linear"), obj.get("dropout", 0.0)
+    if not isinstance(head, str):
+        raise bad("head", head, "expected a head spec such as linear or mlp:512")
+    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
+        raise bad("dropout", dropout, "expected a probability in [0, 1)")
 
 
 def _counter(key: str) -> bool:
