@@ -27,8 +27,9 @@ def _echo_main(message: str, err: bool = False) -> None:
 
 def _leave_together() -> None:
     """Under torchrun, wait (a while) for the other processes to meet the same bad input, then
-    all exit 2 at once (torchrun stops the others as soon as one process ends)."""
-    if "torch" not in sys.modules:
+    all exit 2 at once (torchrun stops the others as soon as one process ends). Bad input found
+    before the process group was joined (an option's value) joins it for this."""
+    if int(os.environ.get("WORLD_SIZE", "1") or 1) <= 1:
         return
     from fastablate.engines.distributed import leave
 

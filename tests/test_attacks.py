@@ -129,6 +129,19 @@ def test_target_equal_to_label_is_an_error(model, ds):
         sparse_attack(model, x, y, AttackSpec(k=2), target=torch.where(torch.arange(4) == 1, y, (y + 1) % 10))
 
 
+@pytest.mark.parametrize("attack, queries", [("sparse-rs", 1), ("sparse-rs", 7), ("sparse", 7)])
+def test_queries_mean_counts_what_the_budget_counts(attack, queries, trained_resnet8, tmp_path):
+    """Forward passes of the random search per attacked image: never above --queries."""
+    out = tmp_path / "q"
+    r = CliRunner().invoke(cli, ["attack", "--weights", str(trained_resnet8), "--dataset", "synthetic", "--limit", "30",
+                                 "--attack", attack, "--k", "1", "--queries", str(queries), "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    res = json.loads((out / "results.json").read_text())
+    assert res["attacked"] > 0 and 0 <= res["queries_mean"] <= queries
+    if attack == "sparse-rs":  # every attacked image makes at least its first query
+        assert res["queries_mean"] >= 1
+
+
 def test_cli_attack_outputs(trained_resnet8, tmp_path):
     out, data = tmp_path / "run", tmp_path / "adv.pt"
     r = CliRunner().invoke(cli, ["attack", "--weights", str(trained_resnet8), "--dataset", "synthetic", "--limit", "30",

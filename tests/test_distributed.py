@@ -77,3 +77,18 @@ def test_bad_input_under_torchrun_stops_every_process(trained_resnet8, tmp_path)
     assert out.stderr.count("exitcode  : 2") == 3 and not (tmp_path / "o").exists()
     out = fastablate("train", *SYN, "--sync-bn", "--out", tmp_path / "s", code=2)
     assert out.stderr.strip() == "Error: --sync-bn applies under torchrun (more than one process)"
+
+
+def test_bad_option_under_torchrun_every_process_exits_2(tmp_path):
+    """A value refused while parsing, before any process group, with one process 3 s behind the
+    other: each still exits 2 itself (torchrun stops the others as soon as the first ends)."""
+    slow = tmp_path / "slow-rank-1"
+    slow.write_text(f'#!/bin/sh\n[ "$LOCAL_RANK" = 1 ] && sleep 3\nexec {sys.executable} -m fastablate "$@"\n')
+    slow.chmod(0o755)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "--no-python",
+           str(slow), "eval", "--model", "resnet8", *SYN, "--batch-size", "0", "--out", str(tmp_path / "o")]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert out.returncode == 1, out.stderr[-3000:]
+    errors = [ln for ln in out.stderr.splitlines() if ln.startswith("Error: ")]
+    assert errors == ["Error: --batch-size '0': must be in [1, 1048576]"], out.stderr[-2000:]
+    assert out.stderr.count("exitcode  : 2") == 2 and "SIGTERM" not in out.stderr and not (tmp_path / "o").exists()

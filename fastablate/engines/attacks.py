@@ -85,6 +85,9 @@ class AttackSpec(Spec):
     def validate(self) -> None:
         if self.pixels is not None and self.k is not None:
             raise FastablateError("--pixels and --k both set the pixel budget: give one")
+        if self.attack == "sparse-rs" and self.queries == 0:
+            raise FastablateError("--queries 0: sparse-rs is its random search, which needs at least 1 query per "
+                                  "image (sparse takes 0: gradient steps only)")
         for name in self.given():
             attacks = APPLIES.get(name)
             if attacks is not None and self.attack not in attacks:
@@ -373,7 +376,7 @@ def sparse_rs_attack(model: nn.Module, x: Tensor, y: Tensor, spec: AttackSpec, t
     """Black-box Sparse-RS from a random start (:func:`random_search`); checked like sparse."""
     _check_target(y, target)
     spec = _sparse_spec(spec, x)
-    best, queries = random_search(model, x, y, spec.k, max(1, spec.queries), target, generator)
+    best, queries = random_search(model, x, y, spec.k, spec.queries, target, generator)
     return _within_budget(best, x, spec), torch.zeros_like(queries), queries
 
 

@@ -98,10 +98,16 @@ def sync_buffers(module: torch.nn.Module) -> None:
 
 
 def leave(timeout_s: float = 30.0) -> bool:
-    """Meet the other processes (at most ``timeout_s``); whether there was a group to leave."""
+    """Meet the other processes (at most ``timeout_s``), joining the group first if this
+    process had not (a gloo group: no device is needed to meet); whether there was a group."""
     import datetime
 
-    if not (dist.is_available() and dist.is_initialized()):
+    if not dist.is_available() or not launched():
+        return False
+    try:
+        if not dist.is_initialized():
+            dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=timeout_s))
+    except Exception:  # the others did not come: leave alone
         return False
     try:
         if dist.get_backend() == "gloo":
