@@ -140,7 +140,7 @@ class StudyCommand(click.Command):
                 raise FastablateError(f"{opt.flag}{source_label(ctx, key)} applies to the {other.name} study"
                                       f"{f' ({trig})' if trig else ''}, which is not given")
         values = spec_values(ctx, self.fields, keys)
-        return study, values.get(Setup, {}), values.get(study.spec_class, {})
+        return study, {**study.setup_defaults, **values.get(Setup, {})}, values.get(study.spec_class, {})
 
     def choose(self, ctx: click.Context):
         """(study, Setup, spec) of the options given in ``ctx``."""

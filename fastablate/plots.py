@@ -14,9 +14,38 @@ def pyplot():
     return plt
 
 
+class Figures:
+    """A plot directory that keeps the figures instead of writing them: ``result.plot(sink)``
+    draws as into a run directory, and ``sink.figures`` holds the Figures in drawing order
+    (closed for pyplot, so a notebook shows each once, where it is displayed)."""
+
+    def __init__(self):
+        self.figures: list = []
+
+    def __truediv__(self, name: str) -> "_Kept":
+        return _Kept(self, name)
+
+
+class _Kept:
+    """The would-be path of a figure kept by :class:`Figures`."""
+
+    def __init__(self, sink: Figures, name: str):
+        self.sink, self.name = sink, name
+
+    def __fspath__(self) -> str:
+        return self.name
+
+    __str__ = __fspath__
+
+
 def save(fig, path: Path, dpi: int = 110) -> Path:
+    """Write ``fig`` to ``path`` and close it; a path of :class:`Figures` keeps it instead."""
     fig.tight_layout()
-    fig.savefig(path, dpi=dpi)
+    if isinstance(path, _Kept):
+        fig.set_dpi(dpi)
+        path.sink.figures.append(fig)
+    else:
+        fig.savefig(path, dpi=dpi)
     pyplot().close(fig)
     return path
 

@@ -52,10 +52,19 @@ def test_models_listing(monkeypatch):
     assert "20.03M" in vgg and " 16 " in vgg and "resnet50 " in r.output
 
 
-def test_help_shows_each_command_s_own_defaults():
-    # paths measures on training images (Veit), so its --split defaults to train.
+def test_each_command_s_own_defaults(tmp_path):
+    # paths measures on training images (Veit), so its --split defaults to train; --split test,
+    # though it is the other commands' default, still chooses test.
     assert "Split to use. [default: train]" in " ".join(run("paths", "--help").output.split())
     assert "Split to use. [default: test]" in " ".join(run("eval", "--help").output.split())
+    ckpt = tmp_path / "r8.pt"
+    save_checkpoint(build_model("resnet8"), ckpt)
+    for args, split in (([], "train"), (["--split", "test"], "test")):
+        out = tmp_path / split
+        r = run("paths", "--weights", ckpt, "--dataset", "synthetic", "--limit", "20", "--samples", "1", *args,
+                "--out", out)
+        assert r.exit_code == 0, r.output
+        assert json.loads((out / "run.json").read_text())["config"]["split"] == split
 
 
 @pytest.fixture(scope="module")

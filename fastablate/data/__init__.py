@@ -30,8 +30,9 @@ SPLITS = ("train", "test")
 
 @dataclass
 class ImageSet:
-    """Images with labels. ``images`` is (N, C, H, W) uint8, or None when ``files`` are
-    decoded per batch (sets larger than the memory limit)."""
+    """Images with labels. ``images`` is (N, C, H, W) uint8 (0..255), or float in [0, 1] (images
+    given as tensors from Python), or None when ``files`` are decoded per batch (sets larger
+    than the memory limit)."""
 
     name: str
     split: str
@@ -58,10 +59,19 @@ class ImageSet:
                         [self.files[i] for i in index.tolist()] if self.images is None else [])
 
     def load(self, index: Tensor) -> Tensor:
-        """uint8 images (len(index), C, H, W) of the given rows."""
+        """The stored images (len(index), C, H, W) of the given rows: uint8, or float in [0, 1]."""
         if self.images is not None:
             return self.images[index]
         return torch.stack([decode(self.files[i], self.image_size) for i in index.tolist()])
+
+    def floats(self, index: Tensor) -> Tensor:
+        """Float images in [0, 1] (len(index), C, H, W) of the given rows."""
+        return to_unit(self.load(index))
+
+
+def to_unit(x: Tensor) -> Tensor:
+    """Stored images as floats in [0, 1]: uint8 divided by 255, floats as they are."""
+    return x.float().div_(255) if x.dtype == torch.uint8 else x.float()
 
 
 @dataclass(frozen=True)
@@ -257,7 +267,7 @@ def batches(ds: ImageSet, batch_size: int, *, device: torch.device | str = "cpu"
     aug_gen = augment_generator or generator
     for x, y in _uint8_batches(ds, order, batch_size, workers, shard):
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        x = x.float().div_(255)
+        x = to_unit(x)
         yield (apply(x, augment, aug_gen) if augment else x), y
 
 

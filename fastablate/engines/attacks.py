@@ -552,15 +552,20 @@ class AttackStudy(Study):
     def run(self, model, data, spec, runtime):
         res = run_attack(model, data, spec, runtime, keep=spec.save_examples or bool(spec.save_dataset))
         ex = res.examples
-        if spec.save_examples and is_main():
-            atomic_save(ex, runtime.artifact("adversarial.pt"))
-        if spec.save_dataset and is_main():
+        if spec.save_dataset and is_main():  # a file the user named: written as the CLI runs
             atomic_save({"images": ex["x_adv"].mul(255).round().to(torch.uint8), "labels": ex["y"],
                          "success": ex["success"], "attacked": ex["attacked"], "classes": list(data.classes),
                          "attack": res.spec, "dataset": data.name, "split": data.split}, spec.save_dataset)
         if not spec.save_examples:
             res.examples = None  # kept for the dataset only: no grid
         return res
+
+    def write_artifacts(self, results, spec, runtime):
+        """adversarial.pt (adversarial-<model>.pt for compared models) with --save-examples."""
+        if spec.save_examples and is_main():
+            for i, r in enumerate(results):
+                suffix = "" if i == 0 else f"-{slug(r.model)}"
+                atomic_save(r.examples, runtime.with_(suffix=suffix).artifact("adversarial.pt"))
 
     def metrics(self, document: dict) -> dict[str, float]:
         return {k: document[k] for k in ("success_rate", "robust_accuracy", "clean_accuracy")}

@@ -134,7 +134,7 @@ def check_fits(model: NormalizedModel, ds: ImageSet) -> None:
     """The model takes the data's images: as many normalization values as channels, and a
     forward pass of one image works (a model too deep for the image size fails here) and gives
     finite logits (before anything is written; the studies check every batch again)."""
-    sample = ds.load(torch.arange(1)).float().div(255)
+    sample = ds.floats(torch.arange(1))
     if model.mean.numel() != sample.shape[1]:
         raise FastablateError(f"--mean/--std have {model.mean.numel()} values, the images have {sample.shape[1]} "
                               "channels")

@@ -292,10 +292,9 @@ class FeaturesStudy(Study):
     command = "features"
     spec_class = FeaturesSpec
 
-    def load_data(self, setup, spec: FeaturesSpec, runtime) -> FeaturesData:
-        from fastablate.engines.common import checkpoint_data, load_data
-
-        ds = load_data(setup, **checkpoint_data(setup.weights))
+    def prepare(self, ds, spec: FeaturesSpec, seed: int) -> FeaturesData:
+        """The images to draw (``--index``, ``--examples``' fooled ones, or a balanced few) and
+        the split the statistics are taken over."""
         count = spec.images or 4
         if spec.examples:
             ex = load_examples(spec.examples, ds)
@@ -309,8 +308,8 @@ class FeaturesStudy(Study):
                 raise FastablateError(f"--index {bad[0]}: {ds.name}/{ds.split} has {len(ds)} images (0..{len(ds) - 1})")
             index = torch.tensor(spec.index)
         else:
-            index = balanced_subset(ds.labels, min(count, len(ds)), setup.seed)
-        return FeaturesData(ds, ds.load(index).float().div(255), ds.labels[index], index.tolist())
+            index = balanced_subset(ds.labels, min(count, len(ds)), seed)
+        return FeaturesData(ds, ds.floats(index), ds.labels[index], index.tolist())
 
     def load_models(self, setup, spec, data: FeaturesData, runtime):
         return super().load_models(setup, spec, data.ds, runtime)

@@ -240,7 +240,7 @@ def run_paths(model: nn.Module, ds: ImageSet, spec: PathsSpec, runtime: Runtime)
         for c, chunk in progress(mine, desc=f"paths {name}", enabled=runtime.progress):
             gen = torch.Generator().manual_seed(hash_seed(runtime.seed, "paths", c))  # the pass's own images
             idx = torch.randint(0, len(ds), (spec.images,), generator=gen)
-            x = ds.load(idx).to(runtime.device).float().div_(255)
+            x = ds.floats(idx).to(runtime.device)
             y = ds.labels[idx].to(runtime.device)
             sets = [s for _, s in chunk]
             measured.append((c, [v for i in range(0, len(sets), group)
@@ -307,14 +307,6 @@ class PathsStudy(Study):
     spec_class = PathsSpec
     setup_excludes = ("batch_size",)  # --sets x --images rows per pass
     setup_defaults = {"split": "train"}  # Veit measured on training images
-
-    def load_data(self, setup, spec, runtime):
-        from dataclasses import replace
-
-        from fastablate.engines.common import checkpoint_data, load_data
-
-        split = setup.split if "split" in setup.given() else self.setup_defaults["split"]
-        return load_data(replace(setup, split=split), **checkpoint_data(setup.weights))
 
     def load_models(self, setup, spec, data, runtime):
         """``--weights`` and the ``--compare`` models that have paths: a compared plain net (one

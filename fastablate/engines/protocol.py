@@ -71,14 +71,21 @@ class Study:
     spec_class: ClassVar[type[Spec]]
     triggers: ClassVar[tuple[str, ...]] = ()  # spec fields whose being given selects this study within its command
     setup_excludes: ClassVar[tuple[str, ...]] = ()  # shared options that do not apply ("compare", "split", ...)
-    setup_defaults: ClassVar[dict[str, Any]] = {}  # shared options whose default differs here ({"split": "train"})
+    # Shared options whose default differs for this study ({"split": "train"}): the command
+    # applies them to the options not given (and shows them in --help).
+    setup_defaults: ClassVar[dict[str, Any]] = {}
 
     def load_data(self, setup, spec: Spec, runtime: Runtime) -> Any:
         """The data ``run`` gets: by default the ``--split`` of the dataset, at the image size
-        and with the class names of the ``--weights`` checkpoint."""
+        and with the class names of the ``--weights`` checkpoint, made ready by :meth:`prepare`."""
         from fastablate.engines.common import checkpoint_data, load_data
 
-        return load_data(setup, **checkpoint_data(setup.weights))
+        return self.prepare(load_data(setup, **checkpoint_data(setup.weights)), spec, runtime.seed)
+
+    def prepare(self, ds: ImageSet, spec: Spec, seed: int) -> Any:
+        """The data ``run`` gets from the images ``ds`` (from the CLI's dataset or a library
+        call's data): by default ``ds`` itself."""
+        return ds
 
     def load_models(self, setup, spec: Spec, data: Any, runtime: Runtime) -> list[nn.Module]:
         """The models: by default ``--weights`` and each ``--compare`` checkpoint, on the device."""
@@ -109,6 +116,10 @@ class Study:
         elif len(results) > 2:
             out["compare"] = [r.to_dict() for r in results[1:]]
         return out
+
+    def write_artifacts(self, results: Sequence[Result], spec: Spec, runtime: Runtime) -> None:
+        """Files beside results.json that a run keeps (adversarial.pt ...), into ``runtime.out``
+        (``runtime.with_(suffix=...)`` per compared model is the study's business)."""
 
     def report(self, results: Sequence[Result], spec: Spec) -> str:
         """What the terminal shows at the end: by default a table of the rows."""

@@ -11,7 +11,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 from fastablate.engines import distributed as dist
 from fastablate.engines.common import Setup
@@ -73,20 +73,9 @@ def run_study(study: Study, setup: Setup, spec: Spec, *, progress: bool = False)
     if refused:
         raise error if error is not None else FastablateError(refused)
     try:
-        results: list[Any] = []
-        for i, model in enumerate(models):
-            name = model_name(model)
-            t0 = time.perf_counter()
-            results.append(study.run(model, data, spec, runtime.with_(out=out,
-                                                                       suffix="" if i == 0 else f"-{slug(name)}")))
-            run.timings[f"{study.name}_{name}_s"] = round(time.perf_counter() - t0, 3)
-        document = study.document(results, spec)
-        warnings = [w for r in results for w in getattr(r, "warnings", ())]
-        if warnings:  # what a user should know about the numbers, beside them
-            run.info["warnings"] = warnings
-        if rank == 0:  # one process writes the one result
-            results[0].plot(run.plot_dir(), *results[1:])
-            run.write_results(document, [row for r in results for row in r.rows()])
+        results = execute(study, models, data, spec, runtime.with_(out=out), run.timings)
+        document = write_outputs(run, study, results, spec, runtime.with_(out=out)) if rank == 0 else \
+            study.document(results, spec)
     except BaseException as e:
         if rank == 0:
             run.finish(error=f"{type(e).__name__}: {e}")
@@ -94,3 +83,31 @@ def run_study(study: Study, setup: Setup, spec: Spec, *, progress: bool = False)
     if rank == 0:
         run.finish()
     return Outcome(run.path, results, document, study.report(results, spec))
+
+
+def execute(study: Study, models, data: Any, spec: Spec, runtime, timings: dict | None = None) -> list[Result]:
+    """``study`` on each model over the same data: its results, in order. Writes nothing but
+    what the study writes as it goes into ``runtime.out`` (a training's checkpoints), when set.
+    The one computation behind the CLI and the library functions."""
+    results: list[Any] = []
+    for i, model in enumerate(models):
+        name = model_name(model)
+        t0 = time.perf_counter()
+        results.append(study.run(model, data, spec, runtime.with_(suffix="" if i == 0 else f"-{slug(name)}")))
+        if timings is not None:
+            timings[f"{study.name}_{name}_s"] = round(time.perf_counter() - t0, 3)
+    return results
+
+
+def write_outputs(run: RunDir, study: Study, results: Sequence[Result], spec: Spec, runtime) -> dict:
+    """What a finished run keeps in its (started) directory: the study's files, the plots,
+    results.csv and results.json last; run.json gains the results' warnings. Returns the
+    results.json document."""
+    document = study.document(results, spec)
+    warnings = [w for r in results for w in getattr(r, "warnings", ())]
+    if warnings:  # what a user should know about the numbers, beside them
+        run.info["warnings"] = warnings
+    study.write_artifacts(results, spec, runtime.with_(out=run.path))
+    results[0].plot(run.plot_dir(), *results[1:])
+    run.write_results(document, [row for r in results for row in r.rows()])
+    return document

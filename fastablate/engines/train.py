@@ -250,7 +250,7 @@ def _preview(ds: ImageSet, augments: list[tuple[str, float]], seed: int, count: 
 
     from fastablate.data.augment import augment
 
-    x = ds.load(torch.arange(min(count, len(ds)))).float().div(255)
+    x = ds.floats(torch.arange(min(count, len(ds))))
     out = {"original": x}
     for name, s in augments:
         out[f"{name}:{s:g}"] = augment(x, [(name, s)], torch.Generator().manual_seed(seed))

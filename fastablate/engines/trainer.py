@@ -81,7 +81,7 @@ def divergence_warning(history: list[dict]) -> str | None:
 def _saved_batches(ds: ImageSet, size: int, gen: torch.Generator, augments, device) -> Tensor:
     """``size`` random images of ``ds`` (with replacement), augmented like the training batch."""
     idx = torch.randint(0, len(ds), (size,), generator=gen)
-    x = ds.load(idx).to(device).float().div_(255)
+    x = ds.floats(idx).to(device)
     return (augment(x, augments, gen) if augments else x), ds.labels[idx].to(device)
 
 

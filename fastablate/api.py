@@ -1,0 +1,243 @@
+"""Every study as a Python function: a model object and data in, a result out, nothing
+written unless asked (``save(dir)`` or ``out=``).
+
+    import fastablate as fa
+    res = fa.lesion(model, loader, plans=["all-single", "k-random"], k=[1, 2], samples=10)
+    res.to_dict(); res.rows(); figs = res.plot(); res.save("runs/my-lesion")
+
+``model`` is any ``nn.Module`` the unit view sees (a registry model, a torchvision ResNet or
+VGG, a class with a registered adapter); it comes back in the train/eval mode and on the
+device it came in with, and no ``.grad`` is left on it. ``data`` is what
+:func:`fastablate.data.inputs.image_set` takes: an ``(x, y)`` pair, a Dataset, a DataLoader,
+or a registry name with ``data_dir``; images in [0, 1], normalization as ``mean=``/``std=``
+or part of the model. Options are the study's spec fields, by field name (``plans``, ``ks``)
+or by flag name (``lesion``, ``k``), checked by the same spec as the CLI's flags (a bad value
+is a :class:`~fastablate.errors.FastablateError`, a ``ValueError``, with the CLI's message).
+``compare=[other, ...]`` runs the same study on other models over the same images, as
+``--compare`` does. The CLI runs the same computation
+(:func:`fastablate.engines.runner.execute`) and writes the same run directory.
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import torch
+from torch import nn
+
+from fastablate.data.inputs import image_set
+from fastablate.engines import get_study
+from fastablate.engines.common import Setup, check_fits, resolve_device
+from fastablate.engines.protocol import Runtime, model_name
+from fastablate.engines.runner import execute, run_config, write_outputs
+from fastablate.engines.spec import parse_value, spec_options
+from fastablate.errors import FastablateError
+from fastablate.models import NormalizedModel
+from fastablate.plots import Figures
+from fastablate.results import RunDir
+
+
+class StudyResult:
+    """A study's results on a model (and its ``compare`` models): what the CLI's run holds.
+
+    ``to_dict()`` is results.json, ``rows()`` results.csv, ``plot()`` the figures of plots/
+    (matplotlib Figures, shown inline in Jupyter), ``save(dir)`` the whole run directory.
+    ``results`` holds the engine's result per model; attributes of the first model's result
+    read through (``res.intact``, ``res.variants`` of a lesion study).
+    """
+
+    def __init__(self, study, spec, results: list, config: dict, device: torch.device, seed: int):
+        self.study, self.spec, self.results = study, spec, results
+        self._config, self._device, self._seed = config, device, seed
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("_") or name in ("study", "spec", "results"):
+            raise AttributeError(name)
+        return getattr(self.results[0], name)
+
+    def to_dict(self) -> dict:
+        return self.study.document(self.results, self.spec)
+
+    def rows(self) -> list[dict]:
+        return [row for r in self.results for row in r.rows()]
+
+    def report(self) -> str:
+        """The table the CLI prints."""
+        return self.study.report(self.results, self.spec)
+
+    def __repr__(self) -> str:
+        return self.report()
+
+    def plot(self) -> list:
+        """The figures the run directory's plots/ would hold, as matplotlib Figures (in that order)."""
+        sink = Figures()
+        self.results[0].plot(sink, *self.results[1:])
+        return sink.figures
+
+    def save(self, directory: str | Path, *, force: bool = False) -> Path:
+        """Write the run directory the CLI writes (run.json, results.json/csv, plots/, the study's
+        files) into ``directory``; a folder holding another run is refused unless ``force``."""
+        run = RunDir(directory, self.study.command, self._config, device=str(self._device), seed=self._seed)
+        with run.start(force=force):
+            write_outputs(run, self.study, self.results, self.spec,
+                          Runtime(device=self._device, seed=self._seed, out=run.path))
+        return run.path
+
+
+def make_spec(study, options: dict):
+    """The study's spec from keyword options (field or flag names; text values read as the CLI reads them)."""
+    names = {}
+    for field, opt, _ in spec_options(study.spec_class):
+        names[field] = names[opt.key] = (field, opt)
+    values = {}
+    for key, value in options.items():
+        if key not in names:
+            valid = ", ".join(sorted({f for f, _ in names.values()}))
+            raise FastablateError(f"{study.name}: unknown option {key!r}; options: {valid}")
+        field, opt = names[key]
+        if isinstance(value, str) and not isinstance(getattr(study.spec_class, field, None), str):
+            value = parse_value(opt, value)  # "all", "1,2,4", "2G": as the flag reads them
+        elif isinstance(value, list):
+            value = tuple(value)
+        values[field] = value
+    try:
+        return study.spec_class(**values)
+    except TypeError as e:  # a value of the wrong kind for a field
+        raise FastablateError(f"{study.name}: {e}") from None
+
+
+@contextmanager
+def preserved(models: Sequence[nn.Module], device: torch.device) -> Iterator[None]:
+    """The models on ``device`` for the block, then back as they came: device, every module's
+    train/eval mode, every parameter's requires_grad, and no ``.grad`` that was not there."""
+    saved = []
+    for m in models:
+        p = next(m.parameters(), None)
+        saved.append((m, p.device if p is not None else None, [(s, s.training) for s in m.modules()],
+                       [(q, q.requires_grad, q.grad is None) for q in m.parameters()]))
+        if p is not None and p.device != device:
+            m.to(device)
+    try:
+        yield
+    finally:
+        for m, dev, modes, params in saved:
+            for s, training in modes:
+                s.training = training
+            for q, req, no_grad in params:
+                q.requires_grad_(req)
+                if no_grad:
+                    q.grad = None
+            if dev is not None and next(m.parameters()).device != dev:
+                m.to(dev)
+
+
+def _wrapped(model: nn.Module, mean, std, channels: int, name: str | None) -> NormalizedModel:
+    if isinstance(model, NormalizedModel):
+        if mean is not None or std is not None:
+            raise FastablateError(f"{model_name(model)} normalizes its inputs itself (mean "
+                                  f"{model.mean.flatten().tolist()}): give no mean=/std=")
+        return model
+    if not isinstance(model, nn.Module):
+        raise FastablateError(f"model of type {type(model).__name__}: expected a torch.nn.Module")
+    mean = tuple(mean) if mean is not None else (0.0,) * channels
+    std = tuple(std) if std is not None else (1.0,) * channels
+    p = next(model.parameters(), None)
+    wrapped = NormalizedModel(model, mean, std, arch=name or type(model).__name__)
+    return wrapped.to(p.device) if p is not None else wrapped
+
+
+def _outputs(model: nn.Module, ds, device) -> int:
+    with torch.no_grad():
+        was = model.training
+        model.eval()
+        try:
+            return int(model(ds.floats(torch.arange(1)).to(device)).shape[-1])
+        finally:
+            model.train(was)
+
+
+def run(study_name: str, model: nn.Module, data: Any, *, compare: Sequence[nn.Module] = (),
+        mean: Sequence[float] | None = None, std: Sequence[float] | None = None, device: str | None = None,
+        batch_size: int = 128, workers: int = 0, seed: int = 0, progress: bool = False, out: str | None = None,
+        data_dir: str | None = None, split: str | None = None, limit: int | None = None, **options) -> StudyResult:
+    """Run the study registered as ``study_name`` (see the module); the functions below name it.
+    ``split`` (of a registry dataset) defaults to the study's own (paths: train, else test)."""
+    study = get_study(study_name)
+    split = split or study.setup_defaults.get("split", "test")
+    spec = make_spec(study, options)
+    if study.triggers and not set(study.triggers) & set(spec.given()):  # the CLI chooses the study by these
+        named = [f"{t}= ({study.spec_class.flag(t)})" for t in study.triggers]
+        raise FastablateError(f"{study.name} needs {'one of ' if len(named) > 1 else ''}{', '.join(named)}")
+    first = next(model.parameters(), None) if isinstance(model, nn.Module) else None
+    dev = resolve_device(device) if device else (first.device if first is not None else torch.device("cpu"))
+    models = [model, *compare]
+    with preserved([m for m in models if isinstance(m, nn.Module)], dev):
+        ds = image_set(data, data_dir=data_dir, split=split, limit=limit, seed=seed)
+        wrapped = []
+        for i, m in enumerate(models):
+            w = _wrapped(m, mean, std, ds.images.shape[1] if ds.images is not None else 3, None)
+            if i and model_name(w) in [model_name(o) for o in wrapped]:
+                w.name = f"{model_name(w)} ({i + 1})"
+            wrapped.append(w)
+        k = max(_outputs(w, ds, dev) for w in wrapped)
+        if k < ds.num_classes:
+            raise FastablateError(f"the data has {ds.num_classes} classes, {model_name(wrapped[0])} has {k} outputs")
+        ds = image_set(ds, num_classes=k)
+        for w in wrapped:
+            w.num_classes, w.image_size = w.num_classes or k, w.image_size or ds.image_size
+            if w.classes is None:
+                w.classes = list(ds.classes)
+            check_fits(w, ds)
+        runtime = Runtime(device=dev, batch_size=batch_size, workers=workers, seed=seed, progress=progress)
+        prepared = study.prepare(ds, spec, seed)
+        study.check(wrapped, prepared, spec)
+        results = execute(study, wrapped, prepared, spec, runtime)
+    setup = Setup(dataset=ds.name, data_dir=data_dir, split=split, limit=limit, device=device or "auto",
+                  batch_size=batch_size, workers=workers, seed=seed)
+    res = StudyResult(study, spec, results, run_config(study, setup, spec), dev, seed)
+    if out is not None:
+        res.save(out)
+    return res
+
+
+def evaluate(model, data, **kw) -> StudyResult:
+    """Accuracy, loss, per-class accuracy and the confusion matrix (``fastablate eval``)."""
+    return run("evaluate", model, data, **kw)
+
+
+def lesion(model, data, **kw) -> StudyResult:
+    """Units deleted or reordered at test time (``eval --lesion``): ``plans``, ``k``, ``samples``."""
+    return run("lesion", model, data, **kw)
+
+
+def noise(model, data, **kw) -> StudyResult:
+    """Gaussian noise on conv outputs or on the images (``eval --noise-sigma``): ``layers``, ``sigma``, ``trials``."""
+    return run("noise", model, data, **kw)
+
+
+def attack(model, data, **kw) -> StudyResult:
+    """An attack on the correctly classified images (``fastablate attack``): ``attack``, ``pixels``, ``eps``."""
+    return run("attack", model, data, **kw)
+
+
+def paths(model, data, **kw) -> StudyResult:
+    """Veit's paths: gradient per path length, effective paths (``fastablate paths``): ``samples``."""
+    return run("paths", model, data, **kw)
+
+
+def features(model, data, **kw) -> StudyResult:
+    """Feature maps, channel grids, dead channels (``fastablate features``): ``layers``, ``method``.
+    ``data`` may be images alone: their labels are then the model's predictions."""
+    if isinstance(data, torch.Tensor):
+        p = next(model.parameters())
+        with preserved([model], p.device), torch.no_grad():
+            w = _wrapped(model, kw.get("mean"), kw.get("std"), data.shape[1], None)
+            labels = w.eval()(image_set((data, torch.zeros(len(data), dtype=torch.long))).floats(
+                torch.arange(len(data))).to(p.device)).argmax(1).cpu()
+        data = (data, labels)
+        kw.setdefault("images", len(labels))
+    return run("features", model, data, **kw)
+
+
+__all__ = ["StudyResult", "attack", "evaluate", "features", "lesion", "noise", "paths", "run"]
