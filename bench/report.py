@@ -8,7 +8,6 @@ import json
 import sys
 from collections import defaultdict
 
-
 BASELINES = ("clean", "naive")  # groups with one of these also get each time relative to it
 
 

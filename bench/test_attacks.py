@@ -23,7 +23,7 @@ import pytest
 import torch
 
 from fastablate.data import batches, build_dataset
-from fastablate.engines.attacks import RUNNERS, AttackSpec
+from fastablate.engines.studies.attacks import RUNNERS, AttackSpec
 from fastablate.models.checkpoint import load_model
 
 IMAGES = int(os.environ.get("FASTABLATE_BENCH_IMAGES", 100))

@@ -7,8 +7,8 @@ Run: python -m pytest bench/test_augment.py --benchmark-only --benchmark-columns
 import pytest
 import torch
 import torch.nn.functional as F
-
 from conftest import timed
+
 from fastablate.data.augment import augment, check_strengths, parse_augment
 
 BATCH = 128

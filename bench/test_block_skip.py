@@ -4,10 +4,11 @@ Run: python -m pytest bench/test_block_skip.py --benchmark-only --benchmark-colu
 """
 import pytest
 import torch
-
 from conftest import timed
+
 from fastablate import _ext
-from fastablate.ops import reference as ref, block_skip
+from fastablate.ops import block_skip
+from fastablate.ops import reference as ref
 
 SIZES = [(8, 16, 32, 32), (128, 16, 32, 32), (256, 64, 32, 32)]
 

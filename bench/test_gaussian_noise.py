@@ -5,10 +5,11 @@ Run: python -m pytest bench/test_gaussian_noise.py --benchmark-only --benchmark-
 """
 import pytest
 import torch
-
 from conftest import timed
+
 from fastablate import _ext
-from fastablate.ops import reference as ref, gaussian_noise
+from fastablate.ops import gaussian_noise
+from fastablate.ops import reference as ref
 
 SIZES = [(8, 16, 32, 32), (128, 16, 32, 32), (256, 64, 32, 32)]
 SIGMA, P = 0.5, 0.5

@@ -14,8 +14,8 @@ import pytest
 import torch
 
 from fastablate.data import batches, build_dataset
-from fastablate.engines.lesion import build_variants, run_lesion
-from fastablate.engines.protocol import Runtime
+from fastablate.engines.core.runtime import Runtime
+from fastablate.engines.studies.lesion import build_variants, run_lesion
 from fastablate.models import build_model
 from fastablate.units import units
 

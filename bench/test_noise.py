@@ -1,6 +1,6 @@
 """Noise injection overhead: resnet56 forward on 128 CIFAR-sized images, clean vs. with
 Gaussian noise on the outputs of 3 random conv layers or of all 55, through the hooks of
-fastablate.engines.noise (the kernel, in place) or through the eager formula
+fastablate.engines.studies.noise (the kernel, in place) or through the eager formula
 ``out + sigma * torch.randn_like(out)``. One model and one input serve every row, so the
 rows differ only in what the hooks do.
 
@@ -8,9 +8,9 @@ Run: python -m pytest bench/test_noise.py --benchmark-only --benchmark-min-round
 """
 import pytest
 import torch
-
 from conftest import timed
-from fastablate.engines.noise import NoiseInjector, stream_seed
+
+from fastablate.engines.studies.noise import NoiseInjector, stream_seed
 from fastablate.models import build_model
 
 

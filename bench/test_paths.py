@@ -11,7 +11,7 @@ from contextlib import nullcontext
 import pytest
 import torch
 
-from fastablate.engines.paths import naive_gradients, shared_gradients
+from fastablate.engines.studies.paths import naive_gradients, shared_gradients
 from fastablate.models import build_model
 from fastablate.modes import affine_batchnorm
 from fastablate.units import units

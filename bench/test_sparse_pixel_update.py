@@ -4,10 +4,11 @@ Run: python -m pytest bench/test_sparse_pixel_update.py --benchmark-only --bench
 """
 import pytest
 import torch
-
 from conftest import timed
+
 from fastablate import _ext
-from fastablate.ops import reference as ref, sparse_pixel_update
+from fastablate.ops import reference as ref
+from fastablate.ops import sparse_pixel_update
 
 # (N, C, H, W), with k = 0.5% of the pixels (5 of 32x32, 250 of 224x224)
 SIZES = [(8, 3, 32, 32), (256, 3, 32, 32), (32, 3, 224, 224)]

@@ -15,7 +15,7 @@ or by flag name (``lesion``, ``k``), checked by the same spec as the CLI's flags
 is a :class:`~fastablate.errors.FastablateError`, a ``ValueError``, with the CLI's message).
 ``compare=[other, ...]`` runs the same study on other models over the same images, as
 ``--compare`` does. The CLI runs the same computation
-(:func:`fastablate.engines.runner.execute`) and writes the same run directory.
+(:func:`fastablate.engines.core.runner.execute`) and writes the same run directory.
 """
 from __future__ import annotations
 
@@ -28,10 +28,10 @@ from torch import nn
 
 from fastablate.data.inputs import image_set
 from fastablate.engines import get_study
-from fastablate.engines.common import Setup, check_fits, resolve_device
-from fastablate.engines.protocol import Runtime, model_name
-from fastablate.engines.runner import execute, run_config, write_outputs
-from fastablate.engines.spec import parse_value, spec_options
+from fastablate.engines.core.runner import execute, run_config, write_outputs
+from fastablate.engines.core.runtime import Runtime, model_name
+from fastablate.engines.core.setup import Setup, check_fits, resolve_device
+from fastablate.engines.core.spec import parse_value, spec_options
 from fastablate.errors import FastablateError
 from fastablate.models import NormalizedModel
 from fastablate.plots import Figures

@@ -1,7 +1,7 @@
 """The fastablate command line: parse, call the runner, print.
 
 Study commands (train, eval, attack, ...) are made from the study registry: each option
-comes from a field of a study's spec or of the shared :class:`~fastablate.engines.common.Setup`,
+comes from a field of a study's spec or of the shared :class:`~fastablate.engines.core.setup.Setup`,
 so nothing about a study is written here. Commands import torch lazily, so
 ``fastablate --help`` stays fast. Bad input of any kind ends in one line ``Error: ...`` on
 stderr and exit status 2.
@@ -31,7 +31,7 @@ def _leave_together() -> None:
     before the process group was joined (an option's value) joins it for this."""
     if int(os.environ.get("WORLD_SIZE", "1") or 1) <= 1:
         return
-    from fastablate.engines.distributed import leave
+    from fastablate.engines.core.distributed import leave
 
     if leave():
         sys.stdout.flush()
@@ -63,7 +63,7 @@ class Group(click.Group):
             e.show()
             sys.exit(e.exit_code)
         if "torch" in sys.modules:
-            from fastablate.engines.distributed import close
+            from fastablate.engines.core.distributed import close
 
             close()
         sys.exit(rv if isinstance(rv, int) else 0)
@@ -98,7 +98,7 @@ class Group(click.Group):
 
 def _run(command: StudyCommand) -> None:
     """A study command's callback: run the chosen study, print its report."""
-    from fastablate.engines.runner import run_study
+    from fastablate.engines.core.runner import run_study
 
     study, setup, spec = command.choose(click.get_current_context())
     outcome = run_study(study, setup, spec, progress=True)
@@ -118,12 +118,12 @@ def cli():
 @click.option("--image-size", type=click.IntRange(8, 1024), default=32, show_default=True, help="With --layers.")
 def models(layers_of, image_size):
     """List the registry models with parameters and units."""
-    from fastablate.engines.protocol import table
+    from fastablate.engines.core.runtime import table
     from fastablate.models import MODELS, build_model, count_parameters
     from fastablate.units import units
 
     if layers_of:
-        from fastablate.engines.features import layer_shapes
+        from fastablate.engines.studies.features import layer_shapes
 
         model = build_model(layers_of, 10, image_size=image_size)
         kinds = dict(model.net.named_modules())
@@ -146,7 +146,7 @@ def models(layers_of, image_size):
 def datasets():
     """List the registry datasets."""
     from fastablate.data import DATASETS
-    from fastablate.engines.protocol import table
+    from fastablate.engines.core.runtime import table
 
     click.echo(table([{"dataset": s.name, "needs --data-dir": "yes" if s.needs_root else "no",
                        "description": s.description} for s in DATASETS.values()]))
@@ -173,7 +173,7 @@ def info():
 def sweep_command() -> click.Command:
     """sweep: its options from SweepSpec, then the base command after ``--``."""
     from fastablate.commands import SpecCommand
-    from fastablate.engines.sweep import SweepSpec
+    from fastablate.engines.workflows.sweep import SweepSpec
 
     grid = click.Option(["--grid"], multiple=True, metavar="OPTION=V,V,..",
                         help="A swept option of the base command and its values (repeatable; separate values with "
@@ -189,9 +189,9 @@ def sweep_command() -> click.Command:
 
 
 def _sweep(values: dict, grid, base) -> None:
-    from fastablate.engines.common import Setup
-    from fastablate.engines.spec import List, NamedFiles, parse_value
-    from fastablate.engines.sweep import Axis, SweepSpec, run_sweep, summary
+    from fastablate.engines.core.setup import Setup
+    from fastablate.engines.core.spec import List, NamedFiles, parse_value
+    from fastablate.engines.workflows.sweep import Axis, SweepSpec, run_sweep, summary
 
     ctx = click.get_current_context()
     if not base or base[0] in ("sweep", "study"):
@@ -224,8 +224,8 @@ def _sweep(values: dict, grid, base) -> None:
 def study_command() -> click.Command:
     """study: the whole comparison; its options from Setup and StudySpec."""
     from fastablate.commands import SpecCommand
-    from fastablate.engines.common import Setup
-    from fastablate.engines.study import StudySpec, run_full_study
+    from fastablate.engines.core.setup import Setup
+    from fastablate.engines.workflows.study import StudySpec, run_full_study
 
     def run(values: dict) -> None:
         out, parts = run_full_study(Setup(**values.get(Setup, {})), StudySpec(**values.get(StudySpec, {})),

@@ -1,5 +1,5 @@
 """Study commands made from the specs: every option of a study command is a field of the
-shared :class:`~fastablate.engines.common.Setup` or of one of its studies' specs, read and
+shared :class:`~fastablate.engines.core.setup.Setup` or of one of its studies' specs, read and
 checked by that field's value type, wherever the value comes from (flag, environment,
 ``--config``). Nothing imports torch until a command is built.
 """
@@ -16,7 +16,7 @@ from fastablate.errors import FastablateError
 
 def click_option(opt, default) -> click.Option:
     """A click option for a spec field: its raw value is read and checked by the spec's value type."""
-    from fastablate.engines.spec import Flag
+    from fastablate.engines.core.spec import Flag
 
     shown = "" if default in (None, (), False) else f" [default: {opt.type.show(default)}]"
     decls = [opt.flag, opt.key]
@@ -30,7 +30,7 @@ def spec_fields(specs, skip=(), defaults=None) -> tuple[dict[str, tuple[type, st
     """(parameter name -> (spec class, field, Option), click options) of the option fields of
     ``specs`` (``skip``: (spec class, field) pairs left out; ``defaults``: (spec class, field) ->
     the default a command's help shows instead of the field's)."""
-    from fastablate.engines.spec import spec_options
+    from fastablate.engines.core.spec import spec_options
 
     fields: dict[str, tuple[type, str, Any]] = {}
     params: list[click.Parameter] = []
@@ -48,7 +48,7 @@ def spec_fields(specs, skip=(), defaults=None) -> tuple[dict[str, tuple[type, st
 
 def spec_values(ctx: click.Context, fields: dict, keys) -> dict[type, dict]:
     """Spec class -> {field: value} of the given parameters ``keys``, each read and checked."""
-    from fastablate.engines.spec import parse_value
+    from fastablate.engines.core.spec import parse_value
 
     values: dict[type, dict] = {}
     for key in keys:
@@ -84,7 +84,7 @@ class StudyCommand(click.Command):
 
     def __init__(self, command: str, callback: Callable[["StudyCommand"], Any] | None = None):
         from fastablate.engines import command_studies
-        from fastablate.engines.common import Setup
+        from fastablate.engines.core.setup import Setup
 
         self.studies = command_studies(command)
         excluded = set.intersection(*(set(s.setup_excludes) for s in self.studies))
@@ -128,7 +128,7 @@ class StudyCommand(click.Command):
     def values(self, ctx: click.Context) -> tuple[Any, dict, dict]:
         """(study, Setup values, spec values) of the options given in ``ctx``, each read and
         checked; an option of a study that was not chosen is an error."""
-        from fastablate.engines.common import Setup
+        from fastablate.engines.core.setup import Setup
 
         keys = [k for k in self.fields if given(ctx, k)]
         study = self.select(keys)
@@ -144,7 +144,7 @@ class StudyCommand(click.Command):
 
     def choose(self, ctx: click.Context):
         """(study, Setup, spec) of the options given in ``ctx``."""
-        from fastablate.engines.common import Setup
+        from fastablate.engines.core.setup import Setup
 
         study, setup, spec = self.values(ctx)
         return study, Setup(**setup), study.spec_class(**spec)

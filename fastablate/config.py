@@ -4,8 +4,6 @@ then flags. Error lines about a value name where it came from.
 """
 from __future__ import annotations
 
-from pathlib import Path
-
 import click
 from click.core import ParameterSource
 

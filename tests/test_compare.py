@@ -5,8 +5,8 @@ import json
 import pytest
 import torch
 from click.testing import CliRunner
-
 from conftest import randomize_bn
+
 from fastablate.cli import cli
 from fastablate.models import build_model, save_checkpoint
 

@@ -6,10 +6,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 from click.testing import CliRunner
-
 from conftest import randomize_bn
+
 from fastablate.cli import cli
-from fastablate.engines.features import LayerStats, layer_maps, layer_shapes
+from fastablate.engines.studies.features import LayerStats, layer_maps, layer_shapes
 from fastablate.models import build_model, save_checkpoint
 
 SYN = ["--dataset", "synthetic", "--limit", "40", "--batch-size", "20", "--device", "cpu"]

@@ -384,8 +384,8 @@ def test_nan_logits_are_an_error_naming_where_they_start(study, tmp_path):
 
 def test_nan_logits_past_the_first_image_stop_the_study():
     from fastablate.data import ImageSet
-    from fastablate.engines.evaluate import evaluate
-    from fastablate.engines.protocol import Runtime
+    from fastablate.engines.core.runtime import Runtime
+    from fastablate.engines.studies.evaluate import evaluate
     from fastablate.errors import FastablateError
     model = build_model("resnet8", 10, mean=(0, 0, 0), std=(1, 1, 1)).eval()
     model.net.conv1.weight.data.fill_(3e38)  # a black image stays finite, a bright one overflows
@@ -402,8 +402,8 @@ def test_full_disk_while_saving_keeps_the_previous_checkpoints(tmp_path, monkeyp
     last.pt intact, and --resume finishes the run once there is space again."""
     import errno
 
-    from fastablate.engines import trainer
     from fastablate import files
+    from fastablate.engines import trainer
     out = tmp_path / "t"
     args = ["train", "--model", "resnet8", *SYN, "--epochs", "2", "--out", out]
     full = {"on": False}

@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from test_hostile import folder, ok, refused
 
 from fastablate.data import build_dataset
 from fastablate.models import build_model, save_checkpoint
-from test_hostile import folder, ok, refused
 
 
 @pytest.fixture(scope="module")

@@ -7,15 +7,21 @@ import pytest
 import torch
 import torchvision
 from click.testing import CliRunner
+from conftest import assert_same_predictions, randomize_bn
 from torch import nn
 
-from conftest import assert_same_predictions, randomize_bn
 from fastablate.cli import cli
-from fastablate.engines.protocol import Runtime
-from fastablate.engines.lesion import (LesionExecutor, build_variants, kendall_tau, naive_logits, run_lesion,
-                                       swappable_groups)
-from fastablate.errors import FastablateError
 from fastablate.data import build_dataset
+from fastablate.engines.core.runtime import Runtime
+from fastablate.engines.studies.lesion import (
+    LesionExecutor,
+    build_variants,
+    kendall_tau,
+    naive_logits,
+    run_lesion,
+    swappable_groups,
+)
+from fastablate.errors import FastablateError
 from fastablate.models import NormalizedModel, build_model, load_model, save_checkpoint
 from fastablate.units import units
 

@@ -7,7 +7,7 @@ import torch
 from conftest import call_fake, run_without_extension
 
 from fastablate import _ext
-from fastablate.ops import BlockSkip, reference, block_skip
+from fastablate.ops import BlockSkip, block_skip, reference
 
 pytestmark = pytest.mark.numerics  # rerun by .ci/run under another CPU code path
 

@@ -10,7 +10,7 @@ import torch
 from conftest import call_fake, run_without_extension
 
 from fastablate import _ext
-from fastablate.ops import GaussianNoise, reference, gaussian_noise
+from fastablate.ops import GaussianNoise, gaussian_noise, reference
 
 pytestmark = pytest.mark.numerics  # rerun by .ci/run under another CPU code path
 

@@ -7,11 +7,16 @@ import random
 import pytest
 import torch
 from click.testing import CliRunner
-
 from conftest import randomize_bn
+
 from fastablate.cli import cli
-from fastablate.engines.paths import (PathsResult, distribution, effective_range, naive_gradients,
-                                      shared_gradients)
+from fastablate.engines.studies.paths import (
+    PathsResult,
+    distribution,
+    effective_range,
+    naive_gradients,
+    shared_gradients,
+)
 from fastablate.models import build_model, save_checkpoint
 from fastablate.modes import affine_batchnorm
 from fastablate.units import units

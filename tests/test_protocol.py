@@ -10,8 +10,9 @@ from click.testing import CliRunner
 
 from fastablate.cli import cli
 from fastablate.engines import register_study, unregister_study
-from fastablate.engines.protocol import Study, batch_progress, model_name
-from fastablate.engines.spec import Float, Spec, option
+from fastablate.engines.core.protocol import Study
+from fastablate.engines.core.runtime import batch_progress, model_name
+from fastablate.engines.core.spec import Float, Spec, option
 from fastablate.models import build_model, save_checkpoint
 
 

@@ -11,7 +11,7 @@ import pytest
 from click.testing import CliRunner
 
 from fastablate.cli import cli
-from fastablate.engines.report import lesion_finding, noise_finding
+from fastablate.engines.workflows.report import lesion_finding, noise_finding
 
 TINY = ["--dataset", "synthetic", "--limit", "120", "--models", "resnet14,plain14", "--epochs", "1",
         "--attack-limit", "20", "--samples", "3", "--trials", "2", "--images", "2", "--noise-sigma", "0.5,1"]

@@ -7,7 +7,7 @@ import torch
 from click.testing import CliRunner
 
 from fastablate.cli import cli
-from fastablate.engines.sweep import Axis, make_points
+from fastablate.engines.workflows.sweep import Axis, make_points
 
 BASE = ["--", "train", "--model", "resnet8", "--dataset", "synthetic", "--limit", "40", "--batch-size", "20",
         "--epochs", "1", "--device", "cpu"]

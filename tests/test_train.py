@@ -183,7 +183,7 @@ def test_adversarial_training_on_the_fly_and_recipe_options(tmp_path):
 def test_resume_with_weight_average_matches_uninterrupted(tmp_path, monkeypatch):
     args = ["train", "--model", "resnet8", *SYN, "--epochs", "2", "--ema", "0.9", "--schedule", "onecycle"]
     run(*args, "--out", tmp_path / "full")
-    import fastablate.engines.trainer as trainer
+    import fastablate.engines.studies.trainer as trainer
     real, calls = trainer.evaluate_all, []
 
     def stop_second(*a, **k):

@@ -3,9 +3,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 import torchvision
+from conftest import randomize_bn
 from torch import nn
 
-from conftest import randomize_bn
 from fastablate.errors import FastablateError
 from fastablate.models import MODELS, build_model
 from fastablate.units import BlockParts, register_adapter, units

@@ -1,4 +1,4 @@
-"""Engines: one module per study, each a :class:`~fastablate.engines.protocol.Study` with
+"""Engines: one module per study, each a :class:`~fastablate.engines.core.protocol.Study` with
 a spec of its options, registered here under the CLI command that runs it.
 
 The registry is import-light (no torch): built-in studies are listed below by import
@@ -30,19 +30,20 @@ _ENTRIES: dict[str, Entry] = {}
 # Built-in studies, in the order their command chooses among them (a study with triggers
 # first; the command's default study, with none, last).
 BUILTIN = [
-    ("train", "train", "Train a model and evaluate it after every epoch", "fastablate.engines.train:TrainStudy"),
+    ("train", "train", "Train a model and evaluate it after every epoch",
+     "fastablate.engines.studies.train:TrainStudy"),
     ("lesion", "eval", "Lesion study (--lesion): units deleted or reordered at test time",
-     "fastablate.engines.lesion:LesionStudy"),
+     "fastablate.engines.studies.lesion:LesionStudy"),
     ("noise", "eval", "Noise study (--noise-sigma, --input-noise): Gaussian noise on conv outputs or images",
-     "fastablate.engines.noise:NoiseStudy"),
+     "fastablate.engines.studies.noise:NoiseStudy"),
     ("evaluate", "eval", "Evaluate a checkpoint: accuracy, loss, per-class accuracy, confusion matrix",
-     "fastablate.engines.evaluate:EvaluateStudy"),
+     "fastablate.engines.studies.evaluate:EvaluateStudy"),
     ("attack", "attack", "Attack a checkpoint: sparse pixels (L0; also black-box), optimized noise (L2), FGSM or PGD",
-     "fastablate.engines.attacks:AttackStudy"),
+     "fastablate.engines.studies.attacks:AttackStudy"),
     ("paths", "paths", "Veit's paths: path-length distribution, gradient per path length, effective paths",
-     "fastablate.engines.paths:PathsStudy"),
+     "fastablate.engines.studies.paths:PathsStudy"),
     ("features", "features", "Feature maps: per-layer heatmaps, channel grids, dead channels; clean vs adversarial",
-     "fastablate.engines.features:FeaturesStudy"),
+     "fastablate.engines.studies.features:FeaturesStudy"),
 ]
 
 

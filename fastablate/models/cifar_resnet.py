@@ -13,7 +13,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fastablate.models.registry import register_model
-from fastablate.units import BlockParts, ModelParts, register_adapter, register_model_adapter
+from fastablate.units import (
+    BlockParts,
+    ModelParts,
+    register_adapter,
+    register_model_adapter,
+)
 
 
 def _conv3x3(cin: int, cout: int, stride: int) -> nn.Conv2d:

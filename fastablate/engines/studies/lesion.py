@@ -28,9 +28,17 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fastablate.data import ImageSet
-from fastablate.engines.distributed import all_sum
-from fastablate.engines.protocol import Runtime, Study, check_finite, default_max_memory, model_name, my_batches, table
-from fastablate.engines.spec import Int, List, Size, Spec, Value, option
+from fastablate.engines.core.distributed import all_sum
+from fastablate.engines.core.protocol import Study
+from fastablate.engines.core.runtime import (
+    Runtime,
+    check_finite,
+    default_max_memory,
+    model_name,
+    my_batches,
+    table,
+)
+from fastablate.engines.core.spec import Int, List, Size, Spec, Value, option
 from fastablate.errors import FastablateError
 from fastablate.modes import eval_mode
 from fastablate.ops import block_skip

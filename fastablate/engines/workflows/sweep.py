@@ -26,8 +26,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
 
-from fastablate.engines.protocol import table
-from fastablate.engines.spec import Choice, Float, Int, Spec, Text, option
+from fastablate.engines.core.runtime import table
+from fastablate.engines.core.spec import Choice, Float, Int, Spec, Text, option
 from fastablate.errors import FastablateError
 from fastablate.plots import pyplot, save
 from fastablate.results import RunDir, default_out, jsonable
@@ -93,7 +93,7 @@ def make_points(study: str, setup: dict, spec: dict, axes: Sequence[Axis], repea
 def build(point: dict):
     """(study, Setup, spec) of a point; a bad value is a FastablateError."""
     from fastablate.engines import get_study
-    from fastablate.engines.common import Setup
+    from fastablate.engines.core.setup import Setup
 
     study = get_study(point["study"])
     return study, Setup(**point["setup"]), study.spec_class(**point["spec"])
@@ -104,7 +104,7 @@ def run_point(point: dict, out: str) -> dict:
     (params, seed, status, seconds, metrics or error). Importable by Ray workers."""
     import torch
 
-    from fastablate.engines.runner import run_study
+    from fastablate.engines.core.runner import run_study
 
     torch.set_num_threads(point["threads"])
     path = Path(out) / "points" / point["key"]

@@ -4,7 +4,7 @@ augmentations, adversarial batches (saved or made on the fly) and extra evaluati
 
 Defaults follow the CIFAR recipe of He et al. 2016 adapted to a cosine schedule
 (Loshchilov & Hutter 2017): lr 0.1 per 128 images, momentum 0.9, weight decay 5e-4, random
-crops and flips. The loop is :mod:`fastablate.engines.trainer`.
+crops and flips. The loop is :mod:`fastablate.engines.studies.trainer`.
 """
 from __future__ import annotations
 
@@ -18,17 +18,31 @@ from torch import Tensor
 
 from fastablate.data import ImageSet, load_saved
 from fastablate.data.augment import check_strengths, parse_augment
-from fastablate.engines.attacks import ATTACKS, AttackSpec
-from fastablate.engines.common import check_fits, load_data, seed_everything
-from fastablate.engines.evaluate import EvalResult
-from fastablate.engines.protocol import Study, table
-from fastablate.engines.spec import Choice, Float, Int, NamedFiles, Spec, Text, Value, option, prefixed
-from fastablate.engines.trainer import STATE_FILE, train
+from fastablate.engines.core.protocol import Study
+from fastablate.engines.core.runtime import table
+from fastablate.engines.core.setup import check_fits, load_data, seed_everything
+from fastablate.engines.core.spec import (
+    Choice,
+    Float,
+    Int,
+    NamedFiles,
+    Spec,
+    Text,
+    Value,
+    option,
+    prefixed,
+)
+from fastablate.engines.studies.attacks import ATTACKS, AttackSpec
+from fastablate.engines.studies.trainer import STATE_FILE, TrainResult, train
 from fastablate.errors import FastablateError
 from fastablate.models import build_model
 from fastablate.models.checkpoint import FORMAT, read_checkpoint
-from fastablate.models.transfer import freeze, init_from_checkpoint, init_imagenet, parse_head
-from fastablate.plots import pyplot, save
+from fastablate.models.transfer import (
+    freeze,
+    init_from_checkpoint,
+    init_imagenet,
+    parse_head,
+)
 from fastablate.results import jsonable
 
 DEFAULT_MODEL = "resnet8"
@@ -151,35 +165,6 @@ class TrainData:
         return len(self.train)
 
 
-@dataclass
-class TrainResult:
-    model: str
-    history: list[dict]  # one row per epoch
-    final: EvalResult  # the saved model after the last epoch on the test split
-    checkpoint: Path
-    seconds: float
-    eval_sets: dict[str, EvalResult] = field(default_factory=dict)  # and test_tta with --tta
-    frozen: list[str] = field(default_factory=list)
-    init: str = "none"
-    preview: dict[str, Tensor] = field(default_factory=dict, repr=False)
-    warnings: list[str] = field(default_factory=list)  # run.json records them (see the runner)
-
-    def to_dict(self) -> dict:
-        return {"accuracy": self.final.accuracy, "loss": self.final.loss, "epochs": len(self.history),
-                "checkpoint": str(self.checkpoint), "test": self.final.to_dict(), "history": self.history,
-                "eval_sets": {n: {"accuracy": r.accuracy, "loss": r.loss, "n": r.n} for n, r in self.eval_sets.items()},
-                "frozen": self.frozen, "init": self.init}
-
-    def rows(self) -> list[dict]:
-        return self.history
-
-    def plot(self, directory: Path, *others: "TrainResult") -> list[Path]:
-        out = [plot_curves(self.history, directory / "curves.png")]
-        if self.preview:
-            out.append(plot_augmentations(self.preview, directory / "augmentations.png"))
-        return out
-
-
 # Shared options that do not change what a training computes.
 _NOT_FINGERPRINTED = ("out", "workers", "device", "force", "split", "compare")
 
@@ -187,7 +172,7 @@ _NOT_FINGERPRINTED = ("out", "workers", "device", "force", "split", "compare")
 def fingerprint(setup, spec: TrainSpec, train_set: ImageSet, test_set: ImageSet) -> dict:
     """What --resume checks: every option that shapes the run (model, data, optimizer, seed,
     schedule, processes) and the data it found (classes, sizes, the labels' digest)."""
-    from fastablate.engines.distributed import world
+    from fastablate.engines.core.distributed import world
 
     labels = hashlib.blake2b(train_set.labels.numpy().tobytes() + test_set.labels.numpy().tobytes(),
                              digest_size=8).hexdigest()
@@ -212,37 +197,6 @@ def load_resume_state(out: Path) -> dict:
     if not isinstance(state, dict) or not {"epoch", "state_dict", "optimizer", "history"} <= set(state):
         raise FastablateError(f"--resume: {path} is not a fastablate training state")
     return state
-
-
-def plot_curves(history: list[dict], path: Path) -> Path:
-    """Loss and accuracy per epoch: train, test and every extra evaluation set."""
-    epochs = [r["epoch"] for r in history]
-    sets = ["train"] + [k[:-len("_accuracy")] for k in history[0] if k.endswith("_accuracy") and k != "train_accuracy"]
-    fig, (a, b) = pyplot().subplots(1, 2, figsize=(10, 3.8))
-    for name in sets:
-        a.plot(epochs, [r[f"{name}_loss"] for r in history], "o-", ms=3, label=name)
-        b.plot(epochs, [r[f"{name}_accuracy"] for r in history], "o-", ms=3, label=name)
-    a.set(xlabel="epoch", ylabel="loss (cross-entropy)")
-    b.set(xlabel="epoch", ylabel="accuracy", ylim=(0, 1.02))
-    for ax in (a, b):
-        ax.legend(fontsize=8)
-        ax.xaxis.get_major_locator().set_params(integer=True)
-    return save(fig, path, dpi=120)
-
-
-def plot_augmentations(preview: dict[str, Tensor], path: Path) -> Path:
-    """One row per augmentation (the first row: the originals) on the same training images."""
-    rows = len(preview)
-    cols = next(iter(preview.values())).shape[0]
-    fig, axes = pyplot().subplots(rows, cols, figsize=(1.3 * cols + 1.2, 1.3 * rows), squeeze=False)
-    for r, (name, images) in enumerate(preview.items()):
-        for c in range(cols):
-            ax = axes[r][c]
-            ax.imshow(images[c].permute(1, 2, 0).clamp(0, 1).numpy(), interpolation="nearest")
-            ax.set_xticks([])
-            ax.set_yticks([])
-        axes[r][0].set_ylabel(name, rotation=0, ha="right", va="center", fontsize=8)
-    return save(fig, path, dpi=110)
 
 
 def _preview(ds: ImageSet, augments: list[tuple[str, float]], seed: int, count: int = 6) -> dict[str, Tensor]:
@@ -312,7 +266,7 @@ class TrainStudy(Study):
         return [model]
 
     def check(self, models, data: TrainData, spec):
-        from fastablate.engines.distributed import world
+        from fastablate.engines.core.distributed import world
 
         if spec.sync_bn and world() == 1:
             raise FastablateError("--sync-bn applies under torchrun (more than one process)")

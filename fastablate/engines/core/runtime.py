@@ -1,23 +1,18 @@
-"""The study protocol: what every study is, what it is given, what it returns.
-
-A study is a :class:`Study` subclass with a spec (its options, defaults and validation:
-:mod:`fastablate.engines.spec`) and a ``run(model, data, spec, runtime)`` that returns a
-:class:`Result`. The runner (:mod:`fastablate.engines.runner`) loads the data and the
-models, runs the study on a model and on its ``--compare`` models over the same images,
-and writes the run directory; the CLI makes the study's command from its spec.
+"""How a study runs (:class:`Runtime`: device, batch size, seed, progress, where it writes) and
+the helpers every study uses: seeds, names, tables, progress bars, this process's batches,
+the finite-logits check.
 """
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, ClassVar, Iterable, Iterator, Protocol, Sequence, TypeVar
+from typing import Iterable, Iterator, Sequence, TypeVar
 
 import torch
 from torch import Tensor, nn
 
 from fastablate.data import ImageSet, batches
-from fastablate.engines.spec import Spec
 from fastablate.errors import FastablateError
 
 T = TypeVar("T")
@@ -44,91 +39,6 @@ class Runtime:
             raise RuntimeError(f"no run directory to write {name} into")
         stem, dot, ext = name.partition(".")
         return self.out / f"{stem}{self.suffix}{dot}{ext}"
-
-
-class Result(Protocol):
-    """What a study's run returns; a ``warnings`` list of lines, where a result has one, goes
-    into run.json."""
-
-    model: str
-
-    def to_dict(self) -> dict:
-        """The model's part of results.json."""
-
-    def rows(self) -> list[dict]:
-        """Its rows of results.csv."""
-
-    def plot(self, directory: Path, *others: "Result") -> list[Path]:
-        """Draw this result, and the ``--compare`` models' results on the same figures, into ``directory``."""
-
-
-class Study:
-    """Base of every study. Subclasses set the class attributes and ``run``; the defaults of
-    the other methods serve a study of trained checkpoints on one split of a dataset."""
-
-    name: ClassVar[str]  # "lesion"
-    command: ClassVar[str]  # the CLI command that runs it: "eval"
-    spec_class: ClassVar[type[Spec]]
-    triggers: ClassVar[tuple[str, ...]] = ()  # spec fields whose being given selects this study within its command
-    setup_excludes: ClassVar[tuple[str, ...]] = ()  # shared options that do not apply ("compare", "split", ...)
-    # Shared options whose default differs for this study ({"split": "train"}): the command
-    # applies them to the options not given (and shows them in --help).
-    setup_defaults: ClassVar[dict[str, Any]] = {}
-
-    def load_data(self, setup, spec: Spec, runtime: Runtime) -> Any:
-        """The data ``run`` gets: by default the ``--split`` of the dataset, at the image size
-        and with the class names of the ``--weights`` checkpoint, made ready by :meth:`prepare`."""
-        from fastablate.engines.common import checkpoint_data, load_data
-
-        return self.prepare(load_data(setup, **checkpoint_data(setup.weights)), spec, runtime.seed)
-
-    def prepare(self, ds: ImageSet, spec: Spec, seed: int) -> Any:
-        """The data ``run`` gets from the images ``ds`` (from the CLI's dataset or a library
-        call's data): by default ``ds`` itself."""
-        return ds
-
-    def load_models(self, setup, spec: Spec, data: Any, runtime: Runtime) -> list[nn.Module]:
-        """The models: by default ``--weights`` and each ``--compare`` checkpoint, on the device."""
-        from fastablate.engines.common import load_checkpoints
-
-        return load_checkpoints(setup, data, runtime, command=self.command)
-
-    def check(self, models: Sequence[nn.Module], data: Any, spec: Spec) -> None:
-        """Checks that need the models or the data; all bad input fails here, before anything is written."""
-
-    def run(self, model: nn.Module, data: Any, spec: Spec, runtime: Runtime) -> Result:
-        raise NotImplementedError
-
-    def run_info(self, models: Sequence[nn.Module], data: Any, spec: Spec) -> dict:
-        """What run.json records beyond the options (e.g. what a training froze)."""
-        return {}
-
-    def resumes(self, spec: Spec) -> bool:
-        """Whether this run continues the one in its ``--out``."""
-        return False
-
-    def document(self, results: Sequence[Result], spec: Spec) -> dict:
-        """results.json: the first model's result, and the ``--compare`` models' under ``compare``
-        (one dict for one model, a list for several)."""
-        out = results[0].to_dict()
-        if len(results) == 2:
-            out["compare"] = results[1].to_dict()
-        elif len(results) > 2:
-            out["compare"] = [r.to_dict() for r in results[1:]]
-        return out
-
-    def write_artifacts(self, results: Sequence[Result], spec: Spec, runtime: Runtime) -> None:
-        """Files beside results.json that a run keeps (adversarial.pt ...), into ``runtime.out``
-        (``runtime.with_(suffix=...)`` per compared model is the study's business)."""
-
-    def report(self, results: Sequence[Result], spec: Spec) -> str:
-        """What the terminal shows at the end: by default a table of the rows."""
-        return table([row for r in results for row in r.rows()])
-
-    def metrics(self, document: dict) -> dict[str, float]:
-        """The headline numbers of a results.json (what a sweep tabulates and plots): by default
-        its top-level ``accuracy`` and ``loss``."""
-        return {k: document[k] for k in ("accuracy", "loss") if isinstance(document.get(k), (int, float))}
 
 
 def hash_seed(*parts) -> int:
@@ -218,7 +128,7 @@ def batch_progress(ds: ImageSet, runtime: Runtime, desc: str, **kw) -> Iterator[
 def my_batches(ds: ImageSet, runtime: Runtime, desc: str) -> Iterator[tuple[int, Tensor, Tensor]]:
     """(batch index, images, labels) of this process's share of the batches of ``ds`` (all of
     them alone; under torchrun, batches rank, rank + N, ...), in order, with a progress bar."""
-    from fastablate.engines import distributed as dist
+    from fastablate.engines.core import distributed as dist
 
     rank, world = dist.rank(), dist.world()
     it = batches(ds, runtime.batch_size, device=runtime.device, workers=runtime.workers, shard=(rank, world))

@@ -157,7 +157,7 @@ def features_finding(doc: dict, figures: Path) -> Finding:
     dead = {m["model"]: sum(s["dead_channels"] for s in m["stats"].values()) for m in _models(doc)}
     verdict = "Measured: dead channels (zero on every evaluated image) " + ", ".join(
         f"{k}: {v}" for k, v in dead.items()) + "."
-    from fastablate.engines.protocol import slug
+    from fastablate.engines.core.runtime import slug
 
     figs = sorted(figures.glob("heatmaps-*.png"))[:2] + [figures / f"channels-{slug(doc['layers'][-1])}.png"]
     return Finding("Feature maps: where do the layers look?", verdict, "measured", rows, figs)
@@ -231,7 +231,7 @@ def write_reports(out: Path, setup, spec, parts: dict, checkpoints: list[tuple[s
     when = time.strftime("%Y-%m-%d %H:%M")
     md = [f"# fastablate study: {', '.join(m['model'] or '?' for m in models)} on {setup.dataset}", "",
           f"Generated {when}. Each finding: a table, its figures, and a verdict computed from the numbers in the "
-          "parts' results.json (rules in fastablate/engines/report.py).", ""]
+          "parts' results.json (rules in fastablate/engines/workflows/report.py).", ""]
     for f in found:
         md += [f"## {f.title}", "", f"**Verdict ({f.status}).** {f.verdict}", "", _md_table(f.table), ""]
         md += [f"![{p.stem}]({p.relative_to(out).as_posix()})" for p in f.figures] + [""]

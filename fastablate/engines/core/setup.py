@@ -13,12 +13,21 @@ from typing import Optional
 import torch
 
 from fastablate.data import ImageSet, build_dataset
-from fastablate.engines.protocol import Runtime, check_finite
-from fastablate.engines.spec import Choice, Float, Int, List, ModelFile, Spec, Text, option
+from fastablate.engines.core.runtime import Runtime, check_finite
+from fastablate.engines.core.spec import (
+    Choice,
+    Float,
+    Int,
+    List,
+    ModelFile,
+    Spec,
+    Text,
+    option,
+)
 from fastablate.errors import FastablateError
-from fastablate.modes import eval_mode
 from fastablate.models import NormalizedModel, build_model
 from fastablate.models.checkpoint import FORMAT, model_from_checkpoint, read_checkpoint
+from fastablate.modes import eval_mode
 
 
 @dataclass(frozen=True)

@@ -13,10 +13,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-from fastablate.engines import distributed as dist
-from fastablate.engines.common import Setup
-from fastablate.engines.protocol import Result, Study, model_name, slug
-from fastablate.engines.spec import Spec
+from fastablate.engines.core import distributed as dist
+from fastablate.engines.core.protocol import Result, Study
+from fastablate.engines.core.runtime import model_name, slug
+from fastablate.engines.core.setup import Setup
+from fastablate.engines.core.spec import Spec
 from fastablate.errors import FastablateError
 from fastablate.results import RunDir, default_out
 

@@ -7,7 +7,7 @@ each an ordinary run directory inside the study's ``--out``: ``train-<model>``, 
 ``lesion``, ``noise``, ``attack-sparse``, ``attack-noise``, ``paths``, ``features``. A rerun
 reuses every finished part whose options are unchanged. Then report.md and a self-contained
 report.html, with one verdict per finding computed from the numbers
-(:mod:`fastablate.engines.report`).
+(:mod:`fastablate.engines.workflows.report`).
 """
 from __future__ import annotations
 
@@ -17,8 +17,18 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Optional
 
-from fastablate.engines.common import Setup
-from fastablate.engines.spec import Choice, Float, Int, List, ModelFile, Spec, Text, option, spec_options
+from fastablate.engines.core.setup import Setup
+from fastablate.engines.core.spec import (
+    Choice,
+    Float,
+    Int,
+    List,
+    ModelFile,
+    Spec,
+    Text,
+    option,
+    spec_options,
+)
 from fastablate.errors import FastablateError, note
 from fastablate.results import RunDir, default_out, jsonable
 
@@ -83,7 +93,7 @@ def _complete(path: Path, config: dict) -> dict | None:
 
 def _run_part(part: Part, setup: Setup, spec: Spec, echo) -> Part:
     from fastablate.engines import get_study
-    from fastablate.engines.runner import run_config, run_study
+    from fastablate.engines.core.runner import run_config, run_study
 
     study = get_study(part.study)
     setup = replace(setup, **{n: d for n, _, d in spec_options(Setup) if n in study.setup_excludes})
@@ -104,14 +114,14 @@ def _run_part(part: Part, setup: Setup, spec: Spec, echo) -> Part:
 
 def run_full_study(setup: Setup, spec: StudySpec, echo=print) -> tuple[Path, dict[str, Part]]:
     """Train (or load) the models, run every chosen part, write report.md and report.html."""
-    from fastablate.engines.attacks import AttackSpec
-    from fastablate.engines.evaluate import EvaluateSpec
-    from fastablate.engines.features import FeaturesSpec
-    from fastablate.engines.lesion import LesionSpec
-    from fastablate.engines.noise import NoiseSpec
-    from fastablate.engines.paths import PathsSpec
-    from fastablate.engines.report import write_reports
-    from fastablate.engines.train import TrainSpec
+    from fastablate.engines.studies.attacks import AttackSpec
+    from fastablate.engines.studies.evaluate import EvaluateSpec
+    from fastablate.engines.studies.features import FeaturesSpec
+    from fastablate.engines.studies.lesion import LesionSpec
+    from fastablate.engines.studies.noise import NoiseSpec
+    from fastablate.engines.studies.paths import PathsSpec
+    from fastablate.engines.studies.train import TrainSpec
+    from fastablate.engines.workflows.report import write_reports
 
     out = Path(setup.out or default_out("study"))
     parts_wanted = spec.parts()
@@ -212,6 +222,6 @@ def _view(arch: str | None, checkpoint: str):
 
 
 def _reorderable(view) -> bool:
-    from fastablate.engines.lesion import swappable_groups
+    from fastablate.engines.studies.lesion import swappable_groups
 
     return view is not None and bool(swappable_groups(view))

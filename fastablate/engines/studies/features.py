@@ -29,9 +29,17 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fastablate.data import ImageSet, balanced_subset, read_saved
-from fastablate.engines.distributed import all_max, all_sum
-from fastablate.engines.protocol import Runtime, Study, check_finite, model_name, my_batches, slug, table
-from fastablate.engines.spec import Choice, Int, List, Spec, Text, option
+from fastablate.engines.core.distributed import all_max, all_sum
+from fastablate.engines.core.protocol import Study
+from fastablate.engines.core.runtime import (
+    Runtime,
+    check_finite,
+    model_name,
+    my_batches,
+    slug,
+    table,
+)
+from fastablate.engines.core.spec import Choice, Int, List, Spec, Text, option
 from fastablate.errors import FastablateError
 from fastablate.modes import eval_mode
 
@@ -230,7 +238,10 @@ class FeaturesResult:
                 for n in self.layers]
 
     def plot(self, directory: Path, *others: "FeaturesResult") -> list[Path]:
-        from fastablate.engines.feature_plots import plot_channels, plot_heatmaps
+        from fastablate.engines.studies.feature_plots import (
+            plot_channels,
+            plot_heatmaps,
+        )
 
         results = [self, *others]
         paths = [plot_heatmaps(results, i, directory / f"heatmaps-{img}.png") for i, img in enumerate(self.images)]

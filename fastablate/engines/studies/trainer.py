@@ -1,5 +1,5 @@
 """The training loop: schedule, optimizer, weight averaging, adversarial batches, per-epoch
-evaluation, checkpoints and resume. The options live in :class:`~fastablate.engines.train.TrainSpec`.
+evaluation, checkpoints and resume. The options live in :class:`~fastablate.engines.studies.train.TrainSpec`.
 
 Recipe pieces (each an option): SGD with Nesterov momentum, no weight decay on BatchNorm and
 biases; a cosine schedule or a one-cycle (linear rise over ``warmup`` of the steps, linear
@@ -12,6 +12,8 @@ from __future__ import annotations
 import copy
 import math
 import time
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Iterator
 
 import torch
@@ -20,14 +22,15 @@ from torch import Tensor, nn
 
 from fastablate.data import ImageSet
 from fastablate.data.augment import augment
-from fastablate.engines import distributed as dist
-from fastablate.engines.evaluate import EvalResult, evaluate
-from fastablate.engines.protocol import Runtime, batch_progress, hash_seed
+from fastablate.engines.core import distributed as dist
+from fastablate.engines.core.runtime import Runtime, batch_progress, hash_seed
+from fastablate.engines.studies.evaluate import EvalResult, evaluate
 from fastablate.errors import FastablateError, note
 from fastablate.models import save_checkpoint
 from fastablate.models.checkpoint import atomic_save
 from fastablate.models.transfer import keep_frozen_bn
 from fastablate.modes import eval_mode
+from fastablate.plots import pyplot, save
 from fastablate.results import write_csv
 
 STATE_FILE = "last.pt"  # optimizer, schedule, averaged weights and RNG state for --resume
@@ -89,8 +92,7 @@ def train(model: nn.Module, data, spec, runtime: Runtime):
     """Train ``model`` on ``data.train``, evaluating on ``data.test`` and every extra set after
     each epoch; writes model.pt, last.pt and metrics.csv into the run directory every epoch
     (atomically). With ``data.resume`` (the state of last.pt), continues where it ended."""
-    from fastablate.engines.attacks import RUNNERS
-    from fastablate.engines.train import TrainResult
+    from fastablate.engines.studies.attacks import RUNNERS
 
     start = time.perf_counter()
     device, bs = runtime.device, runtime.batch_size
@@ -204,6 +206,67 @@ def train(model: nn.Module, data, spec, runtime: Runtime):
     return TrainResult(model.name, history, final["test"], runtime.out / MODEL_FILE, time.perf_counter() - start,
                        {n: r for n, r in final.items() if n != "test"}, getattr(model, "frozen", []),
                        getattr(model, "init", "none"), data.preview, [diverging] if diverging else [])
+
+
+@dataclass
+class TrainResult:
+    model: str
+    history: list[dict]  # one row per epoch
+    final: EvalResult  # the saved model after the last epoch on the test split
+    checkpoint: Path
+    seconds: float
+    eval_sets: dict[str, EvalResult] = field(default_factory=dict)  # and test_tta with --tta
+    frozen: list[str] = field(default_factory=list)
+    init: str = "none"
+    preview: dict[str, Tensor] = field(default_factory=dict, repr=False)
+    warnings: list[str] = field(default_factory=list)  # run.json records them (see the runner)
+
+    def to_dict(self) -> dict:
+        return {"accuracy": self.final.accuracy, "loss": self.final.loss, "epochs": len(self.history),
+                "checkpoint": str(self.checkpoint), "test": self.final.to_dict(), "history": self.history,
+                "eval_sets": {n: {"accuracy": r.accuracy, "loss": r.loss, "n": r.n} for n, r in self.eval_sets.items()},
+                "frozen": self.frozen, "init": self.init}
+
+    def rows(self) -> list[dict]:
+        return self.history
+
+    def plot(self, directory: Path, *others: "TrainResult") -> list[Path]:
+        out = [plot_curves(self.history, directory / "curves.png")]
+        if self.preview:
+            out.append(plot_augmentations(self.preview, directory / "augmentations.png"))
+        return out
+
+
+
+def plot_curves(history: list[dict], path: Path) -> Path:
+    """Loss and accuracy per epoch: train, test and every extra evaluation set."""
+    epochs = [r["epoch"] for r in history]
+    sets = ["train"] + [k[:-len("_accuracy")] for k in history[0] if k.endswith("_accuracy") and k != "train_accuracy"]
+    fig, (a, b) = pyplot().subplots(1, 2, figsize=(10, 3.8))
+    for name in sets:
+        a.plot(epochs, [r[f"{name}_loss"] for r in history], "o-", ms=3, label=name)
+        b.plot(epochs, [r[f"{name}_accuracy"] for r in history], "o-", ms=3, label=name)
+    a.set(xlabel="epoch", ylabel="loss (cross-entropy)")
+    b.set(xlabel="epoch", ylabel="accuracy", ylim=(0, 1.02))
+    for ax in (a, b):
+        ax.legend(fontsize=8)
+        ax.xaxis.get_major_locator().set_params(integer=True)
+    return save(fig, path, dpi=120)
+
+
+def plot_augmentations(preview: dict[str, Tensor], path: Path) -> Path:
+    """One row per augmentation (the first row: the originals) on the same training images."""
+    rows = len(preview)
+    cols = next(iter(preview.values())).shape[0]
+    fig, axes = pyplot().subplots(rows, cols, figsize=(1.3 * cols + 1.2, 1.3 * rows), squeeze=False)
+    for r, (name, images) in enumerate(preview.items()):
+        for c in range(cols):
+            ax = axes[r][c]
+            ax.imshow(images[c].permute(1, 2, 0).clamp(0, 1).numpy(), interpolation="nearest")
+            ax.set_xticks([])
+            ax.set_yticks([])
+        axes[r][0].set_ylabel(name, rotation=0, ha="right", va="center", fontsize=8)
+    return save(fig, path, dpi=110)
 
 
 def evaluate_all(model: nn.Module, data, spec, runtime: Runtime, fmt) -> dict[str, EvalResult]:

@@ -1,0 +1,1 @@
+"""Runs made of studies: sweeps over options, the end-to-end study and its report."""
