@@ -438,9 +438,61 @@ class AttackResult:
         return out
 
 
+@dataclass
+class Tally:
+    """What the batches of one attack add up to (per process; summed over processes at the end)."""
+
+    correct: int = 0  # images classified correctly
+    fooled: int = 0
+    attacked: int = 0
+    skipped: int = 0  # correctly classified images of the target class
+    seconds: float = 0.0  # in the attack itself
+    l0s: list = field(default_factory=list)  # per fooled image
+    l2s: list = field(default_factory=list)
+    steps: list = field(default_factory=list)  # per attacked image
+    queries: list = field(default_factory=list)
+
+
+def attack_batch(model: nn.Module, x: Tensor, y: Tensor, spec: AttackSpec, gen: torch.Generator,
+                 tally: Tally) -> tuple[Tensor, Tensor, Tensor]:
+    """Attack the correctly classified images of one batch (``spec`` resolved) and count them
+    into ``tally``: (the batch with each fooled image replaced, attacked mask, fooled mask)."""
+    with torch.no_grad():
+        logits = model(x)
+    check_finite(model, logits, x)
+    ok = logits.argmax(1) == y
+    tally.correct += int(ok.sum())
+    if spec.target is not None:
+        tally.skipped += int((ok & (y == spec.target)).sum())
+        ok &= y != spec.target
+    sel = ok.nonzero().squeeze(1)
+    x_adv, success = x.clone(), torch.zeros_like(ok)
+    if sel.numel():
+        xs, ys = x[sel], y[sel]
+        ts = None if spec.target is None else torch.full_like(ys, spec.target)
+        start = time.perf_counter()
+        adv, steps, queries = RUNNERS[spec.attack](model, xs, ys, spec, ts, gen)
+        if x.device.type == "cuda":
+            torch.cuda.synchronize()
+        tally.seconds += time.perf_counter() - start
+        with torch.no_grad():
+            won = _succeeded(model(adv), ys, ts)
+        adv = torch.where(won.view(-1, 1, 1, 1), adv, xs)
+        tally.attacked += sel.numel()
+        tally.fooled += int(won.sum())
+        diff = (adv - xs)[won]
+        tally.l0s += (diff != 0).any(1).flatten(1).sum(1).tolist()
+        tally.l2s += diff.flatten(1).norm(dim=1).tolist()
+        tally.steps += steps.tolist()
+        tally.queries += queries.tolist()
+        x_adv[sel], success[sel] = adv, won
+    return x_adv, ok, success
+
+
 def run_attack(model: nn.Module, ds: ImageSet, spec: AttackSpec, runtime: Runtime, *,
                keep: bool = False) -> AttackResult:
-    """Attack every correctly classified image of ``ds`` (not of the target class).
+    """Attack every correctly classified image of ``ds`` (not of the target class), batch by
+    batch (:func:`attack_batch`), and sum the batches of every process.
 
     With ``keep``, the result's ``examples`` hold ``x``, ``x_adv``, ``y``, ``pred_adv``,
     ``attacked`` and ``success`` for every image of ``ds`` (an image not attacked, or not
@@ -449,10 +501,7 @@ def run_attack(model: nn.Module, ds: ImageSet, spec: AttackSpec, runtime: Runtim
     if spec.target is not None and not 0 <= spec.target < ds.num_classes:
         raise FastablateError(f"--target {spec.target} is not a class of {ds.name} (0..{ds.num_classes - 1})")
     spec = spec.resolved(ds.image_size)
-    attack = RUNNERS[spec.attack]
-    correct = fooled = attacked = skipped = 0
-    l0s, l2s, steps_all, queries_all = [], [], [], []
-    seconds = 0.0
+    t = Tally()
     kept: list[tuple[int, dict[str, Tensor]]] = []  # (batch index, examples)
     name = model_name(model)
     with eval_mode(model, frozen=True):
@@ -460,46 +509,17 @@ def run_attack(model: nn.Module, ds: ImageSet, spec: AttackSpec, runtime: Runtim
             # Each batch draws its own random numbers: the result of a batch does not depend on
             # the batches before it (or on which process runs it).
             gen = torch.Generator().manual_seed(hash_seed(runtime.seed, "attack", i))
-            with torch.no_grad():
-                logits = model(x)
-            check_finite(model, logits, x)
-            pred = logits.argmax(1)
-            ok = pred == y
-            correct += int(ok.sum())
-            if spec.target is not None:
-                skipped += int((ok & (y == spec.target)).sum())
-                ok &= y != spec.target
-            sel = ok.nonzero().squeeze(1)
-            x_adv, success = x.clone(), torch.zeros_like(ok)
-            if sel.numel():
-                xs, ys = x[sel], y[sel]
-                ts = None if spec.target is None else torch.full_like(ys, spec.target)
-                start = time.perf_counter()
-                adv, steps, queries = attack(model, xs, ys, spec, ts, gen)
-                if x.device.type == "cuda":
-                    torch.cuda.synchronize()
-                seconds += time.perf_counter() - start
-                with torch.no_grad():
-                    won = _succeeded(model(adv), ys, ts)
-                adv = torch.where(won.view(-1, 1, 1, 1), adv, xs)
-                attacked += sel.numel()
-                fooled += int(won.sum())
-                diff = (adv - xs)[won]
-                l0s += (diff != 0).any(1).flatten(1).sum(1).tolist()
-                l2s += diff.flatten(1).norm(dim=1).tolist()
-                steps_all += steps.tolist()
-                queries_all += queries.tolist()
-                x_adv[sel], success[sel] = adv, won
+            x_adv, ok, success = attack_batch(model, x, y, spec, gen, t)
             if keep:
                 with torch.no_grad():
                     pred_adv = model(x_adv).argmax(1)
                 kept.append((i, {k: v.detach().cpu() for k, v in zip(EXAMPLE_KEYS, (x, x_adv, y, pred_adv, ok,
                                                                                        success))}))
-    counts = all_sum(torch.tensor([correct, fooled, attacked, skipped], dtype=torch.int64)).tolist()
-    correct, fooled, attacked, skipped = counts
-    seconds = all_sum(torch.tensor([seconds], dtype=torch.float64)).item()
+    correct, fooled, attacked, skipped = all_sum(torch.tensor([t.correct, t.fooled, t.attacked, t.skipped],
+                                                              dtype=torch.int64)).tolist()
+    seconds = all_sum(torch.tensor([t.seconds], dtype=torch.float64)).item()
     l0s, l2s, steps_all, queries_all = ([v for part in gather(values) for v in part]
-                                        for values in (l0s, l2s, steps_all, queries_all))
+                                        for values in (t.l0s, t.l2s, t.steps, t.queries))
     examples = None
     if keep:
         parts = merge(kept)

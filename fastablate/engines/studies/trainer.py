@@ -89,14 +89,13 @@ def _saved_batches(ds: ImageSet, size: int, gen: torch.Generator, augments, devi
 
 
 def train(model: nn.Module, data, spec, runtime: Runtime):
-    """Train ``model`` on ``data.train``, evaluating on ``data.test`` and every extra set after
-    each epoch; writes model.pt, last.pt and metrics.csv into the run directory every epoch
-    (atomically). With ``data.resume`` (the state of last.pt), continues where it ended."""
-    from fastablate.engines.studies.attacks import RUNNERS
-
+    """Train ``model`` on ``data.train`` (:func:`train_one_epoch`), evaluating on ``data.test``
+    and every extra set after each epoch (:func:`evaluate_all`); writes model.pt, last.pt and
+    metrics.csv into the run directory every epoch (atomically; nothing without one). With
+    ``data.resume`` (the state of last.pt), continues where it ended."""
     start = time.perf_counter()
     device, bs = runtime.device, runtime.batch_size
-    rank, world, main = dist.rank(), dist.world(), dist.is_main()
+    world, main = dist.world(), dist.is_main()
     fmt = torch.channels_last if spec.memory_format == "channels-last" else torch.contiguous_format
     if world > 1 and spec.sync_bn:
         model.net = nn.SyncBatchNorm.convert_sync_batchnorm(model.net)
@@ -126,53 +125,13 @@ def train(model: nn.Module, data, spec, runtime: Runtime):
             average.steps = state["average_steps"]
         torch.set_rng_state(state["torch_rng"])
         history, first_epoch = state["history"], state["epoch"] + 1
-    adv_spec = data.adv_spec
     eval_rt = runtime.with_(batch_size=max(bs, 256), progress=False)
     final: dict[str, EvalResult] = {}
-    lr = 0.0
     warned = divergence_warning(history) is not None  # said once, by the run that saw it
     for epoch in range(first_epoch, spec.epochs):
         t0 = time.perf_counter()
-        model.train()
-        keep_frozen_bn(model)
-        loss_sum, correct, seen = 0.0, 0, 0
-        # Random numbers are keyed by (seed, epoch): the order by nothing else (every process
-        # draws the same and takes its part), augmentation and adversarial batches also by the
-        # process. So a resumed epoch draws what the uninterrupted one did.
-        order = torch.randperm(len(data.train), generator=torch.Generator().manual_seed(
-            hash_seed(runtime.seed, "order", epoch)))[rank * per_process:(rank + 1) * per_process]
-        gen = torch.Generator().manual_seed(hash_seed(runtime.seed, "augment", epoch, rank))
-        batches: Iterator = batch_progress(data.train, runtime, f"epoch {epoch + 1}/{spec.epochs}", order=order,
-                                           generator=gen, augment=data.augment)
-        for i, (x, y) in enumerate(batches):
-            lr = learning_rate(spec, bs, epoch * steps_per_epoch + i, total)
-            for group in opt.param_groups:
-                group["lr"] = lr
-            k = round(spec.adv_ratio * x.shape[0]) if (data.adv is not None or adv_spec is not None) else 0
-            if data.adv is not None and k:  # saved adversarial images replace part of the batch
-                xa, ya = _saved_batches(data.adv, k, gen, data.augment, device)
-                x, y = torch.cat([x[k:], xa]), torch.cat([y[k:], ya])
-            elif adv_spec is not None and k:  # made now, against the current model
-                with eval_mode(model, frozen=True):
-                    xa = RUNNERS[adv_spec.attack](model, x[:k], y[:k], adv_spec, None, gen)[0].detach()
-                model.train()
-                keep_frozen_bn(model)
-                x = torch.cat([xa, x[k:]])
-            x = x.contiguous(memory_format=fmt)
-            logits = forward(x)
-            loss = F.cross_entropy(logits, y, label_smoothing=spec.label_smoothing)
-            value = loss.item()
-            if not math.isfinite(value):
-                raise FastablateError(f"training diverged: the loss is {value} at epoch {epoch + 1}, step {i + 1}; "
-                                      f"lower --lr (the step's learning rate was {lr:.4g})")
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            if average is not None:
-                average.update(model)
-            loss_sum += value * y.numel()
-            correct += (logits.argmax(1) == y).sum().item()
-            seen += y.numel()
+        lr, loss_sum, correct, seen = train_one_epoch(model, forward, opt, average, data, spec, runtime, epoch,
+                                                      steps_per_epoch, total, fmt)
         trained = average.model if average is not None else model
         dist.sync_buffers(trained)  # process 0's BatchNorm statistics: what is evaluated is what is saved
         final = evaluate_all(trained, data, spec, eval_rt, fmt)
@@ -187,15 +146,16 @@ def train(model: nn.Module, data, spec, runtime: Runtime):
         if not warned and divergence_warning(history):
             note(divergence_warning(history))
             warned = True
-        meta = {"dataset": data.train.name, "epoch": epoch + 1, "test_accuracy": final["test"].accuracy,
-                "test_loss": final["test"].loss, "seed": runtime.seed, "world_size": world}
-        save_checkpoint(trained, runtime.out / MODEL_FILE, meta)
-        atomic_save({"arch": model.arch, "epoch": epoch, "state_dict": model.net.state_dict(),
-                     "optimizer": opt.state_dict(), "fingerprint": data.fingerprint,
-                     "average": average.model.net.state_dict() if average else None,
-                     "average_steps": average.steps if average else 0,
-                     "torch_rng": torch.get_rng_state(), "history": history}, runtime.out / STATE_FILE)
-        write_csv(runtime.out / "metrics.csv", history)
+        if runtime.out is not None:
+            meta = {"dataset": data.train.name, "epoch": epoch + 1, "test_accuracy": final["test"].accuracy,
+                    "test_loss": final["test"].loss, "seed": runtime.seed, "world_size": world}
+            save_checkpoint(trained, runtime.out / MODEL_FILE, meta)
+            atomic_save({"arch": model.arch, "epoch": epoch, "state_dict": model.net.state_dict(),
+                         "optimizer": opt.state_dict(), "fingerprint": data.fingerprint,
+                         "average": average.model.net.state_dict() if average else None,
+                         "average_steps": average.steps if average else 0,
+                         "torch_rng": torch.get_rng_state(), "history": history}, runtime.out / STATE_FILE)
+            write_csv(runtime.out / "metrics.csv", history)
         extra = "".join(f" | {n} acc {r.accuracy:.4f}" for n, r in final.items() if n != "test")
         print(f"epoch {epoch + 1}/{spec.epochs}: train loss {row['train_loss']:.4f} acc {row['train_accuracy']:.4f}"
               f" | test loss {final['test'].loss:.4f} acc {final['test'].accuracy:.4f}{extra} | "
@@ -203,9 +163,64 @@ def train(model: nn.Module, data, spec, runtime: Runtime):
     if not final:  # resumed a finished run: report the saved model
         final = evaluate_all(average.model if average is not None else model, data, spec, eval_rt, fmt)
     diverging = divergence_warning(history)
-    return TrainResult(model.name, history, final["test"], runtime.out / MODEL_FILE, time.perf_counter() - start,
+    checkpoint = runtime.out / MODEL_FILE if runtime.out is not None else None
+    return TrainResult(model.name, history, final["test"], checkpoint, time.perf_counter() - start,
                        {n: r for n, r in final.items() if n != "test"}, getattr(model, "frozen", []),
                        getattr(model, "init", "none"), data.preview, [diverging] if diverging else [])
+
+
+def train_one_epoch(model: nn.Module, forward: nn.Module, opt: torch.optim.Optimizer, average: WeightAverage | None,
+                    data, spec, runtime: Runtime, epoch: int, steps_per_epoch: int, total: int,
+                    fmt: torch.memory_format) -> tuple[float, float, int, int]:
+    """One epoch of this process's share of ``data.train``: (the last step's learning rate,
+    the summed loss, correct predictions and images seen)."""
+    from fastablate.engines.studies.attacks import RUNNERS
+
+    device, bs = runtime.device, runtime.batch_size
+    rank, world = dist.rank(), dist.world()
+    per_process = len(data.train) // world  # every process the same number of images (and steps)
+    model.train()
+    keep_frozen_bn(model)
+    loss_sum, correct, seen, lr = 0.0, 0, 0, 0.0
+    # Random numbers are keyed by (seed, epoch): the order by nothing else (every process
+    # draws the same and takes its part), augmentation and adversarial batches also by the
+    # process. So a resumed epoch draws what the uninterrupted one did.
+    order = torch.randperm(len(data.train), generator=torch.Generator().manual_seed(
+        hash_seed(runtime.seed, "order", epoch)))[rank * per_process:(rank + 1) * per_process]
+    gen = torch.Generator().manual_seed(hash_seed(runtime.seed, "augment", epoch, rank))
+    batches: Iterator = batch_progress(data.train, runtime, f"epoch {epoch + 1}/{spec.epochs}", order=order,
+                                       generator=gen, augment=data.augment)
+    adv_spec = data.adv_spec
+    for i, (x, y) in enumerate(batches):
+        lr = learning_rate(spec, bs, epoch * steps_per_epoch + i, total)
+        for group in opt.param_groups:
+            group["lr"] = lr
+        k = round(spec.adv_ratio * x.shape[0]) if (data.adv is not None or adv_spec is not None) else 0
+        if data.adv is not None and k:  # saved adversarial images replace part of the batch
+            xa, ya = _saved_batches(data.adv, k, gen, data.augment, device)
+            x, y = torch.cat([x[k:], xa]), torch.cat([y[k:], ya])
+        elif adv_spec is not None and k:  # made now, against the current model
+            with eval_mode(model, frozen=True):
+                xa = RUNNERS[adv_spec.attack](model, x[:k], y[:k], adv_spec, None, gen)[0].detach()
+            model.train()
+            keep_frozen_bn(model)
+            x = torch.cat([xa, x[k:]])
+        x = x.contiguous(memory_format=fmt)
+        logits = forward(x)
+        loss = F.cross_entropy(logits, y, label_smoothing=spec.label_smoothing)
+        value = loss.item()
+        if not math.isfinite(value):
+            raise FastablateError(f"training diverged: the loss is {value} at epoch {epoch + 1}, step {i + 1}; "
+                                  f"lower --lr (the step's learning rate was {lr:.4g})")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if average is not None:
+            average.update(model)
+        loss_sum += value * y.numel()
+        correct += (logits.argmax(1) == y).sum().item()
+        seen += y.numel()
+    return lr, loss_sum, correct, seen
 
 
 @dataclass
@@ -213,7 +228,7 @@ class TrainResult:
     model: str
     history: list[dict]  # one row per epoch
     final: EvalResult  # the saved model after the last epoch on the test split
-    checkpoint: Path
+    checkpoint: Path | None  # None: trained without a run directory (from Python)
     seconds: float
     eval_sets: dict[str, EvalResult] = field(default_factory=dict)  # and test_tta with --tta
     frozen: list[str] = field(default_factory=list)
@@ -223,7 +238,8 @@ class TrainResult:
 
     def to_dict(self) -> dict:
         return {"accuracy": self.final.accuracy, "loss": self.final.loss, "epochs": len(self.history),
-                "checkpoint": str(self.checkpoint), "test": self.final.to_dict(), "history": self.history,
+                "checkpoint": str(self.checkpoint) if self.checkpoint else None, "test": self.final.to_dict(),
+                "history": self.history,
                 "eval_sets": {n: {"accuracy": r.accuracy, "loss": r.loss, "n": r.n} for n, r in self.eval_sets.items()},
                 "frozen": self.frozen, "init": self.init}
 
