@@ -80,8 +80,30 @@ def write_csv(path: Path, rows: Iterable[dict]) -> Path:
 RUN_FILE = "run.json"
 # What runs write into their directory; replacing a run removes these and nothing else.
 OUTPUTS = ("run.json", "results.json", "results.csv", "metrics.csv", "model.pt", "last.pt", "plots", "adversarial*.pt")
-# Config keys that do not make a different run.
+# Options that do not change what a run computes, only where it writes and how fast: a rerun
+# with others is the same run, a sweep point with others the same point.
 VOLATILE = ("out", "workers", "device", "force")
+
+
+def read_run(folder: str | os.PathLike) -> dict | None:
+    """The run.json of the run in ``folder``, or None when there is none or it cannot be read."""
+    try:
+        info = json.loads((Path(folder) / RUN_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    return info if isinstance(info, dict) else None
+
+
+def finished(folder: str | os.PathLike, config: dict | None = None) -> dict | None:
+    """The results.json of the complete run in ``folder`` (made with ``config``, when given), or None."""
+    info = read_run(folder)
+    if info is None or info.get("status") != "complete" or (config is not None and
+                                                            info.get("config") != jsonable(config)):
+        return None
+    try:
+        return json.loads((Path(folder) / "results.json").read_text())
+    except (OSError, ValueError):
+        return None
 
 
 class RunDir:
@@ -167,14 +189,9 @@ class RunDir:
     def _claim(self, resume: bool, force: bool) -> None:
         """Check that this run may use the existing folder; replacing a run removes its outputs."""
         where = f"--out {str(self.path)!r}"
-        old = None
-        if (self.path / RUN_FILE).is_file():
-            try:
-                old = json.loads((self.path / RUN_FILE).read_text())
-            except (OSError, ValueError):
-                if not force:
-                    raise FastablateError(f"{where} holds a run.json that cannot be read; --force replaces "
-                                          "it") from None
+        old = read_run(self.path)
+        if old is None and (self.path / RUN_FILE).is_file() and not force:
+            raise FastablateError(f"{where} holds a run.json that cannot be read; --force replaces it")
         if resume:
             if old is None or old.get("command") != self.command:
                 raise FastablateError(f"--resume: {where} holds no {self.command} run to continue")

@@ -403,7 +403,7 @@ def test_full_disk_while_saving_keeps_the_previous_checkpoints(tmp_path, monkeyp
     import errno
 
     from fastablate import files
-    from fastablate.engines import trainer
+    from fastablate.engines.studies import trainer
     out = tmp_path / "t"
     args = ["train", "--model", "resnet8", *SYN, "--epochs", "2", "--out", out]
     full = {"on": False}

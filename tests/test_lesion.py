@@ -218,7 +218,7 @@ LESION_BAD = [
     (["--lesion", "k-random", "--k", "0"], "--k '0': item 0 must be >= 1"),
     (["--lesion", "k-random", "--k", "1,x"], "--k '1,x': item 'x' is not a whole number"),
     (["--lesion", "k-random", "--k", "12"], "--k 12: resnet20 has 9 lesionable units, so k must be in 1..9"),
-    (["--lesion", "all-single", "--k", "2"], "--k 2 applies to --lesion k-random, which is not given"),
+    (["--lesion", "all-single", "--k", "2"], "--k applies to --lesion k-random, which is not given"),
     (["--lesion", "reorder", "--samples", "0"], "--samples '0': must be in [1, 100000]"),
     (["--lesion", "all-single", "--max-memory", "lots"], "--max-memory 'lots': is not a size such as 2G or 512M"),
     (["--samples", "5"], "--samples applies to the lesion study (--lesion), which is not given"),

@@ -380,11 +380,19 @@ class Spec:
         return [n for n, _, default in spec_options(type(self)) if getattr(self, n) != default]
 
 
-def one_of(spec: Spec, names: Sequence[str]) -> None:
-    """At most one of the fields ``names`` may be given."""
+def one_of(spec: Spec, names: Sequence[str], what: str) -> None:
+    """At most one of the fields ``names`` may be given: "--a and --b both <what>: give one"."""
     given = [spec.flag(n) for n in names if getattr(spec, n) not in (None, (), False)]
     if len(given) > 1:
-        raise FastablateError(f"{' and '.join(given)} each choose the same thing: give one")
+        raise FastablateError(f"{' and '.join(given)} {'both' if len(given) == 2 else 'each'} {what}: give one")
+
+
+def applies(spec: Spec, names: Sequence[str] | str, condition: bool, to: str) -> None:
+    """Fields ``names``, when given, apply only where ``condition`` holds: an option that would do
+    nothing is an error, "--x applies to <to>" (for the first of them given)."""
+    given = [n for n in ([names] if isinstance(names, str) else names) if n in spec.given()]
+    if given and not condition:
+        raise FastablateError(f"{spec.flag(given[0])} applies to {to}")
 
 
 def prefixed(cls, prefix: str, names: Sequence[str], help_prefix: str = "") -> list[tuple[str, Any, Any]]:

@@ -45,7 +45,7 @@ from fastablate.engines.core.runtime import (
     slug,
     table,
 )
-from fastablate.engines.core.spec import Choice, Float, Int, Spec, Text, option
+from fastablate.engines.core.spec import Choice, Float, Int, Spec, Text, one_of, option
 from fastablate.errors import FastablateError
 from fastablate.models.checkpoint import atomic_save
 from fastablate.modes import eval_mode
@@ -92,8 +92,7 @@ class AttackSpec(Spec):
                                                "adversarial augmentation.", type=Text("FILE"), role="output")
 
     def validate(self) -> None:
-        if self.pixels is not None and self.k is not None:
-            raise FastablateError("--pixels and --k both set the pixel budget: give one")
+        one_of(self, ("pixels", "k"), "set the pixel budget")
         if self.attack == "sparse-rs" and self.queries == 0:
             raise FastablateError("--queries 0: sparse-rs is its random search, which needs at least 1 query per "
                                   "image (sparse takes 0: gradient steps only)")

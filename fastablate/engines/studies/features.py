@@ -39,7 +39,7 @@ from fastablate.engines.core.runtime import (
     slug,
     table,
 )
-from fastablate.engines.core.spec import Choice, Int, List, Spec, Text, option
+from fastablate.engines.core.spec import Choice, Int, List, Spec, Text, one_of, option
 from fastablate.errors import FastablateError
 from fastablate.modes import eval_mode
 
@@ -60,8 +60,7 @@ class FeaturesSpec(Spec):
     stats_images: int = option(512, "Images the per-layer statistics are taken over.", type=Int(min=1))
 
     def validate(self) -> None:
-        if self.images is not None and self.index is not None:
-            raise FastablateError("--images and --index both choose the images: give one")
+        one_of(self, ("images", "index"), "choose the images")
         if self.examples and self.index is not None:
             raise FastablateError("--index picks images of the split; with --examples the images are the "
                                   "examples' fooled ones: use --images")

@@ -38,7 +38,7 @@ from fastablate.engines.core.runtime import (
     my_batches,
     table,
 )
-from fastablate.engines.core.spec import Int, List, Size, Spec, Value, option
+from fastablate.engines.core.spec import Int, List, Size, Spec, Value, applies, option
 from fastablate.errors import FastablateError
 from fastablate.modes import eval_mode
 from fastablate.ops import block_skip
@@ -495,10 +495,9 @@ class LesionSpec(Spec):
                                              "[default: 1/4 of free RAM, 1/2 of free GPU].", type=Size())
 
     def validate(self) -> None:
-        if self.ks and "k-random" not in self.plans:
-            raise FastablateError(f"--k {','.join(map(str, self.ks))} applies to --lesion k-random, which is not given")
-        if "samples" in self.given() and not {"k-random", "reorder"} & set(self.plans):
-            raise FastablateError("--samples applies to --lesion k-random and reorder, neither of which is given")
+        applies(self, "ks", "k-random" in self.plans, "--lesion k-random, which is not given")
+        applies(self, "samples", bool({"k-random", "reorder"} & set(self.plans)),
+                "--lesion k-random and reorder, neither of which is given")
 
 
 class LesionStudy(Study):

@@ -38,7 +38,16 @@ from fastablate.engines.core.runtime import (
     progress,
     table,
 )
-from fastablate.engines.core.spec import Float, Int, List, Spec, Text, option
+from fastablate.engines.core.spec import (
+    Float,
+    Int,
+    List,
+    Spec,
+    Text,
+    applies,
+    one_of,
+    option,
+)
 from fastablate.errors import FastablateError
 from fastablate.modes import eval_mode
 from fastablate.ops import gaussian_noise
@@ -155,9 +164,8 @@ class NoiseSpec(Spec):
     trials: int = option(10, "Trials per grid point.", type=Int(min=1, max=100_000))
 
     def validate(self) -> None:
+        one_of(self, ("layers", "at", "every"), "choose the perturbed layers")
         choices = [self.flag(n) for n in ("layers", "at", "every") if getattr(self, n) not in ((), None)]
-        if len(choices) > 1:
-            raise FastablateError(f"{' and '.join(choices)} each choose the perturbed layers: give one")
         if choices and not self.sigma:
             raise FastablateError(f"{choices[0]} needs --noise-sigma (the noise std values)")
         if self.sigma and not choices:
@@ -165,8 +173,7 @@ class NoiseSpec(Spec):
                                   "or --noise-every N")
         if self.relative and not self.sigma:
             raise FastablateError("--noise-relative scales --noise-sigma, which is not given")
-        if "p" in self.given() and not self.sigma:
-            raise FastablateError("--noise-p applies to noise on conv layers (--noise-sigma), which is not given")
+        applies(self, "p", bool(self.sigma), "noise on conv layers (--noise-sigma), which is not given")
 
 
 @dataclass

@@ -29,6 +29,8 @@ from fastablate.engines.core.spec import (
     Spec,
     Text,
     Value,
+    applies,
+    one_of,
     option,
     prefixed,
 )
@@ -43,7 +45,7 @@ from fastablate.models.transfer import (
     init_imagenet,
     parse_head,
 )
-from fastablate.results import jsonable
+from fastablate.results import VOLATILE, jsonable
 
 DEFAULT_MODEL = "resnet8"
 IMAGENET_STATS = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
@@ -121,16 +123,11 @@ class TrainSpec(_Adversarial):
     resume: bool = option(False, "Continue the run in --out from its last epoch.")
 
     def validate(self) -> None:
-        given = set(self.given())
-        if "warmup" in given and self.schedule != "onecycle":
-            raise FastablateError("--warmup applies to --schedule onecycle")
-        if self.adv_data and self.adv_train:
-            raise FastablateError("--adv-data and --adv-train both make the adversarial part of a batch: give one")
-        if "adv_ratio" in given and not (self.adv_data or self.adv_train):
-            raise FastablateError("--adv-ratio applies to --adv-data or --adv-train, neither of which is given")
-        adv_given = [n for n in ADV_OPTIONS if f"adv_{n}" in given]
-        if adv_given and not self.adv_train:
-            raise FastablateError(f"{self.flag('adv_' + adv_given[0])} applies to --adv-train, which is not given")
+        applies(self, "warmup", self.schedule == "onecycle", "--schedule onecycle")
+        one_of(self, ("adv_data", "adv_train"), "make the adversarial part of a batch")
+        applies(self, "adv_ratio", bool(self.adv_data or self.adv_train),
+                "--adv-data or --adv-train, neither of which is given")
+        applies(self, [f"adv_{n}" for n in ADV_OPTIONS], bool(self.adv_train), "--adv-train, which is not given")
         self.attack_spec()
         names = [n for n, _ in self.eval_sets]
         if "test" in names or "test_tta" in names or "train" in names:
@@ -165,8 +162,9 @@ class TrainData:
         return len(self.train)
 
 
-# Shared options that do not change what a training computes.
-_NOT_FINGERPRINTED = ("out", "workers", "device", "force", "split", "compare")
+# Shared options that do not change what a training computes: those of no run, and the
+# evaluation studies' split and --compare.
+_NOT_FINGERPRINTED = (*VOLATILE, "split", "compare")
 
 
 def fingerprint(setup, spec: TrainSpec, train_set: ImageSet, test_set: ImageSet) -> dict:

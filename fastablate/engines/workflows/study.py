@@ -11,7 +11,6 @@ report.html, with one verdict per finding computed from the numbers
 """
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -26,11 +25,12 @@ from fastablate.engines.core.spec import (
     ModelFile,
     Spec,
     Text,
+    one_of,
     option,
     spec_options,
 )
 from fastablate.errors import FastablateError, note
-from fastablate.results import RunDir, default_out, jsonable
+from fastablate.results import RunDir, default_out, finished, read_run
 
 PARTS = ("train", "eval", "lesion", "noise", "attack", "paths", "features")
 
@@ -61,8 +61,7 @@ class StudySpec(Spec):
     images: int = option(4, "Features: images drawn.", type=Int(min=1, max=64))
 
     def validate(self) -> None:
-        if self.only and self.skip:
-            raise FastablateError("--only and --skip both choose the parts: give one")
+        one_of(self, ("only", "skip"), "choose the parts")
         if len(set(self.models)) != len(self.models):
             raise FastablateError(f"--models {','.join(self.models)} names a model twice")
 
@@ -80,17 +79,6 @@ class Part:
     seconds: float = 0.0
 
 
-def _complete(path: Path, config: dict) -> dict | None:
-    """results.json of a finished run in ``path`` made with ``config``, or None."""
-    try:
-        info = json.loads((path / "run.json").read_text())
-        document = json.loads((path / "results.json").read_text())
-    except (OSError, ValueError):
-        return None
-    same = info.get("config") == jsonable(config)
-    return document if info.get("status") == "complete" and same else None
-
-
 def _run_part(part: Part, setup: Setup, spec: Spec, echo) -> Part:
     from fastablate.engines import get_study
     from fastablate.engines.core.runner import run_config, run_study
@@ -99,7 +87,7 @@ def _run_part(part: Part, setup: Setup, spec: Spec, echo) -> Part:
     setup = replace(setup, **{n: d for n, _, d in spec_options(Setup) if n in study.setup_excludes})
     config = run_config(study, setup, spec)
     part.path = Path(setup.out)
-    done = _complete(part.path, config)
+    done = finished(part.path, config)
     if done is not None:
         echo(f"study: {part.name}: finished already, reused")
         part.document, part.reused = done, True
@@ -134,7 +122,7 @@ def run_full_study(setup: Setup, spec: StudySpec, echo=print) -> tuple[Path, dic
     base = replace(setup, compare=(), out=None, force=True)
     config = {"setup": setup.to_dict(), "study": spec.to_dict()}
     run = RunDir(out, "study", config, device=setup.device, seed=setup.seed)
-    resume = (out / "run.json").is_file() and _command(out) == "study"
+    resume = (read_run(out) or {}).get("command") == "study"
     with run.start(resume=resume, force=setup.force):
         # The models: trained here (train-<model>/model.pt) or given.
         if given:
@@ -191,13 +179,6 @@ def run_full_study(setup: Setup, spec: StudySpec, echo=print) -> tuple[Path, dic
                                                       "seconds": round(p.seconds, 3)} for n, p in parts.items()},
                                         "report": ["report.md", "report.html"]})
     return out, parts
-
-
-def _command(out: Path) -> str | None:
-    try:
-        return json.loads((out / "run.json").read_text()).get("command")
-    except (OSError, ValueError):
-        return None
 
 
 def _fooled_any(examples: Path) -> bool:

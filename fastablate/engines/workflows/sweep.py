@@ -27,13 +27,10 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from fastablate.engines.core.runtime import table
-from fastablate.engines.core.spec import Choice, Float, Int, Spec, Text, option
+from fastablate.engines.core.spec import Choice, Float, Int, Spec, Text, applies, option
 from fastablate.errors import FastablateError
 from fastablate.plots import pyplot, save
-from fastablate.results import RunDir, default_out, jsonable
-
-# Options that do not change what a point computes, only where and how fast.
-_NOT_KEYED = ("out", "workers", "device", "force")
+from fastablate.results import VOLATILE, RunDir, default_out, finished, jsonable, read_run
 
 
 @dataclass(frozen=True)
@@ -51,9 +48,7 @@ class SweepSpec(Spec):
                                 type=Text("DIR"))
 
     def validate(self) -> None:
-        for name in ("address", "gpus_per_point"):
-            if name in self.given() and self.backend != "ray":
-                raise FastablateError(f"{self.flag(name)} applies to --backend ray")
+        applies(self, ("address", "gpus_per_point"), self.backend == "ray", "--backend ray")
 
 
 @dataclass(frozen=True)
@@ -69,7 +64,7 @@ class Axis:
 def point_key(point: dict) -> str:
     """A stable hash of what shapes a point's run."""
     shaped = {"study": point["study"], "seed": point["seed"], "threads": point["threads"],
-              "setup": {k: v for k, v in point["setup"].items() if k not in _NOT_KEYED}, "spec": point["spec"]}
+              "setup": {k: v for k, v in point["setup"].items() if k not in VOLATILE}, "spec": point["spec"]}
     return hashlib.blake2b(json.dumps(jsonable(shaped), sort_keys=True).encode(), digest_size=6).hexdigest()
 
 
@@ -132,17 +127,7 @@ def _row(point: dict) -> dict:
 
 def _seconds(path: Path) -> float | None:
     """The total time a finished point's run.json records."""
-    return json.loads((path / "run.json").read_text())["timings"].get("total_s")
-
-
-def _done(path: Path) -> dict | None:
-    """The metrics row of a complete point run, or None."""
-    try:
-        info = json.loads((path / "run.json").read_text())
-        document = json.loads((path / "results.json").read_text())
-    except (OSError, ValueError):
-        return None
-    return document if info.get("status") == "complete" else None
+    return (read_run(path) or {}).get("timings", {}).get("total_s")
 
 
 def run_sweep(study_name: str, setup: dict, spec: dict, axes: Sequence[Axis], sweep: SweepSpec,
@@ -165,12 +150,12 @@ def run_sweep(study_name: str, setup: dict, spec: dict, axes: Sequence[Axis], sw
     out = Path(sweep.out or default_out("sweep"))
     config = {"study": study_name, "base": {"setup": setup, "spec": spec},
               "grid": {a.flag.lstrip("-"): list(a.values) for a in axes}, **sweep.to_dict()}
-    resume = (out / "run.json").is_file() and _is_sweep(out)
+    resume = (read_run(out) or {}).get("command") == "sweep"
     rows: dict[str, dict] = {}
     with RunDir(out, "sweep", config, device="-", seed=setup.get("seed", 0)).start(resume=resume) as run:
         todo = []
         for pt in points:
-            document = _done(out / "points" / pt["key"])
+            document = finished(out / "points" / pt["key"])
             if document is not None:
                 rows[pt["key"]] = {**_row(pt), "status": "complete", "seconds": _seconds(out / "points" / pt["key"]),
                                    **study.metrics(document)}
@@ -179,26 +164,19 @@ def run_sweep(study_name: str, setup: dict, spec: dict, axes: Sequence[Axis], sw
         echo(f"sweep: {len(points)} points ({len(points) - len(todo)} complete already), {len(todo)} to run on "
              f"{sweep.backend}")
         if sweep.backend == "ray":
-            finished = _run_ray(todo, out, sweep, echo)
+            ran = _run_ray(todo, out, sweep, echo)
         else:
-            finished = []
+            ran = []
             for i, pt in enumerate(todo):
                 echo(f"point {i + 1}/{len(todo)}: {pt['params']} seed {pt['seed']}")
-                finished.append(run_point(pt, str(out)))
-        for row in finished:
+                ran.append(run_point(pt, str(out)))
+        for row in ran:
             rows[row["key"]] = row
         ordered = [{**rows[pt["key"]], "threads": pt["threads"]} for pt in points]  # last: earlier columns stay
         plot_sweep(ordered, [a.flag.lstrip("-") for a in axes], run.plot_dir())
         run.write_results({"study": study_name, "grid": config["grid"], "repeat": sweep.repeat,
                            "points": ordered}, ordered)
     return out, ordered
-
-
-def _is_sweep(out: Path) -> bool:
-    try:
-        return json.loads((out / "run.json").read_text()).get("command") == "sweep"
-    except (OSError, ValueError):
-        return False
 
 
 def _run_ray(points: list[dict], out: Path, sweep: SweepSpec, echo) -> list[dict]:
