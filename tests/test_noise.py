@@ -189,7 +189,7 @@ def test_cli_noise_grid_with_compare(checkpoints, tmp_path):
 NOISE_BAD = [
     (["--noise-layers", "1"], "--noise-layers applies to the noise study (--noise-sigma, --input-noise), which is not"),
     (["--noise-sigma", "1"], "--noise-sigma needs the layers to perturb"),
-    (["--noise-layers", "1", "--noise-every", "2", "--noise-sigma", "1"], "--noise-layers and --noise-every both choose the perturbed layers"),
+    (["--noise-layers", "1", "--noise-every", "2", "--noise-sigma", "1"], "--noise-layers and --noise-every both"),
     (["--noise-layers", "9", "--noise-sigma", "1"], "--noise-layers 9: resnet8 has 7 conv layers, so n must be in 1."),
     (["--noise-at", "conv1,conv9", "--noise-sigma", "1"], "--noise-at: resnet8 has no conv layer 'conv9'"),
     (["--noise-layers", "1", "--noise-sigma", "1", "--noise-p", "1.5"], "--noise-p '1.5': item 1.5 must be in [0, 1]"),
