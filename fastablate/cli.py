@@ -189,29 +189,14 @@ def sweep_command() -> click.Command:
 
 
 def _sweep(values: dict, grid, base) -> None:
-    from fastablate.engines.core.setup import Setup
-    from fastablate.engines.core.spec import List, NamedFiles, parse_value
-    from fastablate.engines.workflows.sweep import Axis, SweepSpec, run_sweep, summary
+    from fastablate.engines.workflows.sweep import SweepSpec, grid_axes, run_sweep, summary
 
     ctx = click.get_current_context()
     if not base or base[0] in ("sweep", "study"):
         raise FastablateError("sweep needs a base command after --, e.g. -- train --model resnet20")
     command = StudyCommand(base[0])
     study, setup, spec = command.values(command.make_context(base[0], list(base[1:]), parent=ctx))
-    axes = []
-    for item in grid:
-        key, eq, text = item.partition("=")
-        if not eq or not text:
-            raise FastablateError(f"--grid {item!r} is not OPTION=VALUE,VALUE,...")
-        try:
-            cls, name, opt = command.field(key)
-        except FastablateError as e:
-            raise FastablateError(f"--grid {key}: {e}") from None
-        if cls not in (Setup, study.spec_class) or name in ("out", "force"):
-            raise FastablateError(f"--grid {key}: {opt.flag} is not an option {study.name} can sweep")
-        sep = ";" if ";" in text or isinstance(opt.type, (List, NamedFiles)) else ","
-        values_ = tuple(parse_value(opt, v.strip(), f" (in --grid {key})") for v in text.split(sep))
-        axes.append(Axis("setup" if cls is Setup else "spec", name, opt.flag, values_))
+    axes = grid_axes(grid, command.field, study)
     out, rows = run_sweep(study.name, setup, spec, axes, SweepSpec(**values.get(SweepSpec, {})), echo=click.echo)
     click.echo(summary(rows, [a.flag for a in axes]))
     click.echo(f"results: {out}")

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from fastablate.engines.core.runtime import table
-from fastablate.engines.core.spec import Choice, Float, Int, Spec, Text, applies, option
+from fastablate.engines.core.spec import Choice, Float, Int, List, NamedFiles, Spec, Text, applies, option, parse_value
 from fastablate.errors import FastablateError
 from fastablate.plots import pyplot, save
 from fastablate.results import VOLATILE, RunDir, default_out, finished, jsonable, read_run
@@ -59,6 +59,29 @@ class Axis:
     field: str
     flag: str
     values: tuple
+
+
+def grid_axes(items: Sequence[str], field, study) -> list[Axis]:
+    """The axes of ``--grid OPTION=V,V,..`` items (values split at ``;`` when one holds a comma, or
+    for a list-valued option), each value read and checked as its flag is; ``field(name)`` gives
+    the base command's (spec class, field, Option) of an option name."""
+    from fastablate.engines.core.setup import Setup
+
+    axes = []
+    for item in items:
+        key, eq, text = item.partition("=")
+        if not eq or not text:
+            raise FastablateError(f"--grid {item!r} is not OPTION=VALUE,VALUE,...")
+        try:
+            cls, name, opt = field(key)
+        except FastablateError as e:
+            raise FastablateError(f"--grid {key}: {e}") from None
+        if cls not in (Setup, study.spec_class) or name in ("out", "force"):
+            raise FastablateError(f"--grid {key}: {opt.flag} is not an option {study.name} can sweep")
+        sep = ";" if ";" in text or isinstance(opt.type, (List, NamedFiles)) else ","
+        values = tuple(parse_value(opt, v.strip(), f" (in --grid {key})") for v in text.split(sep))
+        axes.append(Axis("setup" if cls is Setup else "spec", name, opt.flag, values))
+    return axes
 
 
 def point_key(point: dict) -> str:
