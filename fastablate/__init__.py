@@ -8,7 +8,7 @@ cheap (no torch): the functions load on first use. The library lives in its subm
 """
 __version__ = "0.1.0"
 
-_API = ("attack", "evaluate", "features", "lesion", "noise", "paths", "StudyResult")
+_API = ("attack", "evaluate", "features", "lesion", "noise", "paths", "train", "StudyResult")
 __all__ = [*_API, "FastablateError", "__version__"]
 
 

@@ -110,12 +110,13 @@ def make_spec(study, options: dict):
 @contextmanager
 def preserved(models: Sequence[nn.Module], device: torch.device) -> Iterator[None]:
     """The models on ``device`` for the block, then back as they came: device, every module's
-    train/eval mode, every parameter's requires_grad, and no ``.grad`` that was not there."""
+    train/eval mode, every parameter's requires_grad and memory layout, and no ``.grad`` that
+    was not there (the values of the parameters are a training's to change)."""
     saved = []
     for m in models:
         p = next(m.parameters(), None)
         saved.append((m, p.device if p is not None else None, [(s, s.training) for s in m.modules()],
-                       [(q, q.requires_grad, q.grad is None) for q in m.parameters()]))
+                       [(q, q.requires_grad, q.grad is None, q.is_contiguous()) for q in m.parameters()]))
         if p is not None and p.device != device:
             m.to(device)
     try:
@@ -124,10 +125,12 @@ def preserved(models: Sequence[nn.Module], device: torch.device) -> Iterator[Non
         for m, dev, modes, params in saved:
             for s, training in modes:
                 s.training = training
-            for q, req, no_grad in params:
+            for q, req, no_grad, contiguous in params:
                 q.requires_grad_(req)
                 if no_grad:
                     q.grad = None
+                if contiguous and not q.is_contiguous():  # training runs channels-last
+                    q.data = q.data.contiguous()
             if dev is not None and next(m.parameters()).device != dev:
                 m.to(dev)
 
@@ -240,4 +243,53 @@ def features(model, data, **kw) -> StudyResult:
     return run("features", model, data, **kw)
 
 
-__all__ = ["StudyResult", "attack", "evaluate", "features", "lesion", "noise", "paths", "run"]
+def train(model: nn.Module, train_data: Any, test_data: Any, *, mean: Sequence[float] | None = None,
+          std: Sequence[float] | None = None, device: str | None = None, batch_size: int = 128, workers: int = 0,
+          seed: int = 0, progress: bool = False, out: str | None = None, data_dir: str | None = None,
+          limit: int | None = None, **options) -> StudyResult:
+    """Train ``model`` in place on ``train_data``, evaluating on ``test_data`` after every epoch
+    (``fastablate train``: ``epochs``, ``lr``, ``schedule``, ``augment``, ``freeze``, ``ema``,
+    ``adv_train``, ...). A registry name as data takes its train and test splits. With ``ema``,
+    the averaged weights (what was evaluated) end up in ``model``. ``save(dir)`` writes model.pt
+    and metrics.csv beside the results."""
+    from fastablate.models.transfer import freeze
+
+    study = get_study("train")
+    spec = make_spec(study, options)
+    building = [n for n in ("init", "head", "dropout", "resume") if n in spec.given()]
+    if building:
+        raise FastablateError(f"train: {building[0]}= applies to fastablate train's registry models and runs; "
+                              "build your model as you want it before fastablate.train")
+    if not isinstance(model, nn.Module):
+        raise FastablateError(f"model of type {type(model).__name__}: expected a torch.nn.Module")
+    first = next(model.parameters(), None)
+    dev = resolve_device(device) if device else (first.device if first is not None else torch.device("cpu"))
+    with preserved([model], dev):
+        train_set = image_set(train_data, data_dir=data_dir, split="train", limit=limit, seed=seed)
+        w = _wrapped(model, mean, std, train_set.images.shape[1] if train_set.images is not None else 3, None)
+        k = _outputs(w, train_set, dev)
+        train_set = image_set(train_set, num_classes=k)
+        test_set = image_set(test_data, data_dir=data_dir, split="test", limit=limit, seed=seed,
+                             classes=train_set.classes, num_classes=k, image_size=train_set.image_size)
+        if test_set.image_size != train_set.image_size:
+            raise FastablateError(f"the test images are {test_set.image_size} px, the training images "
+                                  f"{train_set.image_size} px")
+        w.num_classes, w.image_size = w.num_classes or k, w.image_size or train_set.image_size
+        w.classes, w.init = w.classes or list(train_set.classes), "none"
+        check_fits(w, train_set)
+        w.frozen = freeze(w, spec.freeze) if spec.freeze else []
+        data = study.data_from(train_set, test_set, spec, seed)
+        study.check([w], data, spec)
+        runtime = Runtime(device=dev, batch_size=batch_size, workers=workers, seed=seed, progress=progress)
+        results = execute(study, [w], data, spec, runtime)
+        if results[0].trained is not w:  # --ema: the average is what was evaluated
+            w.load_state_dict(results[0].trained.state_dict())
+    setup = Setup(dataset=train_set.name, data_dir=data_dir, limit=limit, device=device or "auto",
+                  batch_size=batch_size, workers=workers, seed=seed)
+    res = StudyResult(study, spec, results, run_config(study, setup, spec), dev, seed)
+    if out is not None:
+        res.save(out)
+    return res
+
+
+__all__ = ["StudyResult", "attack", "evaluate", "features", "lesion", "noise", "paths", "run", "train"]

@@ -155,3 +155,25 @@ def test_the_example_runs_and_writes_nothing(tmp_path):
     acc = float(out.stdout.split("clean accuracy ")[1].split()[0])
     assert acc > 0.5  # the example's model learned: its studies are of a real classifier
     assert list(tmp_path.iterdir()) == []
+
+
+def test_train_api_equals_the_cli_and_trains_the_model_in_place(tmp_path):
+    from fastablate.engines.core.setup import seed_everything
+    args = ["--dataset", "synthetic", "--limit", "60", "--epochs", "2", "--batch-size", "20", "--device", "cpu"]
+    r = CliRunner().invoke(cli, ["train", "--model", "resnet8", *args, "--out", str(tmp_path / "cli")])
+    assert r.exit_code == 0, r.output
+    seed_everything(0)  # as the CLI builds its model
+    ds = build_dataset("synthetic", None, "train")
+    model = build_model("resnet8", mean=ds.mean, std=ds.std)
+    before = model.net.fc.weight.detach().clone()
+    res = fa.train(model, "synthetic", "synthetic", limit=60, epochs=2, batch_size=20)
+    cli_doc = json.loads((tmp_path / "cli" / "results.json").read_text())
+    assert _timeless(json.loads(json.dumps(res.to_dict()))) == _timeless(cli_doc)
+    assert not torch.equal(before, model.net.fc.weight) and model.training  # trained in place, mode kept
+    assert fa.evaluate(model, "synthetic", limit=60).to_dict()["accuracy"] == cli_doc["accuracy"]
+    res.save(tmp_path / "api")
+    assert {p.name for p in (tmp_path / "api").iterdir()} == {p.name for p in (tmp_path / "cli").iterdir()} - {
+        "last.pt"}  # no resume state: a library training is not resumed
+    assert load_model(tmp_path / "api" / "model.pt").meta["epoch"] == 2
+    with pytest.raises(fa.FastablateError, match="head= applies to fastablate train's registry models"):
+        fa.train(model, "synthetic", "synthetic", head="mlp:32")

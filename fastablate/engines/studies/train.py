@@ -35,9 +35,9 @@ from fastablate.engines.core.spec import (
     prefixed,
 )
 from fastablate.engines.studies.attacks import ATTACKS, AttackSpec
-from fastablate.engines.studies.trainer import STATE_FILE, TrainResult, train
+from fastablate.engines.studies.trainer import MODEL_FILE, STATE_FILE, TrainResult, train
 from fastablate.errors import FastablateError
-from fastablate.models import build_model
+from fastablate.models import build_model, save_checkpoint
 from fastablate.models.checkpoint import FORMAT, read_checkpoint
 from fastablate.models.transfer import (
     freeze,
@@ -45,7 +45,7 @@ from fastablate.models.transfer import (
     init_imagenet,
     parse_head,
 )
-from fastablate.results import VOLATILE, jsonable
+from fastablate.results import VOLATILE, jsonable, write_csv
 
 DEFAULT_MODEL = "resnet8"
 IMAGENET_STATS = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
@@ -226,14 +226,18 @@ class TrainStudy(Study):
         train_set = load_data(setup, "train")
         test_set = load_data(setup, "test", image_size=train_set.image_size, classes=train_set.classes,
                              classes_of="the train split")
+        return self.data_from(train_set, test_set, spec, setup.seed, fingerprint(setup, spec, train_set, test_set),
+                              load_resume_state(Path(setup.out)) if spec.resume else None)
+
+    def data_from(self, train_set: ImageSet, test_set: ImageSet, spec: TrainSpec, seed: int,
+                  fingerprint: dict | None = None, resume: dict | None = None) -> TrainData:
+        """The training's data from its two splits (from the CLI's dataset or a library call's data)."""
         augments = check_strengths(parse_augment(spec.augment or ("crop,flip" if train_set.flip else "crop")),
                                    train_set.image_size)
         eval_sets = {n: load_saved(p, f"--eval-sets {n}=", train_set) for n, p in spec.eval_sets}
         adv = load_saved(spec.adv_data, "--adv-data ", train_set, successful=True) if spec.adv_data else None
-        return TrainData(train_set, test_set, augments, eval_sets, adv, spec.attack_spec(),
-                         fingerprint(setup, spec, train_set, test_set),
-                         load_resume_state(Path(setup.out)) if spec.resume else None,
-                         _preview(train_set, augments, setup.seed))
+        return TrainData(train_set, test_set, augments, eval_sets, adv, spec.attack_spec(), fingerprint or {},
+                         resume, _preview(train_set, augments, seed))
 
     def load_models(self, setup, spec: TrainSpec, data: TrainData, runtime):
         ds = data.train
@@ -296,6 +300,16 @@ class TrainStudy(Study):
 
     def run(self, model, data, spec, runtime):
         return train(model, data, spec, runtime)
+
+    def write_artifacts(self, results, spec, runtime):
+        """model.pt and metrics.csv of a training run without a run directory (from Python)."""
+        r = results[0]
+        if r.checkpoint is None and r.trained is not None:
+            r.checkpoint = runtime.artifact(MODEL_FILE)
+            save_checkpoint(r.trained, r.checkpoint, {"dataset": r.dataset, "epoch": len(r.history),
+                                                      "test_accuracy": r.final.accuracy, "test_loss": r.final.loss,
+                                                      "seed": runtime.seed, "world_size": 1})
+            write_csv(runtime.artifact("metrics.csv"), r.history)
 
     def report(self, results: Sequence[TrainResult], spec) -> str:
         r = results[0]

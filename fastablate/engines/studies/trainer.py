@@ -166,7 +166,8 @@ def train(model: nn.Module, data, spec, runtime: Runtime):
     checkpoint = runtime.out / MODEL_FILE if runtime.out is not None else None
     return TrainResult(model.name, history, final["test"], checkpoint, time.perf_counter() - start,
                        {n: r for n, r in final.items() if n != "test"}, getattr(model, "frozen", []),
-                       getattr(model, "init", "none"), data.preview, [diverging] if diverging else [])
+                       getattr(model, "init", "none"), data.preview, [diverging] if diverging else [],
+                       average.model if average is not None else model, data.train.name)
 
 
 def train_one_epoch(model: nn.Module, forward: nn.Module, opt: torch.optim.Optimizer, average: WeightAverage | None,
@@ -235,6 +236,8 @@ class TrainResult:
     init: str = "none"
     preview: dict[str, Tensor] = field(default_factory=dict, repr=False)
     warnings: list[str] = field(default_factory=list)  # run.json records them (see the runner)
+    trained: nn.Module | None = field(default=None, repr=False)  # what was evaluated (the average with --ema)
+    dataset: str = ""
 
     def to_dict(self) -> dict:
         return {"accuracy": self.final.accuracy, "loss": self.final.loss, "epochs": len(self.history),
