@@ -256,7 +256,7 @@ def train(model: nn.Module, train_data: Any, test_data: Any, *, mean: Sequence[f
 
     study = get_study("train")
     spec = make_spec(study, options)
-    building = [n for n in ("init", "head", "dropout", "resume") if n in spec.given()]
+    building = [n for n in ("init", "head", "dropout", "stochastic_depth", "resume") if n in spec.given()]
     if building:
         raise FastablateError(f"train: {building[0]}= applies to fastablate train's registry models and runs; "
                               "build your model as you want it before fastablate.train")

@@ -120,6 +120,7 @@ def models(layers_of, image_size):
     """List the registry models with parameters and units."""
     from fastablate.engines.core.runtime import table
     from fastablate.models import MODELS, build_model, count_parameters
+    from fastablate.models.registry import PATTERNS
     from fastablate.units import units
 
     if layers_of:
@@ -144,6 +145,8 @@ def models(layers_of, image_size):
         rows.append({"model": name, "family": spec.family, "params": f"{count_parameters(m) / 1e6:.2f}M",
                      "units": len(view.units), "lesionable": len(view.lesionable()), "description": spec.description})
     click.echo(table(rows))
+    for _, pattern in PATTERNS:
+        click.echo(f"and by name: {pattern}")
 
 
 @cli.command()

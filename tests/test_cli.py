@@ -148,7 +148,7 @@ def ckpt(tmp_path_factory):
 
 
 BAD = [
-    (["train", "--model", "resnet21"], "unknown model 'resnet21'; choose from: resnet8"),
+    (["train", "--model", "resnext50"], "unknown model 'resnext50'; choose from: resnet8"),
     (["train", "--dataset", "mnist"], "unknown dataset 'mnist'; choose from: digits"),
     (["eval", "--weights", "{ck}/r8.pt", "--dataset", "imagefolder", "--data-dir", "{tmp}/absent"],
      "dataset imagefolder: no test split at"),

@@ -33,6 +33,12 @@ def _models():
     tv = NormalizedModel(torchvision.models.resnet18(num_classes=10), (0.5,) * 3, (0.25,) * 3)
     yield "torchvision-resnet18", tv, ["all-single", "k-random", "reorder", "units:layer4.1"]
     yield "vgg11", build_model("vgg11"), ["all-single", "k-random"]
+    yield "vgg19", build_model("vgg19"), ["all-single", "k-random"]
+    yield "resnet110", build_model("resnet110"), ["all-single", "reorder"]
+    yield "preresnet20", build_model("preresnet20"), ["all-single", "k-random", "reorder"]
+    yield "preresnet164", build_model("preresnet164"), ["all-single", "reorder"]
+    yield "preplain20", build_model("preplain20"), ["all-single", "k-random"]
+    yield "resnet20-stochastic-depth", build_model("resnet20", stochastic_depth=0.5), ["all-single", "k-random"]
 
 
 @pytest.mark.numerics

@@ -1,7 +1,11 @@
 """Model registry and checkpoints: ours, foreign formats, mismatches."""
+import re
+
 import pytest
 import torch
+from click.testing import CliRunner
 
+from fastablate.cli import cli
 from fastablate.errors import FastablateError
 from fastablate.models import MODELS, build_model, load_model, save_checkpoint
 from fastablate.models.checkpoint import read_checkpoint
@@ -39,8 +43,8 @@ def test_imagenet_stem_for_large_inputs():
 
 
 def test_unknown_model():
-    with pytest.raises(FastablateError, match="unknown model 'resnet21'; choose from: resnet8"):
-        build_model("resnet21")
+    with pytest.raises(FastablateError, match="unknown model 'resnext50'; choose from: resnet8"):
+        build_model("resnext50")
 
 
 def test_normalization_in_wrapper():
@@ -100,3 +104,60 @@ def test_unreadable_checkpoint(tmp_path):
         load_model(tmp_path / "bad.pt")
     with pytest.raises(FastablateError, match="does not exist"):
         load_model(tmp_path / "none.pt")
+
+
+@pytest.mark.parametrize("name, units, params", [("resnet26", 12, 366938), ("plain26", 12, 366938),
+                                                 ("preresnet50", 24, 758362), ("preresnet110", 54, 1730522),
+                                                 ("preresnet164", 54, 1703258), ("preplain20", 9, 269722)])
+def test_any_cifar_depth_by_name(name, units, params):
+    """He et al.: PreResNet-110 and -164 (bottleneck) have 1.7M parameters each."""
+    from fastablate.units import units as unit_view
+    m = build_model(name)
+    assert len(unit_view(m).units) == units and sum(p.numel() for p in m.parameters()) == params
+
+
+@pytest.mark.parametrize("name, message", [
+    ("resnet27", "unknown model 'resnet27': a CIFAR resnet has depth 6n+2 (e.g. resnet26, resnet32)"),
+    ("preresnet165", "preresnet also 9n+2 >= 164 (bottleneck units)"),
+    ("plain4", "a CIFAR plain has depth 6n+2 (e.g. plain8)"),
+    ("resnet", "or resnetN, plainN, preresnetN, preplainN for any N = 6n+2"),
+])
+def test_bad_depths(name, message):
+    with pytest.raises(FastablateError, match=re.escape(message)):
+        build_model(name)
+    r = CliRunner().invoke(cli, ["train", "--model", name, "--dataset", "synthetic", "--limit", "10"])
+    assert r.exit_code == 2 and message in r.stderr
+
+
+def test_models_lists_the_depth_pattern():
+    out = CliRunner().invoke(cli, ["models"]).output
+    assert "and by name: resnetN, plainN, preresnetN, preplainN for any N = 6n+2" in out
+    assert "preresnet164" in out and "cifar-preresnet" in out
+
+
+def test_stochastic_depth_drops_in_training_scales_at_test_and_travels_with_the_checkpoint(tmp_path):
+    from fastablate.units import units as unit_view
+    torch.manual_seed(0)
+    m = build_model("preresnet20", stochastic_depth=0.5)
+    blocks = [b for s in ("layer1", "layer2", "layer3") for b in getattr(m.net, s)]
+    assert [round(b.survival, 4) for b in blocks] == [1.0, 0.9375, 0.875, 0.8125, 0.75, 0.6875, 0.625, 0.5625, 0.5]
+    x = torch.rand(4, 3, 32, 32)
+    m.eval()
+    # Test time: each residual scaled by its survival (the unit view computes the same).
+    torch.testing.assert_close(unit_view(m).forward(x), m(x), rtol=0, atol=0)
+    h = torch.rand(2, 64, 8, 8)
+    torch.testing.assert_close(blocks[-1](h), h + 0.5 * blocks[-1].residual(h))
+    # Training: the last unit is skipped in about half of the batches, the first never.
+    blocks[-1].train()
+    torch.manual_seed(1)
+    skipped = sum(torch.equal(blocks[-1](h), h) for _ in range(200))
+    assert 70 < skipped < 130
+    blocks[0].train()
+    assert not any(torch.equal(blocks[0](torch.rand(2, 16, 32, 32)), h) for _ in range(5))
+    m.eval()
+    save_checkpoint(m, tmp_path / "sd.pt")
+    loaded = load_model(tmp_path / "sd.pt").eval()
+    assert loaded.stochastic_depth == 0.5
+    torch.testing.assert_close(loaded(x), m(x), rtol=0, atol=0)
+    with pytest.raises(FastablateError, match="model vgg11 \\(vgg\\) does not support it"):
+        build_model("vgg11", stochastic_depth=0.5)

@@ -30,24 +30,29 @@ def test_distribution_is_exact():
 
 
 @pytest.mark.numerics
-@pytest.mark.parametrize("name", ["resnet20", "resnet18"])
-def test_shared_gradients_equal_the_masked_networks(name, device):
+# The 54-unit nets with random BatchNorm statistics are chaotic in float32 (their float32
+# gradients differ from float64's by tens of percent, so two float32 paths differ by up to
+# 0.2%): they are compared in float64, where the paths agree to 1e-15.
+@pytest.mark.parametrize("name, dtype", [("resnet20", torch.float32), ("resnet18", torch.float32),
+                                         ("preresnet20", torch.float32), ("resnet110", torch.float64),
+                                         ("preresnet164", torch.float64)])
+def test_shared_gradients_equal_the_masked_networks(name, dtype, device):
     torch.manual_seed(0)
-    model = randomize_bn(build_model(name)).to(device)
+    model = randomize_bn(build_model(name)).to(device, dtype)
     view = units(model)
     n = len(view.units)
     rng = random.Random(1)
     # Lengths 0..n, repeated sets and sets agreeing on the top units (rows shared there).
     sets = [frozenset(rng.sample(range(n), k)) for k in (0, 1, 2, n // 2, n - 1, n)]
     sets += [sets[3], sets[3] ^ {0}, sets[3] ^ {1}]
-    x = torch.rand(3, 3, 32, 32, device=device)
+    x = torch.rand(3, 3, 32, 32, device=device, dtype=dtype)
     y = torch.randint(0, 10, (3,), device=device)
     naive = naive_gradients(view, x, y, sets)
     shared = shared_gradients(view, x, y, sets)
     # Gradients through up to n units, computed at other batch sizes (and, below, with BatchNorm as
     # its affine map, which rounds differently): the rounding differences grow with depth, so
     # 1e-4 relative, not float32's few ulps. Measured: up to 4.5e-5 on an AVX-512 CPU, 2e-7 elsewhere.
-    tol = dict(rtol=1e-4, atol=0.0)
+    tol = dict(rtol=1e-4 if dtype == torch.float32 else 1e-10, atol=0.0)
     torch.testing.assert_close(shared, naive, **tol)
     with affine_batchnorm(model):  # as the study runs it
         torch.testing.assert_close(shared_gradients(view, x, y, sets), naive, **tol)
@@ -74,6 +79,14 @@ def test_affine_batchnorm_computes_the_same_and_restores():
     with pytest.raises(RuntimeError), affine_batchnorm(model):
         raise RuntimeError("restored on error too")
     assert not any("forward" in vars(m) for m in model.modules())
+
+
+def test_central_interval_of_path_lengths():
+    """Veit, Sec. 6: 95% of the paths of a 54-unit ResNet are 19-35 units long; the shortest
+    range holding 95% is 20-34 (0.9598 of the paths), within his."""
+    r = PathsResult("m", [f"u{i}" for i in range(54)], [{"length": 1, "mean": 1.0}], 0.9, 0.0, 1)
+    assert (r.central["lo"], r.central["hi"]) == (20, 34) and r.central["share"] == pytest.approx(0.95978, abs=1e-5)
+    assert r.to_dict()["central_95"] == r.central
 
 
 def test_effective_range_and_contribution():

@@ -12,10 +12,7 @@ from fastablate.units import BlockParts, register_adapter, units
 
 pytestmark = pytest.mark.numerics  # rerun by .ci/run under another CPU code path
 
-FAST = [n for n in MODELS if n not in ("resnet110", "plain110", "vgg19", "vgg19_bn", "vgg16", "vgg16_bn")]
-
-
-@pytest.mark.parametrize("name", FAST)
+@pytest.mark.parametrize("name", list(MODELS))
 def test_unit_view_reproduces_forward(name):
     model = randomize_bn(build_model(name))
     x = torch.rand(2, 3, 32, 32)
@@ -45,6 +42,23 @@ def test_kinds_and_shapes():
     assert not plain["layer2.0"].lesionable
     assert plain["layer2.0"].reason == "plain unit changes shape (16, 32, 32) -> (32, 16, 16)"
     assert plain["layer2.1"].lesionable
+
+
+def test_preactivation_units_keep_exactly_their_shortcut():
+    """x + residual(x) with nothing after the add: deleting an identity unit is the identity; a
+    unit that changes shape keeps its projection of the pre-activated input."""
+    for name in ("preresnet20", "preresnet164"):
+        view = units(randomize_bn(build_model(name)))
+        assert all(u.parts.post_kind == "identity" and u.lesionable for u in view.units)
+        h = torch.randn(2, *view["layer1.1"].in_shape)
+        with torch.no_grad():
+            assert torch.equal(view["layer1.1"].lesioned(h), h) and view["layer1.1"].kind == "identity-skip"
+            u = view["layer2.0"]
+            h = torch.randn(2, *u.in_shape)
+            assert u.kind == "projection-skip"
+            assert torch.equal(u.lesioned(h), u.module.proj(F.relu(u.module.bn1(h))))
+    plain = units(build_model("preplain20"))
+    assert {u.kind for u in plain.units} == {"plain"} and not plain["layer2.0"].lesionable
 
 
 @pytest.mark.parametrize("name, unit", [("resnet20", "layer1.1"), ("resnet20", "layer3.0"),

@@ -41,7 +41,7 @@ def save_checkpoint(model, path: str | os.PathLike, meta: dict | None = None) ->
         "format": FORMAT, "version": 1, "arch": model.arch, "num_classes": model.num_classes,
         "image_size": model.image_size, "mean": model.mean.flatten().tolist(), "std": model.std.flatten().tolist(),
         "classes": list(model.classes) if model.classes is not None else None,
-        "head": model.head, "dropout": model.dropout,
+        "head": model.head, "dropout": model.dropout, "stochastic_depth": model.stochastic_depth,
         "state_dict": {k: v.detach().cpu() for k, v in model.net.state_dict().items()}, "meta": meta or {},
     }, path)
 
@@ -124,6 +124,9 @@ def _check_ours(obj: dict, shown: str) -> None:
         raise bad("head", head, "expected a head spec such as linear or mlp:512")
     if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
         raise bad("dropout", dropout, "expected a probability in [0, 1)")
+    survival = obj.get("stochastic_depth", 1.0)
+    if isinstance(survival, bool) or not isinstance(survival, (int, float)) or not 0 < survival <= 1:
+        raise bad("stochastic_depth", survival, "expected a survival probability in (0, 1]")
 
 
 def _counter(key: str) -> bool:
@@ -198,7 +201,8 @@ def model_from_checkpoint(ckpt: dict, path: str | os.PathLike, arch: str | None 
             weights = [v for k, v in ckpt["state_dict"].items() if k.endswith("weight") and v.dim() == 2]
             num_classes = weights[-1].shape[0] if weights else 10
     model = build_model(arch, num_classes, image_size=image_size or 32, mean=mean, std=std,
-                        head=ckpt.get("head", "linear"), dropout=ckpt.get("dropout", 0.0))
+                        head=ckpt.get("head", "linear"), dropout=ckpt.get("dropout", 0.0),
+                        stochastic_depth=ckpt.get("stochastic_depth", 1.0))
     load_state(model.net, ckpt["state_dict"], arch, path)
     model.meta = ckpt.get("meta") or {}
     model.classes = ckpt.get("classes")

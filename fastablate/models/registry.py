@@ -24,11 +24,19 @@ class ModelSpec:
 
 
 MODELS: dict[str, ModelSpec] = {}
+# Families of names (``resnet26``): (resolve, the pattern as a user reads it); resolve(name)
+# returns (family, build, description), None for a name not of its form, or raises ValueError.
+PATTERNS: list[tuple[Callable[[str], tuple | None], str]] = []
 
 
 def register_model(name: str, family: str, build: Callable[[int, int], nn.Module], description: str) -> None:
     """Add a model to the registry; ``build(num_classes, image_size)`` returns the bare net."""
     MODELS[name] = ModelSpec(name, family, build, description)
+
+
+def register_model_pattern(resolve: Callable[[str], tuple | None], pattern: str) -> None:
+    """Add a family of names the registry does not list one by one (any depth of a family)."""
+    PATTERNS.append((resolve, pattern))
 
 
 class NormalizedModel(nn.Module):
@@ -40,11 +48,12 @@ class NormalizedModel(nn.Module):
 
     def __init__(self, net: nn.Module, mean: Sequence[float], std: Sequence[float], arch: str = "custom",
                  num_classes: int | None = None, image_size: int | None = None, head: str = "linear",
-                 dropout: float = 0.0):
+                 dropout: float = 0.0, stochastic_depth: float = 1.0):
         super().__init__()
         self.net = net
         self.arch, self.num_classes, self.image_size = arch, num_classes, image_size
         self.head, self.dropout = head, dropout  # how build_model made the head (checkpoints record it)
+        self.stochastic_depth = stochastic_depth  # survival of the last residual unit (1.0: off)
         self.name = arch
         self.classes: list[str] | None = None  # class names, when known (checkpoints carry them)
         self.meta: dict = {}
@@ -75,14 +84,22 @@ def model_names() -> list[str]:
 
 
 def get_spec(name: str) -> ModelSpec:
-    if name not in MODELS:
-        raise FastablateError(f"unknown model {name!r}; choose from: {', '.join(MODELS)}")
-    return MODELS[name]
+    if name in MODELS:
+        return MODELS[name]
+    for resolve, _ in PATTERNS:
+        try:
+            found = resolve(name)
+        except ValueError as e:
+            raise FastablateError(f"unknown model {name!r}: {e}") from None
+        if found is not None:
+            return ModelSpec(name, *found)
+    patterns = "".join(f"; or {p}" for _, p in PATTERNS)
+    raise FastablateError(f"unknown model {name!r}; choose from: {', '.join(MODELS)}{patterns}")
 
 
 def build_model(name: str, num_classes: int = 10, *, image_size: int = 32,
                 mean: Sequence[float] = (0.5, 0.5, 0.5), std: Sequence[float] = (0.5, 0.5, 0.5),
-                head: str = "linear", dropout: float = 0.0) -> NormalizedModel:
+                head: str = "linear", dropout: float = 0.0, stochastic_depth: float = 1.0) -> NormalizedModel:
     """A freshly initialized registry model, wrapped with its input normalization.
 
     Args:
@@ -92,6 +109,8 @@ def build_model(name: str, num_classes: int = 10, *, image_size: int = 32,
         mean, std: per-channel normalization of inputs in [0, 1].
         head: ``linear`` (the model's own) or ``mlp:512,256`` (see :mod:`fastablate.models.transfer`).
         dropout: dropout before each head layer.
+        stochastic_depth: survival probability of the last residual unit under stochastic depth
+            (Huang et al. 2016; linear decay from 1 at the first unit); 1.0: off.
     """
     from fastablate.models.transfer import parse_head, set_head
 
@@ -105,7 +124,16 @@ def build_model(name: str, num_classes: int = 10, *, image_size: int = 32,
         except ValueError as e:
             raise FastablateError(f"--head {head!r}: {e}") from None
         set_head(net, num_classes, hidden, dropout)
-    return NormalizedModel(net, mean, std, name, num_classes, image_size, head, dropout)
+    if stochastic_depth < 1.0:
+        setter = getattr(net, "set_stochastic_depth", None)
+        if setter is None:
+            raise FastablateError(f"--stochastic-depth {stochastic_depth:g}: model {name} ({spec.family}) does not "
+                                  "support it; the CIFAR ResNets do (resnetN, preresnetN)")
+        try:
+            setter(stochastic_depth)
+        except ValueError as e:
+            raise FastablateError(f"--stochastic-depth {stochastic_depth:g}: model {name}: {e}") from None
+    return NormalizedModel(net, mean, std, name, num_classes, image_size, head, dropout, stochastic_depth)
 
 
 def count_parameters(model: nn.Module) -> int:

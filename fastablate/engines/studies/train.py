@@ -101,6 +101,10 @@ class _Recipe(Spec):
                                          "first N top-level children.", type=Text("NAMES|N"))
     head: str = option("linear", "Head: linear, or mlp:WIDTH,... (ReLU between layers).", type=Head())
     dropout: float = option(0.0, "Dropout before each head layer.", type=Float(0, 1, max_open=True))
+    stochastic_depth: float = option(1.0, "Stochastic depth (Huang et al. 2016): survival probability of the last "
+                                          "residual unit, 1 at the first, linear between; units dropped per batch, "
+                                          "scaled at test time (1: off; CIFAR ResNets).",
+                                     type=Float(0, 1, min_open=True))
     adv_data: Optional[str] = option(None, "A saved adversarial set (attack --save-dataset) mixed into training.",
                                      type=Text("FILE"), role="input")
     adv_train: Optional[str] = option(None, "Make adversarial images on the fly with this attack and the "
@@ -255,7 +259,8 @@ class TrainStudy(Study):
             mean, std = ckpt["mean"], ckpt["std"]
         seed_everything(setup.seed)  # the same seed gives the same initial weights
         model = build_model(arch, ds.num_classes, image_size=ds.image_size, mean=mean or ds.mean,
-                            std=std or ds.std, head=spec.head, dropout=spec.dropout)
+                            std=std or ds.std, head=spec.head, dropout=spec.dropout,
+                            stochastic_depth=spec.stochastic_depth)
         model.classes = list(ds.classes)
         model.init = "none"
         if ckpt is not None:

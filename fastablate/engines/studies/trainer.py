@@ -102,7 +102,8 @@ def train(model: nn.Module, data, spec, runtime: Runtime):
     model.to(device, memory_format=fmt)
     # Under torchrun, DDP averages the gradients; each process runs its shard of every epoch.
     forward = model if world == 1 else nn.parallel.DistributedDataParallel(
-        model, device_ids=[device.index] if device.type == "cuda" else None)
+        model, device_ids=[device.index] if device.type == "cuda" else None,
+        find_unused_parameters=spec.stochastic_depth < 1)  # a dropped unit's parameters get no gradient
     decay, no_decay = [], []
     for p in model.parameters():
         if p.requires_grad:  # frozen parameters are not the optimizer's
