@@ -205,6 +205,7 @@ def test_cli_lesion_study_with_compare(checkpoints, tmp_path):
     assert all("tau" in v for v in res["variants"] if v["plan"] == "reorder")
     other = res["compare"]
     assert other["model"] == "plain20" and [u["unit"] for u in other["unlesionable"]] == ["layer2.0", "layer3.0"]
+    assert res["downsampling_units"] == other["downsampling_units"] == ["layer2.0", "layer3.0"]
     assert sum(v["plan"] == "all-single" for v in other["variants"]) == 7
     rows = (out / "results.csv").read_text().splitlines()
     assert rows[0] == "model,plan,units,k,tau,accuracy,loss,mean_confidence,delta"

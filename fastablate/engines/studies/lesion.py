@@ -19,7 +19,7 @@ import itertools
 import math
 import random
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Optional, Sequence
 
@@ -342,10 +342,12 @@ class LesionResult:
     unit_evaluations: int  # per image, all variants
     naive_unit_evaluations: int
     peak_activation_bytes: int  # the executor's estimate for one batch
+    downsampling: list[str] = field(default_factory=list)  # units whose output shape differs from their input's
 
     def to_dict(self) -> dict:
         return {"model": self.model, "intact": self.intact, "variants": self.variants,
-                "unlesionable": self.unlesionable, "n": self.n, "seconds": self.seconds,
+                "unlesionable": self.unlesionable, "downsampling_units": self.downsampling, "n": self.n,
+                "seconds": self.seconds,
                 "executor": {"chunks": self.chunks, "unit_evaluations_per_image": self.unit_evaluations,
                              "naive_unit_evaluations_per_image": self.naive_unit_evaluations,
                              "estimated_peak_activation_bytes": self.peak_activation_bytes}}
@@ -407,7 +409,8 @@ def run_lesion(model: nn.Module, ds: ImageSet, variants: Sequence[Variant], runt
                         unlesionable=[{"unit": x.name, "reason": x.reason} for x in view.units if not x.lesionable],
                         n=n, seconds=time.perf_counter() - start, chunks=len(ex.chunks),
                         unit_evaluations=ex.unit_evaluations(), naive_unit_evaluations=u * len(view.units),
-                        peak_activation_bytes=ex.peak_bytes)
+                        peak_activation_bytes=ex.peak_bytes,
+                        downsampling=[x.name for x in view.units if x.in_shape != x.out_shape])
 
 
 def summary(res: LesionResult) -> list[dict]:
@@ -437,8 +440,9 @@ def summary(res: LesionResult) -> list[dict]:
 
 
 def plot_lesion(results: Sequence[LesionResult], directory: Path) -> list[Path]:
-    """Veit Figs. 3-5 for each plan present: accuracy per deleted unit, error vs number of
-    deleted units (mean and min-max), error vs Kendall's tau. One series per model."""
+    """Veit Figs. 3-5 for each plan present: error per deleted unit (units that change the shape,
+    where Veit's errors jump, marked), error vs number of deleted units (mean and min-max),
+    error vs Kendall's tau. One series per model."""
     plt = pyplot()
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     paths = []
@@ -449,12 +453,15 @@ def plot_lesion(results: Sequence[LesionResult], directory: Path) -> list[Path]:
             names += [v["units"][0] for v in vs if v["units"][0] not in names]
         fig, ax = plt.subplots(figsize=(max(6.0, 0.3 * len(names) + 2), 4))
         for r, vs, c in zip(results, singles, colors):
-            acc = {v["units"][0]: v["accuracy"] for v in vs}  # a gap where this model's unit is not lesionable
-            ax.plot(range(len(names)), [acc.get(n, math.nan) for n in names], "o-", color=c,
+            err = {v["units"][0]: 1 - v["accuracy"] for v in vs}  # a gap where this model's unit is not lesionable
+            ax.plot(range(len(names)), [err.get(n, math.nan) for n in names], "o-", ms=4, color=c,
                     label=f"{r.model}, one unit deleted")
-            ax.axhline(r.intact["accuracy"], ls="--", color=c, label=f"{r.model} intact")
+            down = [i for i, n in enumerate(names) if n in r.downsampling and n in err]
+            ax.plot(down, [err[names[i]] for i in down], "s", ms=9, mfc="none", mec=c,
+                    label=f"{r.model}: unit that downsamples")
+            ax.axhline(1 - r.intact["accuracy"], ls="--", color=c, label=f"{r.model} intact")
         ax.set_xticks(range(len(names)), names, rotation=90)
-        paths.append(finish(fig, ax, directory / "lesion-single.png", ylabel="accuracy",
+        paths.append(finish(fig, ax, directory / "lesion-single.png", ylabel="error",
                             title="Deleting one unit at test time", ylim=(0, 1.02)))
     krand = [[v for v in r.variants if v["plan"] == "k-random"] for r in results]
     if any(krand):
