@@ -67,6 +67,28 @@ def test_features_draws_each_model_with_its_own_layers(ckpts, tmp_path):
     assert (out / "plots" / "channels-features.0-vgg11.png").is_file()
 
 
+def test_features_pairs_layers_by_explicit_lists(ckpts, tmp_path):
+    out = tmp_path / "f"
+    run("features", "--images", "1", "--weights", ckpts / "resnet8.pt", "--compare", ckpts / "vgg11.pt", *DATA,
+        "--layers", "conv1,layer1,layer3", "--compare-layers", "features.0,features.4,features.18", "--out", out)
+    doc = json.loads((out / "results.json").read_text())
+    assert doc["layers"] == ["conv1", "layer1", "layer3"]
+    assert doc["compare"]["layers"] == ["features.0", "features.4", "features.18"]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--layers", "conv1,layer1", "--compare-layers", "features.0"],
+     "--compare-layers features.0 names 1 layers of vgg11, --layers 2 of resnet8: pair them one to one"),
+    (["--layers", "conv1", "--compare-layers", "features.0", "--compare-layers", "features.0"],
+     "--compare-layers is given 2 times for 1 --compare models"),
+    (["--layers", "conv1", "--compare-layers", "features.99"], "--compare-layers: vgg11 has no layer 'features.99'"),
+])
+def test_bad_compare_layers(args, message, ckpts, tmp_path):
+    r = run("features", "--weights", ckpts / "resnet8.pt", "--compare", ckpts / "vgg11.pt", *DATA, *args,
+            "--out", tmp_path / "o", code=2)
+    assert message in r.stderr and not (tmp_path / "o").exists()
+
+
 def test_paths_leaves_out_compared_plain_nets_with_a_note(ckpts, tmp_path):
     out = tmp_path / "p"
     data = [a for a in DATA if a not in ("--batch-size", "10")]  # paths stacks --sets, not batches

@@ -94,7 +94,8 @@ def execute(study: Study, models, data: Any, spec: Spec, runtime, timings: dict 
     for i, model in enumerate(models):
         name = model_name(model)
         t0 = time.perf_counter()
-        results.append(study.run(model, data, spec, runtime.with_(suffix="" if i == 0 else f"-{slug(name)}")))
+        results.append(study.run(model, data, spec, runtime.with_(suffix="" if i == 0 else f"-{slug(name)}",
+                                                                   model_index=i)))
         if timings is not None:
             timings[f"{study.name}_{name}_s"] = round(time.perf_counter() - t0, 3)
     return results

@@ -29,6 +29,7 @@ class Runtime:
     progress: bool = False  # progress bars on stderr (when it is a terminal)
     out: Path | None = None  # the run directory, for files a study writes as it goes
     suffix: str = ""  # appended to the names of those files ("" for the first model of a run)
+    model_index: int = 0  # which model of the run: 0 the first, i the i-th --compare model
 
     def with_(self, **changes) -> "Runtime":
         return replace(self, **changes)

@@ -58,6 +58,10 @@ class FeaturesSpec(Spec):
     examples: Optional[str] = option(None, "adversarial.pt of attack --save-examples: clean and adversarial "
                                            "images side by side.", type=Text("FILE"), role="input")
     stats_images: int = option(512, "Images the per-layer statistics are taken over.", type=Int(min=1))
+    compare_layers: tuple = option((), "The layers of a --compare model paired one to one with --layers "
+                                       "(repeatable: one list per --compare model, in order), e.g. "
+                                       "features.0,features.10 beside conv1,layer1 [default: each model's own, "
+                                       "paired by position].", type=List(Text()), multiple=True)
 
     def validate(self) -> None:
         one_of(self, ("images", "index"), "choose the images")
@@ -107,20 +111,24 @@ def default_layers(model: nn.Module, shapes: dict[str, tuple]) -> list[str]:
     return [first_conv] + [s for s in stages if s != first_conv]
 
 
-def resolve_layers(model: nn.Module, spec: FeaturesSpec, image_size: int) -> list[str]:
+def resolve_layers(model: nn.Module, spec: FeaturesSpec, image_size: int, index: int = 0) -> list[str]:
+    """The layers drawn of the run's model ``index`` (0: the first; i: the i-th --compare model,
+    which takes its --compare-layers list when given)."""
     shapes = layer_shapes(model, image_size)
     net = getattr(model, "net", model)
-    if spec.layers is None:
+    given = spec.compare_layers[index - 1] if index and spec.compare_layers else spec.layers
+    flag = "--compare-layers" if index and spec.compare_layers else "--layers"
+    if given is None:
         names = default_layers(model, shapes)
-    elif list(spec.layers) == ["all"]:
+    elif list(given) == ["all"]:
         names = [n for n, m in net.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
     else:
-        names = list(spec.layers)
+        names = list(given)
     valid = [n for n in shapes]
     unknown = [n for n in names if n not in shapes]
     if unknown:
         shown = ", ".join(valid[:12]) + (" ..." if len(valid) > 12 else "")
-        raise FastablateError(f"--layers: {model_name(model)} has no layer {unknown[0]!r}; layers are: {shown} "
+        raise FastablateError(f"{flag}: {model_name(model)} has no layer {unknown[0]!r}; layers are: {shown} "
                               f"(fastablate models --layers {getattr(model, 'arch', '')} lists all)")
     return names
 
@@ -256,7 +264,7 @@ def run_features(model: nn.Module, data: FeaturesData, spec: FeaturesSpec, runti
     first image, statistics over ``spec.stats_images`` images."""
     start = time.perf_counter()
     ds = data.ds
-    names = resolve_layers(model, spec, ds.image_size)
+    names = resolve_layers(model, spec, ds.image_size, runtime.model_index)
     dev = runtime.device
     x, idx = data.x.to(dev), data.index
     maps, pred = layer_maps(model, names, x, spec.method)
@@ -325,8 +333,16 @@ class FeaturesStudy(Study):
         return super().load_models(setup, spec, data.ds, runtime)
 
     def check(self, models, data: FeaturesData, spec):
-        for m in models:
-            resolve_layers(m, spec, data.ds.image_size)
+        if spec.compare_layers and len(spec.compare_layers) != len(models) - 1:
+            n = len(spec.compare_layers)
+            raise FastablateError(f"--compare-layers is given {n} time{'s' if n != 1 else ''} for {len(models) - 1} "
+                                  "--compare models: give one list per --compare model, in order")
+        layers = [resolve_layers(m, spec, data.ds.image_size, i) for i, m in enumerate(models)]
+        for i, names in enumerate(layers[1:], 1):
+            if spec.compare_layers and len(names) != len(layers[0]):
+                raise FastablateError(f"--compare-layers {','.join(names)} names {len(names)} layers of "
+                                      f"{model_name(models[i])}, --layers {len(layers[0])} of "
+                                      f"{model_name(models[0])}: pair them one to one")
 
     def run(self, model, data, spec, runtime):
         return run_features(model, data, spec, runtime)
