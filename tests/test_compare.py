@@ -76,14 +76,34 @@ def test_features_pairs_layers_by_explicit_lists(ckpts, tmp_path):
     assert doc["compare"]["layers"] == ["features.0", "features.4", "features.18"]
 
 
+def test_features_noise_view_resnet_beside_vgg(ckpts, tmp_path):
+    """The noise experiment's activation views: clean vs noisy at the same layers, with the
+    per-layer change, and no change above the first perturbed layer."""
+    out = tmp_path / "n"
+    run("features", "--images", "1", "--weights", ckpts / "resnet8.pt", "--compare", ckpts / "vgg11.pt", *DATA,
+        "--noise-at", "layer2.0.conv1", "--noise-sigma", "0.5", "--out", out, code=2)  # not a conv of vgg11
+    run("features", "--images", "1", "--weights", ckpts / "resnet8.pt", "--compare", ckpts / "vgg11.pt", *DATA,
+        "--noise-layers", "2", "--noise-sigma", "1", "--noise-relative", "--out", out)
+    doc = json.loads((out / "results.json").read_text())
+    for d in (doc, doc["compare"]):
+        assert len(d["noise"]["layers"]) == 2 and d["noise"]["relative"] is True
+        assert set(d["noise_relative_change"]) == set(d["layers"]) and "adversarial_change" not in d
+    assert doc["noise_relative_change"]["conv1"] == 0.0  # before any perturbed layer
+    assert doc["noise_relative_change"][doc["layers"][-1]] > 0
+    assert "noise_change" in (out / "results.csv").read_text().splitlines()[0]
+
+
 @pytest.mark.parametrize("args, message", [
+    (["--noise-sigma", "1"], "--noise-sigma needs the layers to perturb: --noise-layers N or --noise-at NAME,.."),
+    (["--noise-layers", "2"], "--noise-layers applies to the noise view (--noise-sigma), which is not given"),
+    (["--noise-sigma", "1", "--noise-layers", "99"], "--noise-layers 99: resnet8 has 7 conv layers"),
     (["--layers", "conv1,layer1", "--compare-layers", "features.0"],
      "--compare-layers features.0 names 1 layers of vgg11, --layers 2 of resnet8: pair them one to one"),
     (["--layers", "conv1", "--compare-layers", "features.0", "--compare-layers", "features.0"],
      "--compare-layers is given 2 times for 1 --compare models"),
     (["--layers", "conv1", "--compare-layers", "features.99"], "--compare-layers: vgg11 has no layer 'features.99'"),
 ])
-def test_bad_compare_layers(args, message, ckpts, tmp_path):
+def test_bad_compare_layers_and_noise_view(args, message, ckpts, tmp_path):
     r = run("features", "--weights", ckpts / "resnet8.pt", "--compare", ckpts / "vgg11.pt", *DATA, *args,
             "--out", tmp_path / "o", code=2)
     assert message in r.stderr and not (tmp_path / "o").exists()

@@ -25,7 +25,8 @@ def _overlay(ax, image: Tensor, m: Tensor, cmap: str = "jet", symmetric: bool = 
 
 
 def plot_heatmaps(results: Sequence, i: int, path: Path) -> Path:
-    """Rows = layers, columns = models (clean | adversarial | difference with --examples);
+    """Rows = layers, columns = models (clean | adversarial or noisy | difference with --examples
+    or the noise view);
     each cell the layer's map of image ``i`` over the image, with a colour bar. Each model
     draws its own layers, paired by position in its list (a ResNet's ``layer2`` beside a VGG's
     ``features.10``); a model with fewer layers leaves its last rows empty."""
@@ -33,7 +34,8 @@ def plot_heatmaps(results: Sequence, i: int, path: Path) -> Path:
     drawn_layers = [[n for n in r.layers if n in r.drawn["maps"]] for r in results]
     same = all(layers == drawn_layers[0] for layers in drawn_layers)
     adversarial = "adv_maps" in first.drawn
-    kinds = ["clean", "adversarial", "difference"] if adversarial else ["map"]
+    other = first.drawn.get("perturbed", "adversarial")  # the second view: adversarial or noisy
+    kinds = ["clean", other, "difference"] if adversarial else ["map"]
     cols = [(m, r, k) for m, r in enumerate(results) for k in kinds]
     nrows = max(len(layers) for layers in drawn_layers)
     fig, axes = pyplot().subplots(nrows, len(cols), figsize=(2.3 * len(cols) + 0.8, 2.1 * nrows + 0.6),
@@ -52,8 +54,8 @@ def plot_heatmaps(results: Sequence, i: int, path: Path) -> Path:
             if kind == "difference":
                 shown = _overlay(ax, d["x"][i], d["adv_maps"][layer][i] - d["maps"][layer][i], "coolwarm", True)
             else:
-                image = d["x_adv"][i] if kind == "adversarial" else d["x"][i]
-                maps = d["adv_maps"] if kind == "adversarial" else d["maps"]
+                image = d["x_adv"][i] if kind == other else d["x"][i]
+                maps = d["adv_maps"] if kind == other else d["maps"]
                 shown = _overlay(ax, image, maps[layer][i])
             fig.colorbar(shown, ax=ax, fraction=0.046, pad=0.03).ax.tick_params(labelsize=6)
             if c == 0:
@@ -61,10 +63,10 @@ def plot_heatmaps(results: Sequence, i: int, path: Path) -> Path:
             elif not same and m > 0 and kind == kinds[0]:  # its own layer, under the cell
                 ax.set_xlabel(layer, fontsize=7)
             if row == 0:
-                pred = d["adv_pred"][i] if kind == "adversarial" else d["pred"][i]
+                pred = d["adv_pred"][i] if kind == other else d["pred"][i]
                 label = f"{r.model}" + (f" {kind}" if adversarial else "")
                 ax.set_title(f"{label}\npredicted {classes[int(pred)]}" if kind != "difference" else
-                             f"{label}\n(adversarial - clean)", fontsize=7)
+                             f"{label}\n({other} - clean)", fontsize=7)
     fig.suptitle(f"image {first.images[i]} ({classes[int(first.drawn['labels'][i])]}): "
                  f"{'Grad-CAM' if first.method == 'gradcam' else 'mean activation over channels'}", fontsize=9)
     return save(fig, path, dpi=100)

@@ -19,6 +19,7 @@ output shapes): conv layers, units (``layer1.0``), stages (``layer3``) and linea
 from __future__ import annotations
 
 import math
+import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,12 +35,14 @@ from fastablate.engines.core.protocol import Study
 from fastablate.engines.core.runtime import (
     Runtime,
     check_finite,
+    hash_seed,
     model_name,
     my_batches,
     slug,
     table,
 )
-from fastablate.engines.core.spec import Choice, Int, List, Spec, Text, one_of, option
+from fastablate.engines.core.spec import Choice, Float, Int, List, Spec, Text, applies, one_of, option
+from fastablate.engines.studies.noise import NoiseInjector, conv_layers
 from fastablate.errors import FastablateError
 from fastablate.modes import eval_mode
 
@@ -58,6 +61,14 @@ class FeaturesSpec(Spec):
     examples: Optional[str] = option(None, "adversarial.pt of attack --save-examples: clean and adversarial "
                                            "images side by side.", type=Text("FILE"), role="input")
     stats_images: int = option(512, "Images the per-layer statistics are taken over.", type=Int(min=1))
+    noise_sigma: Optional[float] = option(None, "Noise view: maps under Gaussian noise of this std on the outputs "
+                                                "of --noise-layers N random or --noise-at NAMES conv layers, beside "
+                                                "the clean ones.", type=Float(0, 1e6, min_open=True))
+    noise_layers: Optional[int] = option(None, "Noise view: this many conv layers, chosen at random (seeded).",
+                                         type=Int(min=1))
+    noise_at: Optional[tuple[str, ...]] = option(None, "Noise view: these conv layers, e.g. conv1,layer3.2.conv2.",
+                                                 type=List(Text()))
+    noise_relative: bool = option(False, "Noise view: --noise-sigma times each layer's activation std.")
     compare_layers: tuple = option((), "The layers of a --compare model paired one to one with --layers "
                                        "(repeatable: one list per --compare model, in order), e.g. "
                                        "features.0,features.10 beside conv1,layer1 [default: each model's own, "
@@ -65,6 +76,12 @@ class FeaturesSpec(Spec):
 
     def validate(self) -> None:
         one_of(self, ("images", "index"), "choose the images")
+        one_of(self, ("noise_layers", "noise_at"), "choose the perturbed layers")
+        one_of(self, ("examples", "noise_sigma"), "choose what the clean maps are compared with")
+        if self.noise_sigma and not (self.noise_layers or self.noise_at):
+            raise FastablateError("--noise-sigma needs the layers to perturb: --noise-layers N or --noise-at NAME,..")
+        applies(self, ("noise_layers", "noise_at", "noise_relative"), self.noise_sigma is not None,
+                "the noise view (--noise-sigma), which is not given")
         if self.examples and self.index is not None:
             raise FastablateError("--index picks images of the split; with --examples the images are the "
                                   "examples' fooled ones: use --images")
@@ -230,18 +247,24 @@ class FeaturesResult:
     adversarial_change: dict[str, float] = field(default_factory=dict)  # layer -> mean |map change|
     relative_change: dict[str, float] = field(default_factory=dict)  # layer -> ||change|| / ||clean map||
     drawn: dict = field(default_factory=dict, repr=False)  # what the plots need: images, maps, channels
+    perturbed: str = "adversarial"  # what the changes compare the clean maps with: adversarial or noisy
+    noise: dict = field(default_factory=dict)  # the noise view: perturbed conv layers and their sigma
 
     def to_dict(self) -> dict:
         out = {"model": self.model, "method": self.method, "layers": self.layers, "stats": self.stats,
                "images": self.images, "seconds": self.seconds}
+        key = "adversarial" if self.perturbed == "adversarial" else "noise"
         if self.adversarial_change:
-            out["adversarial_change"] = self.adversarial_change
-            out["adversarial_relative_change"] = self.relative_change
+            out[f"{key}_change"] = self.adversarial_change
+            out[f"{key}_relative_change"] = self.relative_change
+        if self.noise:
+            out["noise"] = self.noise
         return out
 
     def rows(self) -> list[dict]:
+        key = "adversarial" if self.perturbed == "adversarial" else "noise"
         return [{"model": self.model, "layer": n, **self.stats[n],
-                 "adversarial_change": self.adversarial_change.get(n), "relative_change": self.relative_change.get(n)}
+                 f"{key}_change": self.adversarial_change.get(n), "relative_change": self.relative_change.get(n)}
                 for n in self.layers]
 
     def plot(self, directory: Path, *others: "FeaturesResult") -> list[Path]:
@@ -259,6 +282,35 @@ class FeaturesResult:
         return paths
 
 
+def noise_layer_indices(model: nn.Module, spec: FeaturesSpec, seed: int) -> list[int]:
+    """The conv layers the noise view perturbs: --noise-at, or --noise-layers N chosen by the seed."""
+    names = [n for n, _ in conv_layers(model)]
+    if not names:
+        raise FastablateError(f"the noise view perturbs conv layers; {model_name(model)} has none")
+    if spec.noise_at:
+        unknown = [a for a in spec.noise_at if a not in names]
+        if unknown:
+            raise FastablateError(f"--noise-at: {model_name(model)} has no conv layer {unknown[0]!r}; conv layers are: "
+                                  f"{', '.join(names[:12])}{' ...' if len(names) > 12 else ''}")
+        return [names.index(a) for a in spec.noise_at]
+    if spec.noise_layers > len(names):
+        raise FastablateError(f"--noise-layers {spec.noise_layers}: {model_name(model)} has {len(names)} conv layers")
+    return sorted(random.Random(f"{seed}:features-noise").sample(range(len(names)), spec.noise_layers))
+
+
+def noise_view(injector: NoiseInjector, model: nn.Module, x: Tensor, spec: FeaturesSpec, seed: int) -> dict:
+    """Turn on the noise of the noise view (the gaussian_noise op, keyed by the seed and the
+    layer) and say what it is: {layer: sigma}."""
+    chosen = noise_layer_indices(model, spec, seed)
+    with eval_mode(model):
+        stds = injector.activation_std(model, x) if spec.noise_relative else None
+    sigmas = {i: spec.noise_sigma * (stds[i] if stds else 1.0) for i in chosen}
+    injector.active = {i: (s, hash_seed(seed, "features-noise", i)) for i, s in sigmas.items()}
+    injector.row = 0
+    return {"layers": {injector.layers[i][0]: s for i, s in sigmas.items()}, "sigma": spec.noise_sigma,
+            "relative": spec.noise_relative}
+
+
 def run_features(model: nn.Module, data: FeaturesData, spec: FeaturesSpec, runtime: Runtime) -> FeaturesResult:
     """Maps of the chosen images (clean, and adversarial with --examples), channel grids of the
     first image, statistics over ``spec.stats_images`` images."""
@@ -270,10 +322,21 @@ def run_features(model: nn.Module, data: FeaturesData, spec: FeaturesSpec, runti
     maps, pred = layer_maps(model, names, x, spec.method)
     drawn = {"x": x.cpu(), "maps": {n: m.cpu() for n, m in maps.items()}, "pred": pred.cpu(),
              "labels": data.y, "classes": list(ds.classes)}
-    change, relative = {}, {}
-    if data.x_adv is not None:
-        adv_maps, adv_pred = layer_maps(model, names, data.x_adv.to(dev), spec.method)
-        drawn.update(x_adv=data.x_adv, adv_maps={n: m.cpu() for n, m in adv_maps.items()}, adv_pred=adv_pred.cpu())
+    change, relative, noise = {}, {}, {}
+    if data.x_adv is not None or spec.noise_sigma:
+        if spec.noise_sigma:  # the same images through the model with noise on some conv layers
+            injector = NoiseInjector(model)
+            try:
+                noise = noise_view(injector, model, x, spec, runtime.seed)
+                adv_maps, adv_pred = layer_maps(model, names, x, spec.method)
+            finally:
+                injector.remove()
+            x_other = x.cpu()
+        else:
+            adv_maps, adv_pred = layer_maps(model, names, data.x_adv.to(dev), spec.method)
+            x_other = data.x_adv
+        drawn.update(x_adv=x_other, adv_maps={n: m.cpu() for n, m in adv_maps.items()}, adv_pred=adv_pred.cpu(),
+                     perturbed="noisy" if spec.noise_sigma else "adversarial")
         for n in maps:
             d = adv_maps[n] - maps[n]
             change[n] = d.abs().mean().item()
@@ -299,7 +362,7 @@ def run_features(model: nn.Module, data: FeaturesData, spec: FeaturesSpec, runti
     drawn["dead"] = {n: [c for c in range(summary[n]["channels"]) if not bool(stats[n].alive[c])]
                      for n in drawn["channels"]}
     return FeaturesResult(model_name(model), names, summary, idx, time.perf_counter() - start, spec.method,
-                          change, relative, drawn)
+                          change, relative, drawn, "noisy" if spec.noise_sigma else "adversarial", noise)
 
 
 class FeaturesStudy(Study):
@@ -338,6 +401,9 @@ class FeaturesStudy(Study):
             raise FastablateError(f"--compare-layers is given {n} time{'s' if n != 1 else ''} for {len(models) - 1} "
                                   "--compare models: give one list per --compare model, in order")
         layers = [resolve_layers(m, spec, data.ds.image_size, i) for i, m in enumerate(models)]
+        if spec.noise_sigma:
+            for m in models:
+                noise_layer_indices(m, spec, 0)
         for i, names in enumerate(layers[1:], 1):
             if spec.compare_layers and len(names) != len(layers[0]):
                 raise FastablateError(f"--compare-layers {','.join(names)} names {len(names)} layers of "
