@@ -8,15 +8,8 @@ from click.testing import CliRunner
 from fastablate.cli import cli
 from fastablate.data import batches, build_dataset
 from fastablate.engines.core.runtime import Runtime
-from fastablate.engines.studies.attacks import (
-    AttackSpec,
-    margin,
-    random_search,
-    run_attack,
-    set_pixels,
-    sparse_attack,
-    sparse_rs_attack,
-)
+from fastablate.engines.studies.attacks import (AttackSpec, margin, random_search, run_attack, set_pixels,
+                                                sparse_attack, sparse_rs_attack)
 from fastablate.errors import FastablateError
 from fastablate.models.checkpoint import load_model
 

@@ -13,14 +13,8 @@ from torch import nn
 from fastablate.cli import cli
 from fastablate.data import build_dataset
 from fastablate.engines.core.runtime import Runtime
-from fastablate.engines.studies.lesion import (
-    LesionExecutor,
-    build_variants,
-    kendall_tau,
-    naive_logits,
-    run_lesion,
-    swappable_groups,
-)
+from fastablate.engines.studies.lesion import (LesionExecutor, build_variants, kendall_tau, naive_logits, run_lesion,
+                                               swappable_groups)
 from fastablate.errors import FastablateError
 from fastablate.models import NormalizedModel, build_model, load_model, save_checkpoint
 from fastablate.units import units

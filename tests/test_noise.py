@@ -10,17 +10,8 @@ from torch import nn
 from fastablate.cli import cli
 from fastablate.data import build_dataset
 from fastablate.engines.core.runtime import Runtime
-from fastablate.engines.studies.noise import (
-    CIFAR_C_GAUSSIAN,
-    NoiseInjector,
-    NoiseSpec,
-    conv_layers,
-    run_noise,
-    stream_seed,
-    summarize,
-    t_quantile_975,
-    trial_layers,
-)
+from fastablate.engines.studies.noise import (CIFAR_C_GAUSSIAN, NoiseInjector, NoiseSpec, conv_layers, run_noise,
+                                              stream_seed, summarize, t_quantile_975, trial_layers)
 from fastablate.models import build_model, save_checkpoint
 from fastablate.models.checkpoint import load_model
 from fastablate.ops import reference

@@ -10,13 +10,8 @@ from click.testing import CliRunner
 from conftest import randomize_bn
 
 from fastablate.cli import cli
-from fastablate.engines.studies.paths import (
-    PathsResult,
-    distribution,
-    effective_range,
-    naive_gradients,
-    shared_gradients,
-)
+from fastablate.engines.studies.paths import (PathsResult, distribution, effective_range, naive_gradients,
+                                              shared_gradients)
 from fastablate.models import build_model, save_checkpoint
 from fastablate.modes import affine_batchnorm
 from fastablate.units import units

@@ -7,15 +7,8 @@ from collections import Counter
 import torch
 
 from fastablate.data import ImageSet, balanced_subset, register_dataset
-from fastablate.data.files import (
-    IMAGE_EXTENSIONS,
-    choose_size,
-    decode,
-    image_stats,
-    list_images,
-    memory_limit,
-    note_skipped,
-)
+from fastablate.data.files import (IMAGE_EXTENSIONS, choose_size, decode, image_stats, list_images, memory_limit,
+                                   note_skipped)
 from fastablate.errors import FastablateError
 
 

@@ -26,12 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fastablate.models.registry import register_model, register_model_pattern
-from fastablate.units import (
-    BlockParts,
-    ModelParts,
-    register_adapter,
-    register_model_adapter,
-)
+from fastablate.units import BlockParts, ModelParts, register_adapter, register_model_adapter
 
 
 def stochastic(block: nn.Module, residual, x: Tensor) -> Tensor | None:

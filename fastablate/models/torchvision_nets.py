@@ -13,12 +13,7 @@ from torchvision.models import resnet as tv_resnet
 from torchvision.models import vgg as tv_vgg
 
 from fastablate.models.registry import register_model
-from fastablate.units import (
-    BlockParts,
-    ModelParts,
-    register_adapter,
-    register_model_adapter,
-)
+from fastablate.units import BlockParts, ModelParts, register_adapter, register_model_adapter
 
 SMALL_INPUT = 64  # pixels: at most this uses the CIFAR stem
 

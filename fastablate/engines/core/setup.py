@@ -14,16 +14,7 @@ import torch
 
 from fastablate.data import ImageSet, build_dataset
 from fastablate.engines.core.runtime import Runtime, check_finite
-from fastablate.engines.core.spec import (
-    Choice,
-    Float,
-    Int,
-    List,
-    ModelFile,
-    Spec,
-    Text,
-    option,
-)
+from fastablate.engines.core.spec import Choice, Float, Int, List, ModelFile, Spec, Text, option
 from fastablate.errors import FastablateError
 from fastablate.models import NormalizedModel, build_model
 from fastablate.models.checkpoint import FORMAT, model_from_checkpoint, read_checkpoint

@@ -36,15 +36,7 @@ from torch import Tensor, nn
 from fastablate.data import ImageSet
 from fastablate.engines.core.distributed import all_sum, gather, is_main, merge
 from fastablate.engines.core.protocol import Study
-from fastablate.engines.core.runtime import (
-    Runtime,
-    check_finite,
-    hash_seed,
-    model_name,
-    my_batches,
-    slug,
-    table,
-)
+from fastablate.engines.core.runtime import Runtime, check_finite, hash_seed, model_name, my_batches, slug, table
 from fastablate.engines.core.spec import Choice, Float, Int, Spec, Text, one_of, option
 from fastablate.errors import FastablateError
 from fastablate.models.checkpoint import atomic_save

@@ -13,14 +13,7 @@ from torch import nn
 from fastablate.data import ImageSet
 from fastablate.engines.core.distributed import all_sum
 from fastablate.engines.core.protocol import Study
-from fastablate.engines.core.runtime import (
-    Runtime,
-    check_finite,
-    model_name,
-    my_batches,
-    slug,
-    table,
-)
+from fastablate.engines.core.runtime import Runtime, check_finite, model_name, my_batches, slug, table
 from fastablate.engines.core.spec import Spec
 from fastablate.modes import eval_mode
 from fastablate.plots import pyplot, save

@@ -32,15 +32,7 @@ from torch import Tensor, nn
 from fastablate.data import ImageSet, balanced_subset, read_saved
 from fastablate.engines.core.distributed import all_max, all_sum
 from fastablate.engines.core.protocol import Study
-from fastablate.engines.core.runtime import (
-    Runtime,
-    check_finite,
-    hash_seed,
-    model_name,
-    my_batches,
-    slug,
-    table,
-)
+from fastablate.engines.core.runtime import Runtime, check_finite, hash_seed, model_name, my_batches, slug, table
 from fastablate.engines.core.spec import Choice, Float, Int, List, Spec, Text, applies, one_of, option
 from fastablate.engines.studies.noise import NoiseInjector, conv_layers
 from fastablate.errors import FastablateError
@@ -268,10 +260,7 @@ class FeaturesResult:
                 for n in self.layers]
 
     def plot(self, directory: Path, *others: "FeaturesResult") -> list[Path]:
-        from fastablate.engines.studies.feature_plots import (
-            plot_channels,
-            plot_heatmaps,
-        )
+        from fastablate.engines.studies.feature_plots import plot_channels, plot_heatmaps
 
         results = [self, *others]
         paths = [plot_heatmaps(results, i, directory / f"heatmaps-{img}.png") for i, img in enumerate(self.images)]

@@ -30,14 +30,7 @@ from torch import Tensor, nn
 from fastablate.data import ImageSet
 from fastablate.engines.core.distributed import all_sum
 from fastablate.engines.core.protocol import Study
-from fastablate.engines.core.runtime import (
-    Runtime,
-    check_finite,
-    default_max_memory,
-    model_name,
-    my_batches,
-    table,
-)
+from fastablate.engines.core.runtime import Runtime, check_finite, default_max_memory, model_name, my_batches, table
 from fastablate.engines.core.spec import Int, List, Size, Spec, Value, applies, option
 from fastablate.errors import FastablateError
 from fastablate.modes import eval_mode

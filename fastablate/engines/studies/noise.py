@@ -29,25 +29,8 @@ from torch import Tensor, nn
 from fastablate.data import ImageSet, batches
 from fastablate.engines.core.distributed import all_sum
 from fastablate.engines.core.protocol import Study
-from fastablate.engines.core.runtime import (
-    Runtime,
-    check_finite,
-    hash_seed,
-    model_name,
-    my_batches,
-    progress,
-    table,
-)
-from fastablate.engines.core.spec import (
-    Float,
-    Int,
-    List,
-    Spec,
-    Text,
-    applies,
-    one_of,
-    option,
-)
+from fastablate.engines.core.runtime import Runtime, check_finite, hash_seed, model_name, my_batches, progress, table
+from fastablate.engines.core.spec import Float, Int, List, Spec, Text, applies, one_of, option
 from fastablate.errors import FastablateError
 from fastablate.modes import eval_mode
 from fastablate.ops import gaussian_noise

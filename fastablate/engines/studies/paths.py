@@ -31,14 +31,7 @@ from torch import Tensor, nn
 from fastablate.data import ImageSet
 from fastablate.engines.core import distributed as dist
 from fastablate.engines.core.protocol import Study
-from fastablate.engines.core.runtime import (
-    Runtime,
-    default_max_memory,
-    hash_seed,
-    model_name,
-    progress,
-    table,
-)
+from fastablate.engines.core.runtime import Runtime, default_max_memory, hash_seed, model_name, progress, table
 from fastablate.engines.core.spec import Float, Int, List, Size, Spec, option
 from fastablate.errors import FastablateError, note
 from fastablate.modes import affine_batchnorm, eval_mode

@@ -21,30 +21,14 @@ from fastablate.data.augment import check_strengths, parse_augment
 from fastablate.engines.core.protocol import Study
 from fastablate.engines.core.runtime import table
 from fastablate.engines.core.setup import check_fits, load_data, seed_everything
-from fastablate.engines.core.spec import (
-    Choice,
-    Float,
-    Int,
-    NamedFiles,
-    Spec,
-    Text,
-    Value,
-    applies,
-    one_of,
-    option,
-    prefixed,
-)
+from fastablate.engines.core.spec import (Choice, Float, Int, NamedFiles, Spec, Text, Value, applies, one_of, option,
+                                          prefixed)
 from fastablate.engines.studies.attacks import ATTACKS, AttackSpec
 from fastablate.engines.studies.trainer import MODEL_FILE, STATE_FILE, TrainResult, train
 from fastablate.errors import FastablateError
 from fastablate.models import build_model, save_checkpoint
 from fastablate.models.checkpoint import FORMAT, read_checkpoint
-from fastablate.models.transfer import (
-    freeze,
-    init_from_checkpoint,
-    init_imagenet,
-    parse_head,
-)
+from fastablate.models.transfer import freeze, init_from_checkpoint, init_imagenet, parse_head
 from fastablate.results import VOLATILE, jsonable, write_csv
 
 DEFAULT_MODEL = "resnet8"
@@ -52,29 +36,26 @@ IMAGENET_STATS = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 ADV_OPTIONS = ("pixels", "k", "queries", "steps", "restarts", "step", "eps", "lam", "lr")
 
 
-class Augment(Value):
-    metavar = "NAME[:S],.."
+class Parsed(Value):
+    """Text that ``parser`` reads (its ValueError is the problem)."""
+
+    def __init__(self, parser, metavar: str):
+        self.parser, self.metavar = parser, metavar
+
+    def problem(self, value):
+        try:
+            self.parser(value)
+        except ValueError as e:
+            return str(e)
+        return None
+
+
+class Augment(Parsed):
+    def __init__(self):
+        super().__init__(parse_augment, "NAME[:S],..")
 
     def parse(self, raw):
         return ",".join(f"{n}:{s:g}" if s is not None else n for n, s in parse_augment(raw))
-
-    def problem(self, value):
-        try:
-            parse_augment(value)
-        except ValueError as e:
-            return str(e)
-        return None
-
-
-class Head(Value):
-    metavar = "linear|mlp:W,.."
-
-    def problem(self, value):
-        try:
-            parse_head(value)
-        except ValueError as e:
-            return str(e)
-        return None
 
 
 @dataclass(frozen=True)
@@ -99,7 +80,8 @@ class _Recipe(Spec):
                        type=Choice("none", "imagenet"))
     freeze: Optional[str] = option(None, "Frozen parts: unit or module names (stem, layer1, head, ...) or N, the "
                                          "first N top-level children.", type=Text("NAMES|N"))
-    head: str = option("linear", "Head: linear, or mlp:WIDTH,... (ReLU between layers).", type=Head())
+    head: str = option("linear", "Head: linear, or mlp:WIDTH,... (ReLU between layers).",
+                       type=Parsed(parse_head, "linear|mlp:W,.."))
     dropout: float = option(0.0, "Dropout before each head layer.", type=Float(0, 1, max_open=True))
     stochastic_depth: float = option(1.0, "Stochastic depth (Huang et al. 2016): survival probability of the last "
                                           "residual unit, 1 at the first, linear between; units dropped per batch, "

@@ -17,18 +17,7 @@ from pathlib import Path
 from typing import Optional
 
 from fastablate.engines.core.setup import Setup
-from fastablate.engines.core.spec import (
-    Choice,
-    Float,
-    Int,
-    List,
-    ModelFile,
-    Spec,
-    Text,
-    one_of,
-    option,
-    spec_options,
-)
+from fastablate.engines.core.spec import Choice, Float, Int, List, ModelFile, Spec, Text, one_of, option, spec_options
 from fastablate.errors import FastablateError, note
 from fastablate.results import RunDir, default_out, finished, read_run
 
