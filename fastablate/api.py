@@ -135,7 +135,9 @@ def preserved(models: Sequence[nn.Module], device: torch.device) -> Iterator[Non
                 m.to(dev)
 
 
-def _wrapped(model: nn.Module, mean, std, channels: int, name: str | None) -> NormalizedModel:
+def _wrapped(model: nn.Module, mean, std, channels: int) -> NormalizedModel:
+    """The model with its normalization: a NormalizedModel as it is, any other module wrapped
+    (``mean``/``std``, default none), named after its class."""
     if isinstance(model, NormalizedModel):
         if mean is not None or std is not None:
             raise FastablateError(f"{model_name(model)} normalizes its inputs itself (mean "
@@ -146,7 +148,7 @@ def _wrapped(model: nn.Module, mean, std, channels: int, name: str | None) -> No
     mean = tuple(mean) if mean is not None else (0.0,) * channels
     std = tuple(std) if std is not None else (1.0,) * channels
     p = next(model.parameters(), None)
-    wrapped = NormalizedModel(model, mean, std, arch=name or type(model).__name__)
+    wrapped = NormalizedModel(model, mean, std, arch=type(model).__name__)
     return wrapped.to(p.device) if p is not None else wrapped
 
 
@@ -179,7 +181,7 @@ def run(study_name: str, model: nn.Module, data: Any, *, compare: Sequence[nn.Mo
         ds = image_set(data, data_dir=data_dir, split=split, limit=limit, seed=seed)
         wrapped = []
         for i, m in enumerate(models):
-            w = _wrapped(m, mean, std, ds.images.shape[1] if ds.images is not None else 3, None)
+            w = _wrapped(m, mean, std, ds.images.shape[1] if ds.images is not None else 3)
             if i and model_name(w) in [model_name(o) for o in wrapped]:
                 w.name = f"{model_name(w)} ({i + 1})"
             wrapped.append(w)
@@ -235,7 +237,7 @@ def features(model, data, **kw) -> StudyResult:
     if isinstance(data, torch.Tensor):
         p = next(model.parameters())
         with preserved([model], p.device), torch.no_grad():
-            w = _wrapped(model, kw.get("mean"), kw.get("std"), data.shape[1], None)
+            w = _wrapped(model, kw.get("mean"), kw.get("std"), data.shape[1])
             labels = w.eval()(image_set((data, torch.zeros(len(data), dtype=torch.long))).floats(
                 torch.arange(len(data))).to(p.device)).argmax(1).cpu()
         data = (data, labels)
@@ -266,7 +268,7 @@ def train(model: nn.Module, train_data: Any, test_data: Any, *, mean: Sequence[f
     dev = resolve_device(device) if device else (first.device if first is not None else torch.device("cpu"))
     with preserved([model], dev):
         train_set = image_set(train_data, data_dir=data_dir, split="train", limit=limit, seed=seed)
-        w = _wrapped(model, mean, std, train_set.images.shape[1] if train_set.images is not None else 3, None)
+        w = _wrapped(model, mean, std, train_set.images.shape[1] if train_set.images is not None else 3)
         k = _outputs(w, train_set, dev)
         train_set = image_set(train_set, num_classes=k)
         test_set = image_set(test_data, data_dir=data_dir, split="test", limit=limit, seed=seed,

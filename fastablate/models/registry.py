@@ -54,7 +54,7 @@ class NormalizedModel(nn.Module):
         self.arch, self.num_classes, self.image_size = arch, num_classes, image_size
         self.head, self.dropout = head, dropout  # how build_model made the head (checkpoints record it)
         self.stochastic_depth = stochastic_depth  # survival of the last residual unit (1.0: off)
-        self.name = arch
+        self.name = arch if stochastic_depth >= 1.0 else f"{arch} (stochastic depth {stochastic_depth:g})"
         self.classes: list[str] | None = None  # class names, when known (checkpoints carry them)
         self.meta: dict = {}
         self.register_buffer("mean", torch.tensor(list(mean), dtype=torch.float32).view(1, -1, 1, 1))

@@ -41,6 +41,11 @@ class StudySpec(Spec):
     noise_sigma: tuple[float, ...] = option((0.25, 0.5, 1.0), "Noise: sigma grid, relative to each layer's "
                                                               "activation std.", type=List(Float(0, 1e6)))
     trials: int = option(3, "Noise: trials per grid point.", type=Int(min=2, max=10_000))
+    noise_p: tuple[float, ...] = option((1.0,), "Noise: probabilities that each of the n chosen conv layers is "
+                                                "perturbed, e.g. 0.5,1.", type=List(Float(0, 1)))
+    stochastic_depth: Optional[float] = option(None, "Also train the first of --models with stochastic depth (this "
+                                                     "survival probability of its last unit) and study it beside "
+                                                     "the others.", type=Float(0, 1, min_open=True, max_open=True))
     attack_limit: Optional[int] = option(200, "Test images attacked (a seeded class-balanced subset).",
                                          type=Int(min=1))
     queries: int = option(30, "Sparse attack: random-search queries per image for the images its gradient steps "
@@ -103,8 +108,9 @@ def run_full_study(setup: Setup, spec: StudySpec, echo=print) -> tuple[Path, dic
     out = Path(setup.out or default_out("study"))
     parts_wanted = spec.parts()
     given = setup.weights is not None
-    if given and "models" in spec.given():
-        raise FastablateError("--models trains models; --weights/--compare give trained ones: use one or the other")
+    if given and ("models" in spec.given() or spec.stochastic_depth is not None):
+        flag = "--models" if "models" in spec.given() else "--stochastic-depth"
+        raise FastablateError(f"{flag} trains models; --weights/--compare give trained ones: use one or the other")
     if given and "train" in spec.only:
         raise FastablateError("--only train: with --weights the models are given, there is nothing to train")
     parts: dict[str, Part] = {}
@@ -118,10 +124,14 @@ def run_full_study(setup: Setup, spec: StudySpec, echo=print) -> tuple[Path, dic
             checkpoints = [setup.weights, *setup.compare]
         else:
             checkpoints = []
-            for name in spec.models:
-                p = Part(f"train-{name}", "train")
+            trained = [(name, f"train-{name}", 1.0) for name in spec.models]
+            if spec.stochastic_depth is not None:  # Veit's contrast: the first model trained with stochastic depth
+                trained.append((spec.models[0], f"train-{spec.models[0]}-sd{spec.stochastic_depth:g}",
+                                spec.stochastic_depth))
+            for name, folder, survival in trained:
+                p = Part(folder, "train")
                 train_spec = TrainSpec(epochs=spec.epochs, lr=spec.lr, schedule="onecycle", label_smoothing=0.1,
-                                       ema=0.99)
+                                       ema=0.99, stochastic_depth=survival)
                 if "train" in parts_wanted or not (out / p.name / "model.pt").is_file():
                     parts[p.name] = _run_part(p, replace(base, model=name, out=str(out / p.name)), train_spec, echo)
                 checkpoints.append(str(out / p.name / "model.pt"))
@@ -145,7 +155,7 @@ def run_full_study(setup: Setup, spec: StudySpec, echo=print) -> tuple[Path, dic
                 note("study: a model has no two units of the same shape; the lesion part leaves reorder out")
             part("lesion", "lesion", LesionSpec(plans=plans, samples=spec.samples))
         if "noise" in parts_wanted:
-            part("noise", "noise", NoiseSpec(layers=(1, 2, 3), sigma=spec.noise_sigma, relative=True,
+            part("noise", "noise", NoiseSpec(layers=(1, 2, 3), sigma=spec.noise_sigma, relative=True, p=spec.noise_p,
                                              trials=spec.trials, input_severities=(1, 3, 5)))
         if "attack" in parts_wanted:
             sparse = AttackSpec(attack="sparse", pixels=spec.pixels, queries=spec.queries, save_examples=True)
