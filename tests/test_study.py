@@ -138,8 +138,10 @@ def test_experiment_configs_run(path, tmp_path):
         sd = out / f"train-{models[0]}-sd{conf['stochastic-depth']:g}"
         assert json.loads((sd / "run.json").read_text())["config"]["stochastic_depth"] == conf["stochastic-depth"]
         lesion = json.loads((out / "lesion" / "results.json").read_text())
-        assert [c["model"] for c in lesion["compare"]][-1] == f"{models[0]} (stochastic depth {conf['stochastic-depth']:g})"
+        sd_name = f"{models[0]} (stochastic depth {conf['stochastic-depth']:g})"
+        assert lesion["compare"][-1]["model"] == sd_name
     if "noise-p" in conf:
         noise = json.loads((out / "noise" / "results.json").read_text())
-        assert {g["p"] for g in noise["grid"] if g["kind"] == "activation"} == set(map(float, conf["noise-p"].split(",")))
+        ps = {g["p"] for g in noise["grid"] if g["kind"] == "activation"}
+        assert ps == set(map(float, conf["noise-p"].split(",")))
     assert (out / "report.html").is_file()
