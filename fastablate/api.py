@@ -26,6 +26,7 @@ from typing import Any, Iterator, Sequence
 import torch
 from torch import nn
 
+from fastablate.data import to_unit
 from fastablate.data.inputs import image_set
 from fastablate.engines import get_study
 from fastablate.engines.core.runner import execute, run_config, write_outputs
@@ -34,6 +35,7 @@ from fastablate.engines.core.setup import Setup, check_fits, resolve_device
 from fastablate.engines.core.spec import parse_value, spec_options
 from fastablate.errors import FastablateError
 from fastablate.models import NormalizedModel
+from fastablate.modes import eval_mode
 from fastablate.plots import Figures
 from fastablate.results import RunDir
 
@@ -152,14 +154,47 @@ def _wrapped(model: nn.Module, mean, std, channels: int) -> NormalizedModel:
     return wrapped.to(p.device) if p is not None else wrapped
 
 
-def _outputs(model: nn.Module, ds, device) -> int:
-    with torch.no_grad():
-        was = model.training
-        model.eval()
-        try:
-            return int(model(ds.floats(torch.arange(1)).to(device)).shape[-1])
-        finally:
-            model.train(was)
+def _device(model: Any, device: str | None) -> torch.device:
+    """``device`` when given, else the model's own (CPU for a model without parameters)."""
+    if device:
+        return resolve_device(device)
+    first = next(model.parameters(), None) if isinstance(model, nn.Module) else None
+    return first.device if first is not None else torch.device("cpu")
+
+
+def _fitted(models: Sequence[Any], ds, mean, std, device: torch.device):
+    """(the models wrapped and named apart, ``ds`` with as many classes as their outputs), each
+    model checked against the images (channels, a forward pass, finite logits)."""
+    wrapped = []
+    for i, m in enumerate(models):
+        w = _wrapped(m, mean, std, ds.images.shape[1] if ds.images is not None else 3)
+        if i and model_name(w) in [model_name(o) for o in wrapped]:
+            w.name = f"{model_name(w)} ({i + 1})"
+        wrapped.append(w)
+    sample, k = ds.floats(torch.arange(1)).to(device), 0
+    for w in wrapped:
+        with eval_mode(w), torch.no_grad():
+            k = max(k, int(w(sample).shape[-1]))
+    if k < ds.num_classes:
+        raise FastablateError(f"the data has {ds.num_classes} classes, {model_name(wrapped[0])} has {k} outputs")
+    ds = image_set(ds, num_classes=k)
+    for w in wrapped:
+        w.num_classes, w.image_size = w.num_classes or k, w.image_size or ds.image_size
+        if w.classes is None:
+            w.classes = list(ds.classes)
+        check_fits(w, ds)
+    return wrapped, ds
+
+
+def _result(study, spec, results: list, ds, data_dir, limit, device: str | None, dev: torch.device,
+            batch_size: int, workers: int, seed: int, out: str | None, split: str = "test") -> StudyResult:
+    """The StudyResult of a library call, its config as the CLI's run.json would record it; saved with ``out``."""
+    setup = Setup(dataset=ds.name, data_dir=data_dir, split=split, limit=limit, device=device or "auto",
+                  batch_size=batch_size, workers=workers, seed=seed)
+    res = StudyResult(study, spec, results, run_config(study, setup, spec), dev, seed)
+    if out is not None:
+        res.save(out)
+    return res
 
 
 def run(study_name: str, model: nn.Module, data: Any, *, compare: Sequence[nn.Module] = (),
@@ -174,36 +209,16 @@ def run(study_name: str, model: nn.Module, data: Any, *, compare: Sequence[nn.Mo
     if study.triggers and not set(study.triggers) & set(spec.given()):  # the CLI chooses the study by these
         named = [f"{t}= ({study.spec_class.flag(t)})" for t in study.triggers]
         raise FastablateError(f"{study.name} needs {'one of ' if len(named) > 1 else ''}{', '.join(named)}")
-    first = next(model.parameters(), None) if isinstance(model, nn.Module) else None
-    dev = resolve_device(device) if device else (first.device if first is not None else torch.device("cpu"))
+    dev = _device(model, device)
     models = [model, *compare]
     with preserved([m for m in models if isinstance(m, nn.Module)], dev):
-        ds = image_set(data, data_dir=data_dir, split=split, limit=limit, seed=seed)
-        wrapped = []
-        for i, m in enumerate(models):
-            w = _wrapped(m, mean, std, ds.images.shape[1] if ds.images is not None else 3)
-            if i and model_name(w) in [model_name(o) for o in wrapped]:
-                w.name = f"{model_name(w)} ({i + 1})"
-            wrapped.append(w)
-        k = max(_outputs(w, ds, dev) for w in wrapped)
-        if k < ds.num_classes:
-            raise FastablateError(f"the data has {ds.num_classes} classes, {model_name(wrapped[0])} has {k} outputs")
-        ds = image_set(ds, num_classes=k)
-        for w in wrapped:
-            w.num_classes, w.image_size = w.num_classes or k, w.image_size or ds.image_size
-            if w.classes is None:
-                w.classes = list(ds.classes)
-            check_fits(w, ds)
+        wrapped, ds = _fitted(models, image_set(data, data_dir=data_dir, split=split, limit=limit, seed=seed),
+                              mean, std, dev)
         runtime = Runtime(device=dev, batch_size=batch_size, workers=workers, seed=seed, progress=progress)
         prepared = study.prepare(ds, spec, seed)
         study.check(wrapped, prepared, spec)
         results = execute(study, wrapped, prepared, spec, runtime)
-    setup = Setup(dataset=ds.name, data_dir=data_dir, split=split, limit=limit, device=device or "auto",
-                  batch_size=batch_size, workers=workers, seed=seed)
-    res = StudyResult(study, spec, results, run_config(study, setup, spec), dev, seed)
-    if out is not None:
-        res.save(out)
-    return res
+    return _result(study, spec, results, ds, data_dir, limit, device, dev, batch_size, workers, seed, out, split)
 
 
 def evaluate(model, data, **kw) -> StudyResult:
@@ -235,11 +250,11 @@ def features(model, data, **kw) -> StudyResult:
     """Feature maps, channel grids, dead channels (``fastablate features``): ``layers``, ``method``.
     ``data`` may be images alone: their labels are then the model's predictions."""
     if isinstance(data, torch.Tensor):
-        p = next(model.parameters())
-        with preserved([model], p.device), torch.no_grad():
+        dev = _device(model, kw.get("device"))
+        with preserved([model], dev), torch.no_grad():
             w = _wrapped(model, kw.get("mean"), kw.get("std"), data.shape[1])
-            labels = w.eval()(image_set((data, torch.zeros(len(data), dtype=torch.long))).floats(
-                torch.arange(len(data))).to(p.device)).argmax(1).cpu()
+            with eval_mode(w):
+                labels = w(to_unit(data.detach()).to(dev)).argmax(1).cpu()
         data = (data, labels)
         kw.setdefault("images", len(labels))
     return run("features", model, data, **kw)
@@ -262,23 +277,16 @@ def train(model: nn.Module, train_data: Any, test_data: Any, *, mean: Sequence[f
     if building:
         raise FastablateError(f"train: {building[0]}= applies to fastablate train's registry models and runs; "
                               "build your model as you want it before fastablate.train")
-    if not isinstance(model, nn.Module):
-        raise FastablateError(f"model of type {type(model).__name__}: expected a torch.nn.Module")
-    first = next(model.parameters(), None)
-    dev = resolve_device(device) if device else (first.device if first is not None else torch.device("cpu"))
-    with preserved([model], dev):
-        train_set = image_set(train_data, data_dir=data_dir, split="train", limit=limit, seed=seed)
-        w = _wrapped(model, mean, std, train_set.images.shape[1] if train_set.images is not None else 3)
-        k = _outputs(w, train_set, dev)
-        train_set = image_set(train_set, num_classes=k)
+    dev = _device(model, device)
+    with preserved([model] if isinstance(model, nn.Module) else [], dev):
+        [w], train_set = _fitted([model], image_set(train_data, data_dir=data_dir, split="train", limit=limit,
+                                                    seed=seed), mean, std, dev)
         test_set = image_set(test_data, data_dir=data_dir, split="test", limit=limit, seed=seed,
-                             classes=train_set.classes, num_classes=k, image_size=train_set.image_size)
+                             classes=train_set.classes, num_classes=w.num_classes, image_size=train_set.image_size)
         if test_set.image_size != train_set.image_size:
             raise FastablateError(f"the test images are {test_set.image_size} px, the training images "
                                   f"{train_set.image_size} px")
-        w.num_classes, w.image_size = w.num_classes or k, w.image_size or train_set.image_size
-        w.classes, w.init = w.classes or list(train_set.classes), "none"
-        check_fits(w, train_set)
+        w.init = "none"
         w.frozen = freeze(w, spec.freeze) if spec.freeze else []
         data = study.data_from(train_set, test_set, spec, seed)
         study.check([w], data, spec)
@@ -286,12 +294,7 @@ def train(model: nn.Module, train_data: Any, test_data: Any, *, mean: Sequence[f
         results = execute(study, [w], data, spec, runtime)
         if results[0].trained is not w:  # --ema: the average is what was evaluated
             w.load_state_dict(results[0].trained.state_dict())
-    setup = Setup(dataset=train_set.name, data_dir=data_dir, limit=limit, device=device or "auto",
-                  batch_size=batch_size, workers=workers, seed=seed)
-    res = StudyResult(study, spec, results, run_config(study, setup, spec), dev, seed)
-    if out is not None:
-        res.save(out)
-    return res
+    return _result(study, spec, results, train_set, data_dir, limit, device, dev, batch_size, workers, seed, out)
 
 
 __all__ = ["StudyResult", "attack", "evaluate", "features", "lesion", "noise", "paths", "run", "train"]
