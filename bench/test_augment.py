@@ -14,39 +14,45 @@ from fastablate.data.augment import augment, check_strengths, parse_augment
 BATCH = 128
 PIPELINES = {
     "crop,flip": "crop,flip",
-    "all ten": "crop,flip,rotation:15,color-jitter:0.4,resized-crop:0.6,center-crop:28,cutout:8,blur:1,"
+    "all ten": "crop,flip,rotation:15,color-jitter:0.4,resized-crop:0.6,center-crop:28,resize:32,cutout:8,blur:1,"
                "salt-pepper:0.02,gaussian:0.05",
+    "hue,blur@p,crop+resize": "color-jitter:0.4,0.4,0.4,0.1,blur:1@0.5,center-crop:28,resize:32",
 }
 
 
 def _torchvision(spec: str):
     from torchvision.transforms import v2
 
-    steps = {"crop": v2.RandomCrop(32, padding=4), "flip": v2.RandomHorizontalFlip(),
-             "rotation": v2.RandomRotation(15), "color-jitter": v2.ColorJitter(0.4, 0.4, 0.4),
-             "resized-crop": v2.RandomResizedCrop(32, scale=(0.6, 1.0), antialias=True),
-             "center-crop": v2.Compose([v2.CenterCrop(28), v2.Resize(32, antialias=True)]),
-             "cutout": v2.RandomErasing(p=1.0, scale=(64 / 1024, 64 / 1024), ratio=(1, 1)),
-             "blur": v2.GaussianBlur(7, sigma=(0.1, 1.0)),
-             "salt-pepper": None, "gaussian": v2.GaussianNoise(sigma=0.05, clip=True)}
-    names = [n for n, _ in parse_augment(spec)]
-    t = v2.Compose([steps[n] for n in names if steps[n] is not None])
+    steps = {"crop": lambda s: v2.RandomCrop(32, padding=4), "flip": lambda s: v2.RandomHorizontalFlip(),
+             "rotation": lambda s: v2.RandomRotation(15), "color-jitter": lambda s: v2.ColorJitter(*s),
+             "resized-crop": lambda s: v2.RandomResizedCrop(32, scale=(0.6, 1.0), antialias=True),
+             "center-crop": lambda s: v2.CenterCrop(28), "resize": lambda s: v2.Resize(32, antialias=True),
+             "cutout": lambda s: v2.RandomErasing(p=1.0, scale=(64 / 1024, 64 / 1024), ratio=(1, 1)),
+             "blur": lambda s: v2.GaussianBlur(7, sigma=(0.1, 1.0)),
+             "salt-pepper": None, "gaussian": lambda s: v2.GaussianNoise(sigma=0.05, clip=True)}
+    made = []
+    for name, strength, p in check_strengths(parse_augment(spec), 32):
+        if steps[name] is not None:
+            step = steps[name](strength if isinstance(strength, tuple) else (strength,))
+            made.append(v2.RandomApply([step], p=p) if p < 1 else step)
+    t = v2.Compose(made)
     return lambda x: torch.stack([t(img) for img in x])  # one image at a time, as a Dataset does
 
 
 def _kornia(spec: str):
     import kornia.augmentation as K
 
-    steps = {"crop": K.RandomCrop((32, 32), padding=4), "flip": K.RandomHorizontalFlip(),
-             "rotation": K.RandomRotation(15.0), "color-jitter": K.ColorJitter(0.4, 0.4, 0.4, p=1.0),
-             "resized-crop": K.RandomResizedCrop((32, 32), scale=(0.6, 1.0)),
-             "center-crop": K.CenterCrop(28), "cutout": K.RandomErasing(scale=(64 / 1024, 64 / 1024), ratio=(1, 1),
-                                                                         p=1.0),
-             "blur": K.RandomGaussianBlur((7, 7), (0.1, 1.0), p=1.0), "salt-pepper": None,
-             "gaussian": K.RandomGaussianNoise(std=0.05, p=1.0)}
-    names = [n for n, _ in parse_augment(spec)]
-    seq = K.AugmentationSequential(*[steps[n] for n in names if steps[n] is not None])
-    resize = "center-crop" in names
+    steps = {"crop": lambda s, p: K.RandomCrop((32, 32), padding=4), "flip": lambda s, p: K.RandomHorizontalFlip(),
+             "rotation": lambda s, p: K.RandomRotation(15.0), "color-jitter": lambda s, p: K.ColorJitter(*s, p=p),
+             "resized-crop": lambda s, p: K.RandomResizedCrop((32, 32), scale=(0.6, 1.0)),
+             "center-crop": lambda s, p: K.CenterCrop(28), "resize": None,
+             "cutout": lambda s, p: K.RandomErasing(scale=(64 / 1024, 64 / 1024), ratio=(1, 1), p=1.0),
+             "blur": lambda s, p: K.RandomGaussianBlur((7, 7), (0.1, 1.0), p=p), "salt-pepper": None,
+             "gaussian": lambda s, p: K.RandomGaussianNoise(std=0.05, p=1.0)}
+    checked = check_strengths(parse_augment(spec), 32)
+    seq = K.AugmentationSequential(*[steps[n](s if isinstance(s, tuple) else (s,), p) for n, s, p in checked
+                                     if steps[n] is not None])
+    resize = any(n == "resize" for n, _, _ in checked)
     return lambda x: F.interpolate(seq(x), size=32, mode="bilinear", antialias=True) if resize else seq(x)
 
 

@@ -73,7 +73,10 @@ def test_imagefolder(tmp_path):
     test = build_dataset("imagefolder", tmp_path, "test")  # val/ serves as test
     assert train.classes == ["cat", "dog"] and len(train) == 6 and len(test) == 4
     assert train.images.shape == (6, 3, 12, 12) and train.images[3, 0, 0, 0] == 20
-    assert build_dataset("imagefolder", tmp_path, "train", image_size=8).images.shape[-1] == 8
+    small = build_dataset("imagefolder", tmp_path, "train", image_size=8, asked=True)
+    assert small.images.shape[-1] == 12 and small.image_size == 8  # stored as decoded, made 8 px per batch
+    assert small.floats(torch.arange(2)).shape == (2, 3, 8, 8)
+    assert next(batches(small, 4))[0].shape == (4, 3, 8, 8)
 
 
 def test_imagefolder_streams_when_too_large(tmp_path, monkeypatch):

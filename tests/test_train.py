@@ -59,6 +59,28 @@ def test_init_imagenet_loads_what_fits(hub, tmp_path):
     assert info["frozen_parameters"] > 0 and info["trainable_parameters"] > 0
 
 
+def test_imagenet_stem_takes_every_imagenet_weight_and_the_size_is_recorded(hub, tmp_path):
+    path, state = hub
+    out = tmp_path / "o"
+    r = run("train", "--model", "resnet18", *SYN, "--epochs", "1", "--init", "imagenet", "--stem", "imagenet",
+            "--image-size", "64", "--freeze", "6", "--out", out)
+    assert "1 keep" not in r.stderr and "conv1.weight" not in r.stderr and "fc.weight" in r.stderr  # only the head
+    ckpt = torch.load(out / "model.pt", weights_only=True)
+    assert ckpt["image_size"] == 64 and ckpt["stem"] == "imagenet"
+    model = load_model(out / "model.pt")
+    assert torch.equal(model.net.conv1.weight, state["conv1.weight"]) and model.net.conv1.kernel_size == (7, 7)
+    # eval takes the checkpoint's size unless told otherwise; the stem stays the trained one
+    run("eval", "--weights", out / "model.pt", *SYN, "--out", tmp_path / "e")
+    assert json.loads((tmp_path / "e" / "results.json").read_text())["accuracy"] == results(out)["accuracy"]
+    run("eval", "--weights", out / "model.pt", *SYN, "--image-size", "96", "--out", tmp_path / "e96")
+    assert json.loads((tmp_path / "e96" / "run.json").read_text())["config"]["image_size"] == 96
+
+
+def test_image_size_below_the_models_minimum(tmp_path):
+    msg = error("train", "--model", "vgg11", *SYN, "--image-size", "16", "--out", tmp_path / "o")
+    assert "cannot take 16x16 images" in msg and not (tmp_path / "o").exists()
+
+
 def test_init_imagenet_absent_or_impossible(tmp_path, monkeypatch):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty"))
     path, url = imagenet_file("vgg11")
@@ -133,10 +155,75 @@ def test_mlp_head_with_dropout_trains_and_reloads(model, tmp_path):
     m = load_model(out / "model.pt")
     head = m.net.fc if model == "resnet8" else m.net.classifier
     kinds = [type(x).__name__ for x in head]
-    assert kinds == ["Dropout", "Linear", "ReLU", "Dropout", "Linear", "ReLU", "Dropout", "Linear"]
+    assert kinds == ["Linear", "ReLU", "Dropout", "Linear", "ReLU", "Dropout", "Linear"]  # after each hidden ReLU
     assert [x.out_features for x in head if isinstance(x, torch.nn.Linear)] == [32, 16, 10]
     run("eval", "--weights", out / "model.pt", *SYN, "--out", tmp_path / f"e-{model}")
     assert results(tmp_path / f"e-{model}")["accuracy"] == results(out)["accuracy"]
+
+
+def test_heads_exactly_as_written_and_dropout_in_the_body(tmp_path):
+    out = tmp_path / "h"
+    run("train", "--model", "resnet8", *SYN, "--epochs", "1", "--head", "linear:256,relu,dropout:0.2,linear:128,relu,"
+        "dropout:0.2,linear:64,relu,linear", "--dropout", "0.3", "--dropout-after", "layer2,layer3", "--out", out)
+    m = load_model(out / "model.pt")
+    kinds = [type(x).__name__ for x in m.net.fc]
+    assert kinds == ["Linear", "ReLU", "Dropout", "Linear", "ReLU", "Dropout", "Linear", "ReLU", "Linear"]
+    assert [x.p for x in m.net.fc if isinstance(x, torch.nn.Dropout)] == [0.2, 0.2]
+    assert m.dropout_after == ("layer2", "layer3") and len(m.net.layer2._forward_hooks) == 1
+    x = torch.rand(4, 3, 32, 32)
+    m.train()
+    assert not torch.equal(m(x), m(x))  # the body dropout is on while training
+    m.eval()
+    assert torch.equal(m(x), m(x))
+    run("eval", "--weights", out / "model.pt", *SYN, "--out", tmp_path / "e")
+    assert results(tmp_path / "e")["accuracy"] == results(out)["accuracy"]
+
+
+def test_checkpoints_of_the_old_mlp_head_still_load(tmp_path):
+    """Version 1 put a dropout before every linear layer of mlp: heads."""
+    old = build_model("resnet8", 10, head="dropout:0.3,linear:32,relu,dropout:0.3,linear")
+    path = tmp_path / "v1.pt"
+    save_checkpoint(old, path)
+    ckpt = torch.load(path, weights_only=True)
+    ckpt.update(version=1, head="mlp:32", dropout=0.3)
+    del ckpt["dropout_after"]
+    torch.save(ckpt, path)
+    m = load_model(path)
+    assert [type(x).__name__ for x in m.net.fc] == ["Dropout", "Linear", "ReLU", "Dropout", "Linear"]
+    assert torch.equal(m.net.fc[1].weight, old.net.fc[1].weight)
+
+
+def test_validation_split_keeps_the_best_epoch(tmp_path):
+    out = tmp_path / "v"
+    run("train", "--model", "resnet8", *SYN, "--epochs", "3", "--val-fraction", "0.25", "--keep", "best",
+        "--optimizer", "adamw", "--betas", "0.9,0.99", "--lr", "0.003", "--lr-scaling", "none", "--out", out)
+    rows = (out / "metrics.csv").read_text().splitlines()
+    head = rows[0].split(",")
+    assert "val_accuracy" in head and len(rows) == 4
+    values = [dict(zip(head, r.split(","))) for r in rows[1:]]
+    assert [v["test_accuracy"] == "" for v in values] == [True, True, False]  # test at the end only
+    best = max(range(3), key=lambda i: (float(values[i]["val_accuracy"]), -i)) + 1
+    info = json.loads((out / "run.json").read_text())
+    assert info["kept"] == {"rule": "best", "epoch": best, "by": "val_accuracy"}
+    ckpt = torch.load(out / "model.pt", weights_only=True)
+    assert ckpt["meta"]["epoch"] == best and ckpt["meta"]["val_accuracy"] == float(values[best - 1]["val_accuracy"])
+    res = results(out)
+    assert res["kept"]["epoch"] == best and res["eval_sets"]["val"]["n"] == 10  # one image in four of each class
+    run("eval", "--weights", out / "model.pt", *SYN, "--out", tmp_path / "e")  # model.pt is the kept epoch
+    assert results(tmp_path / "e")["accuracy"] == res["accuracy"] == ckpt["meta"]["test_accuracy"]
+
+
+def test_learning_rate_scaling_and_optimizers():
+    from fastablate.engines.studies.train import TrainSpec
+    from fastablate.engines.studies.trainer import learning_rate, optimizer
+
+    assert learning_rate(TrainSpec(), 256, 0, 10) == pytest.approx(0.2)  # per 128 images
+    assert learning_rate(TrainSpec(lr_scaling="none"), 256, 0, 10) == pytest.approx(0.1)
+    assert learning_rate(TrainSpec(optimizer="adam"), 128, 0, 10) == pytest.approx(1e-3)  # adam's own default
+    p = [torch.nn.Parameter(torch.zeros(2))]
+    opt = optimizer(TrainSpec(optimizer="adamw", betas=(0.8, 0.9)), [{"params": p, "weight_decay": 0.1}])
+    assert isinstance(opt, torch.optim.AdamW) and opt.defaults["betas"] == (0.8, 0.9)
+    assert opt.param_groups[0]["weight_decay"] == 0.1
 
 
 # --- augmentations, curves, evaluation sets, adversarial batches ----------------------------
@@ -203,7 +290,7 @@ def test_resume_with_weight_average_matches_uninterrupted(tmp_path, monkeypatch)
     (["--augment", "crop,zoom"], "--augment 'crop,zoom': has an unknown augmentation 'zoom'"),
     (["--augment", "cutout:99"], "--augment cutout:99: the strength (px side) must be in (0, 32]"),
     (["--augment", "rotation:x"], "gives rotation the strength 'x'"),
-    (["--head", "mlp:"], "--head 'mlp:': is not a head"),
+    (["--head", "mlp:"], "--head 'mlp:': has widths '' that are not whole numbers"),
     (["--head", "mlp:a,b"], "has widths 'a,b' that are not whole numbers"),
     (["--dropout", "1"], "--dropout '1': must be in [0, 1)"),
     (["--warmup", "0.3"], "--warmup applies to --schedule onecycle"),
@@ -212,11 +299,27 @@ def test_resume_with_weight_average_matches_uninterrupted(tmp_path, monkeypatch)
     (["--adv-train", "pgd", "--adv-restarts", "2"], "--adv-restarts does not apply to --adv-train pgd"),
     (["--adv-data", "{sets}/adv-test.pt", "--adv-train", "pgd"], "--adv-data and --adv-train both"),
     (["--eval-sets", "bad"], "--eval-sets 'bad': has 'bad', not name=FILE"),
-    (["--eval-sets", "test={sets}/adv-test.pt"], "train, test and test_tta are taken"),
+    (["--eval-sets", "test={sets}/adv-test.pt"], "train, val, test and test_tta are taken"),
     (["--eval-sets", "x={sets}/nothing.pt"], "--eval-sets x={sets}/nothing.pt: no such file"),
     (["--adv-data", "{sets}/small.pt"], "holds images of shape (3, 16, 16); the training images are (3, 32, 32)"),
     (["--adv-data", "{sets}/other-classes.pt"], "has classes that the training data does not know: cat"),
     (["--init", "imagenet", "--weights", "{sets}/adv-test.pt"], "--init imagenet and --weights both"),
+    (["--optimizer", "lbfgs"], "--optimizer 'lbfgs': is not one of: sgd, adam, adamw"),
+    (["--betas", "0.9,0.99"], "--betas applies to --optimizer adam or adamw"),
+    (["--optimizer", "adam", "--betas", "0.9"], "--betas 0.9: give two betas"),
+    (["--optimizer", "adam", "--momentum", "0.5"], "--momentum applies to --optimizer sgd"),
+    (["--val-fraction", "0.9"], "--val-fraction 0.9 leaves class 'class0' no training image (it has 4)"),
+    (["--head", "linear:32,relu,linear:7"], "ends in linear:7, but the model has 10 classes"),
+    (["--head", "linear:32,tanh,linear"], "has 'tanh', which is not a layer"),
+    (["--head", "linear:32,relu"], "does not end in a linear layer to the classes"),
+    (["--head", "linear:32,relu,linear", "--dropout", "0.2"], "says where its dropout goes"),
+    (["--dropout-after", "layer3"], "--dropout-after applies to --dropout above 0"),
+    (["--dropout", "0.2", "--dropout-after", "layer9"], "--dropout-after 'layer9' names nothing in resnet8"),
+    (["--keep", "best"], "with --epochs 1 there is nothing to select by"),
+    (["--stem", "imagenet"], "--stem imagenet: model resnet8 (cifar-resnet) has one stem"),
+    (["--image-size", "4"], "--image-size '4': must be in [8, 1024]"),
+    (["--augment", "resize"], "--augment resize: give its strength"),
+    (["--eval-sets", "val={sets}/adv-test.pt"], "train, val, test and test_tta are taken"),
 ])
 def test_bad_training_input(args, message, saved_sets, tmp_path):
     torch.save({"images": torch.zeros(4, 3, 16, 16, dtype=torch.uint8), "labels": torch.zeros(4, dtype=torch.long)},
@@ -224,6 +327,6 @@ def test_bad_training_input(args, message, saved_sets, tmp_path):
     torch.save({"images": torch.zeros(4, 3, 32, 32, dtype=torch.uint8), "labels": torch.zeros(4, dtype=torch.long),
                 "classes": ["cat", "dog"]}, saved_sets / "other-classes.pt")
     args = [a.format(sets=saved_sets) for a in args]
-    msg = error("train", "--model", "resnet8", *SYN, *args, "--out", tmp_path / "o")
+    msg = error("train", "--model", "resnet8", *SYN, "--epochs", "1", *args, "--out", tmp_path / "o")
     assert message.format(sets=saved_sets) in msg
     assert not (tmp_path / "o").exists()

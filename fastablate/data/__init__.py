@@ -32,7 +32,8 @@ SPLITS = ("train", "test")
 class ImageSet:
     """Images with labels. ``images`` is (N, C, H, W) uint8 (0..255), or float in [0, 1] (images
     given as tensors from Python), or None when ``files`` are decoded per batch (sets larger
-    than the memory limit)."""
+    than the memory limit). ``image_size`` is the size batches come out at: stored images of
+    another size are resized per batch, on the batch's device (:meth:`fit`)."""
 
     name: str
     split: str
@@ -65,8 +66,17 @@ class ImageSet:
         return torch.stack([decode(self.files[i], self.image_size) for i in index.tolist()])
 
     def floats(self, index: Tensor) -> Tensor:
-        """Float images in [0, 1] (len(index), C, H, W) of the given rows."""
-        return to_unit(self.load(index))
+        """Float images in [0, 1] (len(index), C, image_size, image_size) of the given rows."""
+        return self.fit(to_unit(self.load(index)))
+
+    def fit(self, x: Tensor) -> Tensor:
+        """A float batch of stored images at ``image_size`` (bilinear, antialiased, clamped to
+        [0, 1]); a batch already that size is returned as it is."""
+        if x.shape[-2:] == (self.image_size, self.image_size):
+            return x
+        from torchvision.transforms.v2.functional import resize
+
+        return resize(x, [self.image_size, self.image_size], antialias=True).clamp_(0, 1)
 
 
 def to_unit(x: Tensor) -> Tensor:
@@ -98,7 +108,7 @@ def dataset_names() -> list[str]:
 def build_dataset(name: str, root: str | os.PathLike | None = None, split: str = "test", *,
                   limit: int | None = None, seed: int = 0, download: bool = False,
                   image_size: int | None = None, classes: Sequence[str] | None = None,
-                  classes_of: str = "the model") -> ImageSet:
+                  classes_of: str = "the model", asked: bool = False) -> ImageSet:
     """Load split ``split`` of dataset ``name``.
 
     Args:
@@ -108,9 +118,10 @@ def build_dataset(name: str, root: str | os.PathLike | None = None, split: str =
         limit: a fixed, seeded, class-balanced subset of this many examples.
         seed: seed of the subset.
         download: let torchvision download CIFAR when absent (never implicit).
-        image_size: the model's input size: every image is made this many pixels square
-            (a note counts the images resized); default: the dataset's own (for image
-            files, the most common size).
+        image_size: the model's input size: batches come out this many pixels square,
+            resized on their device after decoding (a note says so); the images stay in
+            memory at their own size. Default: the dataset's own (for image files, the most
+            common size). ``asked``: the user asked for that size (no note).
         classes: the class names the labels index (a checkpoint's, or the training
             split's, named ``classes_of`` in errors): classes are matched by name, and a
             class of the data that is not among them is an error. Default: the data's own.
@@ -128,8 +139,11 @@ def build_dataset(name: str, root: str | os.PathLike | None = None, split: str =
     if download and not spec.downloads:
         raise FastablateError(f"--download applies to {', '.join(n for n, s in DATASETS.items() if s.downloads)}, "
                               f"not to {name}")
-    ds = spec.load(Path(root) if root is not None else None, split, download, image_size)
+    ds = spec.load(Path(root) if root is not None else None, split, download, None)
     if image_size is not None and ds.image_size != image_size:
+        if not asked:
+            note(f"{ds.name}/{ds.split}: {len(ds)} images of {ds.image_size}x{ds.image_size} are resized to the "
+                 f"model's {image_size}x{image_size} per batch")
         ds = resized(ds, image_size)
     if classes is not None:
         ds = with_classes(ds, list(classes), classes_of)
@@ -181,12 +195,9 @@ def load_saved(path: str, what: str, like: ImageSet, *, successful: bool = False
 
 
 def resized(ds: ImageSet, size: int) -> ImageSet:
-    """``ds`` with its in-memory images resized to ``size`` square (a note says so)."""
-    from torchvision.transforms.v2.functional import resize
-
-    note(f"{ds.name}/{ds.split}: {len(ds)} images of {ds.image_size}x{ds.image_size} are resized to the model's "
-         f"{size}x{size}")
-    return replace(ds, images=resize(ds.images, [size, size], antialias=True), image_size=size)
+    """``ds`` with batches of ``size`` square: in-memory images are resized per batch
+    (:meth:`ImageSet.fit`), files decoded at that size."""
+    return replace(ds, image_size=size)
 
 
 def with_classes(ds: ImageSet, classes: list[str], classes_of: str) -> ImageSet:
@@ -267,7 +278,7 @@ def batches(ds: ImageSet, batch_size: int, *, device: torch.device | str = "cpu"
     aug_gen = augment_generator or generator
     for x, y in _uint8_batches(ds, order, batch_size, workers, shard):
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        x = to_unit(x)
+        x = ds.fit(to_unit(x))
         yield (apply(x, augment, aug_gen) if augment else x), y
 
 

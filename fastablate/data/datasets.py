@@ -12,10 +12,12 @@ from fastablate.data.files import (IMAGE_EXTENSIONS, choose_size, decode, image_
 from fastablate.errors import FastablateError
 
 
-def from_files(name, split, files: list[str], labels: list[int], classes, image_size, mean, std) -> ImageSet:
-    """An ImageSet of image files (the size policy of :mod:`fastablate.data.files`): decoded into
-    memory when it fits in ``FASTABLATE_MEMORY_LIMIT``, else decoded per batch."""
-    image_size = choose_size(files, image_size, f"{name}/{split}")
+def from_files(name, split, files: list[str], labels: list[int], classes, mean, std) -> ImageSet:
+    """An ImageSet of image files at their most common size (the size policy of
+    :mod:`fastablate.data.files`): decoded into memory when it fits in
+    ``FASTABLATE_MEMORY_LIMIT``, else decoded per batch. Another size is made per batch
+    (:func:`fastablate.data.build_dataset`)."""
+    image_size = choose_size(files, f"{name}/{split}")
     label_t = torch.tensor(labels, dtype=torch.int64)
     ds = ImageSet(name, split, label_t, classes, mean, std, image_size, files=files)
     if len(files) * 3 * image_size * image_size <= memory_limit():
@@ -141,7 +143,7 @@ def _imagefolder(root, split, download, image_size) -> ImageSet:
         raise FastablateError(f"dataset imagefolder: class folder {str(folder / empty[0])!r} holds no image"
                               f"{f' ({len(empty)} such classes)' if len(empty) > 1 else ''}; images are "
                               f"{', '.join(IMAGE_EXTENSIONS)} files")
-    return from_files("imagefolder", split, files, labels, classes, image_size, None, None)
+    return from_files("imagefolder", split, files, labels, classes, None, None)
 
 
 def _tinyimagenet(root, split, download, image_size) -> ImageSet:
@@ -169,7 +171,7 @@ def _tinyimagenet(root, split, download, image_size) -> ImageSet:
             if len(parts) >= 2:
                 files.append(str(root / "val" / "images" / parts[0]))
                 labels.append(index[parts[1]])
-    return from_files("tinyimagenet", split, files, labels, wnids, image_size or 64,
+    return from_files("tinyimagenet", split, files, labels, wnids,
                        (0.4802, 0.4481, 0.3975), (0.2770, 0.2691, 0.2821))
 
 

@@ -12,9 +12,10 @@ Policy, for every file-backed dataset (imagefolder, tinyimagenet):
   no image is an error.
 - A file with an image extension that does not decode (truncated, not an image, empty) is an
   error naming the file: a dataset is never silently smaller than its folders.
-- The image size is the model's (a checkpoint's ``image_size``, or the training split's) when
-  known, else the most common size among the files; images of another size are resized to
-  it (squares; a note counts them). One odd image never changes the size of the others.
+- Files are decoded at the most common size among them; images of another size are resized
+  to it (squares; a note counts them). One odd image never changes the size of the others.
+  The model's size (``--image-size``, a checkpoint's, or the training split's) is made per
+  batch on the device.
 """
 from __future__ import annotations
 
@@ -133,13 +134,11 @@ def image_sizes(files: list[str]) -> list[tuple[int, int]]:
     return sizes
 
 
-def choose_size(files: list[str], image_size: int | None, where: str) -> int:
-    """The policy above: ``image_size`` if given, else the most common size; a note counts the
-    images that will be resized."""
+def choose_size(files: list[str], where: str) -> int:
+    """The policy above: the most common size; a note counts the images that will be resized."""
     sizes = image_sizes(files)
-    if image_size is None:
-        (h, w), _ = Counter(sizes).most_common(1)[0]
-        image_size = h if h == w else min(h, w)
+    (h, w), _ = Counter(sizes).most_common(1)[0]
+    image_size = h if h == w else min(h, w)
     odd = [(f, s) for f, s in zip(files, sizes) if s != (image_size, image_size)]
     if odd:
         f, (h, w) = odd[0]

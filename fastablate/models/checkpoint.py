@@ -28,6 +28,7 @@ from fastablate.errors import FastablateError, note
 from fastablate.files import atomic_write
 
 FORMAT = "fastablate"
+VERSION = 2  # 2: "head" is the explicit layer list and "dropout_after" where --dropout went in the body
 
 
 def atomic_save(obj: Any, path: str | os.PathLike) -> None:
@@ -38,10 +39,12 @@ def atomic_save(obj: Any, path: str | os.PathLike) -> None:
 def save_checkpoint(model, path: str | os.PathLike, meta: dict | None = None) -> None:
     """Write ``model`` (a NormalizedModel) in our format, atomically."""
     atomic_save({
-        "format": FORMAT, "version": 1, "arch": model.arch, "num_classes": model.num_classes,
+        "format": FORMAT, "version": VERSION, "arch": model.arch, "num_classes": model.num_classes,
         "image_size": model.image_size, "mean": model.mean.flatten().tolist(), "std": model.std.flatten().tolist(),
         "classes": list(model.classes) if model.classes is not None else None,
-        "head": model.head, "dropout": model.dropout, "stochastic_depth": model.stochastic_depth,
+        "head": model.head, "dropout": model.dropout, "dropout_after": list(getattr(model, "dropout_after", ())),
+        "stochastic_depth": model.stochastic_depth,
+        **({"stem": model.stem} if getattr(model, "stem", None) else {}),
         "state_dict": {k: v.detach().cpu() for k, v in model.net.state_dict().items()}, "meta": meta or {},
     }, path)
 
@@ -122,8 +125,13 @@ def _check_ours(obj: dict, shown: str) -> None:
     head, dropout = obj.get("head", "linear"), obj.get("dropout", 0.0)
     if not isinstance(head, str):
         raise bad("head", head, "expected a head spec such as linear or mlp:512")
+    after = obj.get("dropout_after", [])
+    if not isinstance(after, list) or not all(isinstance(n, str) for n in after):
+        raise bad("dropout_after", after, "expected a list of module names")
     if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
         raise bad("dropout", dropout, "expected a probability in [0, 1)")
+    if obj.get("stem", "cifar") not in ("cifar", "imagenet"):
+        raise bad("stem", obj["stem"], "expected cifar or imagenet")
     survival = obj.get("stochastic_depth", 1.0)
     if isinstance(survival, bool) or not isinstance(survival, (int, float)) or not 0 < survival <= 1:
         raise bad("stochastic_depth", survival, "expected a survival probability in (0, 1]")
@@ -183,12 +191,16 @@ def model_from_checkpoint(ckpt: dict, path: str | os.PathLike, arch: str | None 
                           mean: Sequence[float] | None = None, std: Sequence[float] | None = None):
     """:func:`load_model` for a checkpoint already read with :func:`read_checkpoint`."""
     from fastablate.models import build_model
+    from fastablate.models.registry import default_stem, get_spec
 
+    stem = None
     if ckpt["format"] == FORMAT:
         if arch is not None and arch != ckpt["arch"]:
             raise FastablateError(f"checkpoint {str(path)!r} holds model {ckpt['arch']}, not {arch}")
         arch = ckpt["arch"]
         num_classes = ckpt["num_classes"]
+        if get_spec(arch).stems:  # the stem it was trained with, whatever size it now sees
+            stem = ckpt.get("stem") or default_stem(ckpt["image_size"])
         image_size = image_size or ckpt["image_size"]
         mean = mean if mean is not None else ckpt["mean"]
         std = std if std is not None else ckpt["std"]
@@ -200,9 +212,14 @@ def model_from_checkpoint(ckpt: dict, path: str | os.PathLike, arch: str | None 
         if num_classes is None:
             weights = [v for k, v in ckpt["state_dict"].items() if k.endswith("weight") and v.dim() == 2]
             num_classes = weights[-1].shape[0] if weights else 10
-    model = build_model(arch, num_classes, image_size=image_size or 32, mean=mean, std=std,
-                        head=ckpt.get("head", "linear"), dropout=ckpt.get("dropout", 0.0),
-                        stochastic_depth=ckpt.get("stochastic_depth", 1.0))
+    head, dropout, after = ckpt.get("head", "linear"), ckpt.get("dropout", 0.0), ckpt.get("dropout_after")
+    if ckpt.get("version", 1) < 2 and dropout > 0 and head.startswith("mlp:"):  # version 1: a dropout before
+        head = ",".join(f"dropout:{dropout:g},linear:{w},relu" for w in head[4:].split(",")) + \
+            f",dropout:{dropout:g},linear"                                       # every linear layer
+        after = []
+    model = build_model(arch, num_classes, image_size=image_size or 32, mean=mean, std=std, head=head,
+                        dropout=dropout, stochastic_depth=ckpt.get("stochastic_depth", 1.0), stem=stem,
+                        dropout_after=None if after is None else after)
     load_state(model.net, ckpt["state_dict"], arch, path)
     model.meta = ckpt.get("meta") or {}
     model.classes = ckpt.get("classes")

@@ -19,19 +19,29 @@ from fastablate.units import ModelParts, model_parts, register_model_adapter
 class ModelSpec:
     name: str
     family: str  # "cifar-resnet", "cifar-plain", "resnet", "plain-resnet", "vgg", or a user's
-    build: Callable[[int, int], nn.Module]  # (num_classes, image_size) -> net
+    build: Callable[..., nn.Module]  # (num_classes, image_size[, stem]) -> net
     description: str
+    stems: bool = False  # build takes a stem: "cifar" or "imagenet"
 
 
 MODELS: dict[str, ModelSpec] = {}
+SMALL_INPUT = 64  # pixels: the default stem of models with two is the CIFAR one up to this size
+STEMS = ("cifar", "imagenet")
+
+
+def default_stem(image_size: int) -> str:
+    return "cifar" if image_size <= SMALL_INPUT else "imagenet"
+
 # Families of names (``resnet26``): (resolve, the pattern as a user reads it); resolve(name)
 # returns (family, build, description), None for a name not of its form, or raises ValueError.
 PATTERNS: list[tuple[Callable[[str], tuple | None], str]] = []
 
 
-def register_model(name: str, family: str, build: Callable[[int, int], nn.Module], description: str) -> None:
-    """Add a model to the registry; ``build(num_classes, image_size)`` returns the bare net."""
-    MODELS[name] = ModelSpec(name, family, build, description)
+def register_model(name: str, family: str, build: Callable[..., nn.Module], description: str,
+                   stems: bool = False) -> None:
+    """Add a model to the registry; ``build(num_classes, image_size)`` returns the bare net
+    (``build(num_classes, image_size, stem)`` with ``stems``: a CIFAR and an ImageNet stem)."""
+    MODELS[name] = ModelSpec(name, family, build, description, stems)
 
 
 def register_model_pattern(resolve: Callable[[str], tuple | None], pattern: str) -> None:
@@ -48,11 +58,14 @@ class NormalizedModel(nn.Module):
 
     def __init__(self, net: nn.Module, mean: Sequence[float], std: Sequence[float], arch: str = "custom",
                  num_classes: int | None = None, image_size: int | None = None, head: str = "linear",
-                 dropout: float = 0.0, stochastic_depth: float = 1.0):
+                 dropout: float = 0.0, stochastic_depth: float = 1.0, stem: str | None = None,
+                 dropout_after: Sequence[str] = ()):
         super().__init__()
         self.net = net
         self.arch, self.num_classes, self.image_size = arch, num_classes, image_size
+        self.stem = stem  # "cifar" or "imagenet" for the models that have both (checkpoints record it)
         self.head, self.dropout = head, dropout  # how build_model made the head (checkpoints record it)
+        self.dropout_after = tuple(dropout_after)  # body modules followed by a dropout of ``dropout``
         self.stochastic_depth = stochastic_depth  # survival of the last residual unit (1.0: off)
         self.name = arch if stochastic_depth >= 1.0 else f"{arch} (stochastic depth {stochastic_depth:g})"
         self.classes: list[str] | None = None  # class names, when known (checkpoints carry them)
@@ -99,31 +112,50 @@ def get_spec(name: str) -> ModelSpec:
 
 def build_model(name: str, num_classes: int = 10, *, image_size: int = 32,
                 mean: Sequence[float] = (0.5, 0.5, 0.5), std: Sequence[float] = (0.5, 0.5, 0.5),
-                head: str = "linear", dropout: float = 0.0, stochastic_depth: float = 1.0) -> NormalizedModel:
+                head: str = "linear", dropout: float = 0.0, stochastic_depth: float = 1.0,
+                stem: str | None = None, dropout_after: Sequence[str] | None = None) -> NormalizedModel:
     """A freshly initialized registry model, wrapped with its input normalization.
 
     Args:
         name: a registry name (``fastablate models`` lists them).
         num_classes: outputs of the final linear layer.
-        image_size: input height/width in pixels; picks the CIFAR or ImageNet stem.
+        image_size: input height/width in pixels; picks the CIFAR (up to 64 px) or ImageNet stem
+            of the models with both.
+        stem: ``cifar`` or ``imagenet`` whatever the size (torchvision ResNets, their plain
+            twins and VGGs; the VGG's "stem" is its small-input head).
         mean, std: per-channel normalization of inputs in [0, 1].
-        head: ``linear`` (the model's own) or ``mlp:512,256`` (see :mod:`fastablate.models.transfer`).
-        dropout: dropout before each head layer.
+        head: ``linear`` (the model's own), ``mlp:512,256`` or the layers as written
+            (``linear:128,relu,dropout:0.3,linear``; see :func:`fastablate.models.transfer.parse_head`).
+        dropout: the dropout probability of ``dropout_after``.
+        dropout_after: where that dropout goes: ``head`` (before a linear head, after each
+            hidden ReLU of an mlp: head) and body modules by name (``layer3``, ``layer4.1``);
+            default: the head.
         stochastic_depth: survival probability of the last residual unit under stochastic depth
             (Huang et al. 2016; linear decay from 1 at the first unit); 1.0: off.
     """
-    from fastablate.models.transfer import parse_head, set_head
+    from fastablate.models.transfer import dropout_after as add_dropout, head_spec, parse_head, set_head
 
     spec = get_spec(name)
     if num_classes < 1:
         raise FastablateError(f"num_classes must be >= 1, got {num_classes}")
-    net = spec.build(num_classes, image_size)
-    if head != "linear" or dropout > 0:
-        try:
-            hidden = parse_head(head)
-        except ValueError as e:
-            raise FastablateError(f"--head {head!r}: {e}") from None
-        set_head(net, num_classes, hidden, dropout)
+    if stem is not None and stem not in STEMS:
+        raise FastablateError(f"--stem {stem!r}: choose from {', '.join(STEMS)}")
+    if stem is not None and not spec.stems:
+        raise FastablateError(f"--stem {stem}: model {name} ({spec.family}) has one stem; "
+                              f"{', '.join(n for n, m in MODELS.items() if m.stems)} have two")
+    if spec.stems:
+        stem = stem or default_stem(image_size)
+        net = spec.build(num_classes, image_size, stem)
+    else:
+        net = spec.build(num_classes, image_size)
+    places = ("head",) if dropout_after is None else tuple(dropout_after)
+    body = tuple(n for n in places if n != "head")
+    try:
+        layers = parse_head(head, dropout if "head" in places else 0.0)
+    except ValueError as e:
+        raise FastablateError(f"--head {head!r}: {e}") from None
+    if layers != (("linear", None),):
+        set_head(net, num_classes, layers)
     if stochastic_depth < 1.0:
         setter = getattr(net, "set_stochastic_depth", None)
         if setter is None:
@@ -133,7 +165,11 @@ def build_model(name: str, num_classes: int = 10, *, image_size: int = 32,
             setter(stochastic_depth)
         except ValueError as e:
             raise FastablateError(f"--stochastic-depth {stochastic_depth:g}: model {name}: {e}") from None
-    return NormalizedModel(net, mean, std, name, num_classes, image_size, head, dropout, stochastic_depth)
+    model = NormalizedModel(net, mean, std, name, num_classes, image_size, head_spec(layers), dropout,
+                            stochastic_depth, stem, body)
+    if body and dropout > 0:
+        add_dropout(model, body, dropout)
+    return model
 
 
 def count_parameters(model: nn.Module) -> int:

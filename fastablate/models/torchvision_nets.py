@@ -1,8 +1,9 @@
 """torchvision ResNets and VGGs, with a CIFAR stem for small inputs, and plain ResNet twins.
 
-For inputs of at most 64x64 pixels the ResNet stem is a 3x3 stride-1 conv without
-max-pool, and the VGG head is one linear layer on the pooled 512 features (the usual
-CIFAR adaptation); larger inputs keep torchvision's ImageNet stem and head. The unit view
+With the CIFAR stem (by default for inputs of at most 64x64 pixels) the ResNet stem is a
+3x3 stride-1 conv without max-pool, and the VGG head is one linear layer on the pooled 512
+features (the usual CIFAR adaptation); the ImageNet stem (larger inputs, or ``stem``) keeps
+torchvision's stem and head, so every ImageNet weight has its place. The unit view
 covers these and any torchvision ResNet/VGG instance a user builds.
 """
 from __future__ import annotations
@@ -14,8 +15,6 @@ from torchvision.models import vgg as tv_vgg
 
 from fastablate.models.registry import register_model
 from fastablate.units import BlockParts, ModelParts, register_adapter, register_model_adapter
-
-SMALL_INPUT = 64  # pixels: at most this uses the CIFAR stem
 
 
 class PlainBasicBlock(tv_resnet.BasicBlock):
@@ -33,37 +32,39 @@ _RESNET_LAYERS = {18: [2, 2, 2, 2], 34: [3, 4, 6, 3], 50: [3, 4, 6, 3]}
 VGG_CONFIGS = {11: "A", 13: "B", 16: "D", 19: "E"}
 
 
-def resnet(depth: int, num_classes: int, image_size: int, plain: bool = False) -> tv_resnet.ResNet:
+def resnet(depth: int, num_classes: int, stem: str, plain: bool = False) -> tv_resnet.ResNet:
     if plain:
         block = PlainBasicBlock
     else:
         block = tv_resnet.Bottleneck if depth >= 50 else tv_resnet.BasicBlock
     model = tv_resnet.ResNet(block, _RESNET_LAYERS[depth], num_classes=num_classes)
-    if image_size <= SMALL_INPUT:
+    if stem == "cifar":
         model.conv1 = nn.Conv2d(3, 64, 3, stride=1, padding=1, bias=False)
         nn.init.kaiming_normal_(model.conv1.weight, mode="fan_out", nonlinearity="relu")
         model.maxpool = nn.Identity()
     return model
 
 
-def vgg(cfg: str, num_classes: int, image_size: int, batch_norm: bool) -> tv_vgg.VGG:
+def vgg(cfg: str, num_classes: int, stem: str, batch_norm: bool) -> tv_vgg.VGG:
     model = tv_vgg.VGG(tv_vgg.make_layers(tv_vgg.cfgs[cfg], batch_norm=batch_norm), num_classes=num_classes)
-    if image_size <= SMALL_INPUT:
+    if stem == "cifar":
         model.avgpool = nn.AdaptiveAvgPool2d(1)
         model.classifier = nn.Linear(512, num_classes)
     return model
 
 
 for _d in (18, 34, 50):
-    register_model(f"resnet{_d}", "resnet", lambda c, s, d=_d: resnet(d, c, s),
-                   f"torchvision ResNet-{_d}; CIFAR stem for inputs <= 64 px")
+    register_model(f"resnet{_d}", "resnet", lambda c, s, stem, d=_d: resnet(d, c, stem),
+                   f"torchvision ResNet-{_d}; CIFAR stem for inputs <= 64 px", stems=True)
 for _d in (18, 34):
-    register_model(f"plain{_d}", "plain-resnet", lambda c, s, d=_d: resnet(d, c, s, plain=True),
-                   f"plain twin of resnet{_d} (no shortcuts)")
+    register_model(f"plain{_d}", "plain-resnet", lambda c, s, stem, d=_d: resnet(d, c, stem, plain=True),
+                   f"plain twin of resnet{_d} (no shortcuts)", stems=True)
 for _d, _cfg in VGG_CONFIGS.items():
     for _bn in (False, True):
-        register_model(f"vgg{_d}{'_bn' if _bn else ''}", "vgg", lambda c, s, cfg=_cfg, bn=_bn: vgg(cfg, c, s, bn),
-                       f"torchvision VGG-{_d}{' with batch norm' if _bn else ''}; one-linear head for inputs <= 64 px")
+        register_model(f"vgg{_d}{'_bn' if _bn else ''}", "vgg",
+                       lambda c, s, stem, cfg=_cfg, bn=_bn: vgg(cfg, c, stem, bn),
+                       f"torchvision VGG-{_d}{' with batch norm' if _bn else ''}; one-linear head for inputs <= 64 px",
+                       stems=True)
 
 
 # --- the unit view of torchvision ResNets and VGGs ------------------------------------------

@@ -1,8 +1,9 @@
 """Transfer learning: heads, freezing, ImageNet initialization, loading what fits.
 
-- Heads: ``linear`` (the model's own) or ``mlp:512,256`` (hidden widths, ReLU between), each
-  linear layer after a dropout of ``dropout``. The head is the net's ``fc`` (ResNets) or
-  ``classifier`` (VGGs); checkpoints record the head so they rebuild it.
+- Heads: ``linear`` (the model's own), ``mlp:512,256`` (hidden widths, ReLU after each), or
+  the layers as written (``linear:128,relu,dropout:0.3,linear``; :func:`parse_head`). The
+  head is the net's ``fc`` (ResNets) or ``classifier`` (VGGs); checkpoints record its
+  explicit spec so they rebuild it. Dropout also goes after body modules (:func:`dropout_after`).
 - Freezing: by unit or module-name prefix (``stem``, ``layer1``, ``layer2.0``, ``head``) or
   the first N top-level children; frozen parameters get no gradient and frozen BatchNorm
   layers keep their running statistics (they stay in eval mode while training).
@@ -16,7 +17,8 @@ from pathlib import Path
 from typing import Sequence
 
 import torch
-from torch import nn
+import torch.nn.functional as F
+from torch import Tensor, nn
 
 from fastablate.errors import FastablateError, note
 
@@ -26,21 +28,59 @@ IMAGENET = {"resnet18": "ResNet18_Weights", "resnet34": "ResNet34_Weights", "res
             **{f"vgg{d}{bn}": f"VGG{d}{bn.upper()}_Weights" for d in (11, 13, 16, 19) for bn in ("", "_bn")}}
 
 
-def parse_head(text: str) -> tuple[int, ...]:
-    """'linear' -> (); 'mlp:512,256' -> (512, 256); ValueError naming the problem."""
+HEAD_FORM = "linear | mlp:W,.. | linear:W,relu,dropout:P,...,linear"
+
+
+def parse_head(text: str, dropout: float = 0.0) -> tuple[tuple[str, float | None], ...]:
+    """The layers a head spec builds, as (kind, value) pairs; a ValueError names the problem.
+
+    - ``linear``: one linear layer to the classes, after a dropout of ``dropout`` when > 0;
+    - ``mlp:128,64``: shorthand for ``linear:128,relu,linear:64,relu,linear``, with a
+      ``dropout:P`` after each ReLU when ``dropout`` is P > 0;
+    - a list of ``linear:W`` (a linear layer to W features), ``relu``, ``dropout:P``, ending in
+      ``linear`` (to the classes), exactly as written: ``linear:128,relu,dropout:0.3,linear``.
+    """
     text = str(text).strip()
     if text == "linear":
-        return ()
-    kind, _, widths = text.partition(":")
-    if kind != "mlp" or not widths:
-        raise ValueError("is not a head: use linear or mlp:WIDTH,WIDTH,...")
-    try:
-        hidden = tuple(int(w) for w in widths.split(","))
-    except ValueError:
-        raise ValueError(f"has widths {widths!r} that are not whole numbers") from None
-    if any(not 1 <= w <= 1 << 16 for w in hidden):
-        raise ValueError("has a width outside 1..65536")
-    return hidden
+        return ((("dropout", dropout),) if dropout > 0 else ()) + (("linear", None),)
+    if text.startswith("mlp:"):
+        try:
+            widths = [int(w) for w in text[4:].split(",")]
+        except ValueError:
+            raise ValueError(f"has widths {text[4:]!r} that are not whole numbers") from None
+        hidden = [item for w in widths for item in
+                  (("linear", float(w)), ("relu", None), *((("dropout", dropout),) if dropout > 0 else ()))]
+        return _checked((*hidden, ("linear", None)))
+    if dropout > 0:
+        raise ValueError("is a list of layers, which says where its dropout goes: give dropout:P in it, not --dropout")
+    layers = []
+    for item in text.split(","):
+        kind, _, value = item.strip().partition(":")
+        if kind not in ("linear", "relu", "dropout") or (kind == "relu" and value) or (kind == "dropout" and not value):
+            raise ValueError(f"has {item.strip()!r}, which is not a layer; use {HEAD_FORM}")
+        try:
+            layers.append((kind, float(value) if value else None))
+        except ValueError:
+            raise ValueError(f"has {item.strip()!r}, whose value is not a number") from None
+    return _checked(tuple(layers))
+
+
+def _checked(layers: tuple) -> tuple:
+    if not layers or layers[-1][0] != "linear":
+        raise ValueError("does not end in a linear layer to the classes (linear or linear:CLASSES)")
+    for i, (kind, value) in enumerate(layers):
+        if kind == "linear" and value is None and i < len(layers) - 1:
+            raise ValueError("has a linear layer without a width before the last; give linear:W")
+        if kind == "linear" and value is not None and (value != int(value) or not 1 <= value <= 1 << 16):
+            raise ValueError(f"has linear:{value:g}; a width is a whole number in 1..65536")
+        if kind == "dropout" and not 0 <= value < 1:
+            raise ValueError(f"has dropout:{value:g}; a dropout probability is in [0, 1)")
+    return layers
+
+
+def head_spec(layers: tuple) -> str:
+    """The explicit spec of parsed head layers (what checkpoints record)."""
+    return ",".join(k if v is None else f"{k}:{v:g}" for k, v in layers)
 
 
 def head_attr(net: nn.Module) -> str:
@@ -55,20 +95,47 @@ def _in_features(head: nn.Module) -> int:
     return first.in_features
 
 
-def set_head(net: nn.Module, num_classes: int, hidden: Sequence[int] = (), dropout: float = 0.0) -> None:
-    """Replace the net's head by dropout -> linear (-> ReLU -> dropout -> linear ...)."""
+def set_head(net: nn.Module, num_classes: int, layers: tuple) -> None:
+    """Replace the net's head by the layers of :func:`parse_head`, from its input width to the
+    classes."""
     attr = head_attr(net)
     width = _in_features(getattr(net, attr))
-    widths = (*hidden, num_classes)
-    layers: list[nn.Module] = []
-    for i, out in enumerate(widths):
-        if dropout > 0:
-            layers.append(nn.Dropout(dropout))
-        layers.append(nn.Linear(width, out))
-        if i < len(widths) - 1:
-            layers.append(nn.ReLU(inplace=True))
-        width = out
-    setattr(net, attr, layers[0] if len(layers) == 1 else nn.Sequential(*layers))
+    last = layers[-1][1]
+    if last is not None and int(last) != num_classes:
+        raise FastablateError(f"--head {head_spec(layers)!r} ends in linear:{int(last)}, but the model has "
+                              f"{num_classes} classes")
+    built: list[nn.Module] = []
+    for i, (kind, value) in enumerate(layers):
+        if kind == "linear":
+            out = num_classes if i == len(layers) - 1 else int(value if value is not None else num_classes)
+            built.append(nn.Linear(width, out))
+            width = out
+        elif kind == "relu":
+            built.append(nn.ReLU(inplace=True))
+        else:
+            built.append(nn.Dropout(value))
+    setattr(net, attr, built[0] if len(built) == 1 else nn.Sequential(*built))
+
+
+class _Dropout:
+    """A forward hook: dropout of ``p`` on the module's output while training."""
+
+    def __init__(self, p: float):
+        self.p = p
+
+    def __call__(self, module: nn.Module, inputs, output: Tensor) -> Tensor:
+        return F.dropout(output, self.p, module.training)
+
+
+def dropout_after(model: nn.Module, names: Sequence[str], p: float) -> None:
+    """Dropout of ``p`` on the outputs of the named body modules (top-level children or units)
+    while training, as forward hooks: the weights' names stay those of the model."""
+    targets = {n: m for n, m in freeze_targets(model).items() if n not in ("stem", "head")}
+    for name in names:
+        if name not in targets:
+            raise FastablateError(f"--dropout-after {name!r} names nothing in {getattr(model, 'arch', 'the model')}; "
+                                  f"valid: head, {', '.join(targets)}")
+        targets[name].register_forward_hook(_Dropout(p))
 
 
 def freeze_targets(model: nn.Module) -> dict[str, nn.Module]:

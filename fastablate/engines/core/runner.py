@@ -103,12 +103,14 @@ def execute(study: Study, models, data: Any, spec: Spec, runtime, timings: dict 
 
 def write_outputs(run: RunDir, study: Study, results: Sequence[Result], spec: Spec, runtime) -> dict:
     """What a finished run keeps in its (started) directory: the study's files, the plots,
-    results.csv and results.json last; run.json gains the results' warnings. Returns the
-    results.json document."""
+    results.csv and results.json last; run.json gains the results' warnings and a training's
+    kept epoch. Returns the results.json document."""
     document = study.document(results, spec)
     warnings = [w for r in results for w in getattr(r, "warnings", ())]
     if warnings:  # what a user should know about the numbers, beside them
         run.info["warnings"] = warnings
+    if getattr(results[0], "kept", None):  # which epoch model.pt holds
+        run.info["kept"] = results[0].kept
     study.write_artifacts(results, spec, runtime.with_(out=run.path))
     results[0].plot(run.plot_dir(), *results[1:])
     run.write_results(document, [row for r in results for row in r.rows()])

@@ -32,6 +32,9 @@ class Setup(Spec):
     data_dir: Optional[str] = option(None, "Root of the dataset on disk.", type=Text("DIR"))
     split: str = option("test", "Split to use.", type=Choice("train", "test"))
     limit: Optional[int] = option(None, "Seeded class-balanced subset of N examples.", type=Int(min=1))
+    image_size: Optional[int] = option(None, "Input size in pixels: batches are resized to it (bilinear, antialiased) "
+                                             "on the device [default: the checkpoint's, else the data's].",
+                                       type=Int(min=8, max=1024))
     mean: Optional[tuple[float, ...]] = option(None, "Input normalization mean per channel, e.g. 0.49,0.48,0.45.",
                                                type=List(Float(-1e6, 1e6)))
     std: Optional[tuple[float, ...]] = option(None, "Input normalization std per channel.",
@@ -83,10 +86,12 @@ def resolve_device(name: str) -> torch.device:
 
 def load_data(setup: Setup, split: str | None = None, *, image_size: int | None = None,
               classes: list[str] | None = None, classes_of: str = "the model") -> ImageSet:
-    """A split of ``--dataset`` (default ``--split``), its images made ``image_size`` square and
-    its labels matched by name to ``classes`` (see :func:`fastablate.data.build_dataset`)."""
+    """A split of ``--dataset`` (default ``--split``), its batches made ``--image-size`` (else
+    ``image_size``, a checkpoint's) square and its labels matched by name to ``classes`` (see
+    :func:`fastablate.data.build_dataset`)."""
     return build_dataset(setup.dataset, setup.data_dir, split or setup.split, limit=setup.limit, seed=setup.seed,
-                         download=setup.download, image_size=image_size, classes=classes, classes_of=classes_of)
+                         download=setup.download, image_size=setup.image_size or image_size, classes=classes,
+                         classes_of=classes_of, asked=setup.image_size is not None)
 
 
 def checkpoint_data(weights: str | None) -> dict:

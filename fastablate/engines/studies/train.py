@@ -10,19 +10,19 @@ from __future__ import annotations
 
 import hashlib
 import re
-from dataclasses import dataclass, field, make_dataclass
+from dataclasses import dataclass, field, make_dataclass, replace
 from pathlib import Path
 from typing import Optional, Sequence
 
 from torch import Tensor
 
-from fastablate.data import ImageSet, load_saved
-from fastablate.data.augment import check_strengths, parse_augment
+from fastablate.data import ImageSet, load_saved, resized
+from fastablate.data.augment import check_strengths, label, output_size, parse_augment
 from fastablate.engines.core.protocol import Study
 from fastablate.engines.core.runtime import table
 from fastablate.engines.core.setup import check_fits, load_data, seed_everything
-from fastablate.engines.core.spec import (Choice, Float, Int, NamedFiles, Spec, Text, Value, applies, one_of, option,
-                                          prefixed)
+from fastablate.engines.core.spec import (Choice, Float, Int, List, NamedFiles, Spec, Text, Value, applies, one_of,
+                                          option, prefixed)
 from fastablate.engines.studies.attacks import ATTACKS, AttackSpec
 from fastablate.engines.studies.trainer import MODEL_FILE, STATE_FILE, TrainResult, train
 from fastablate.errors import FastablateError
@@ -52,19 +52,27 @@ class Parsed(Value):
 
 class Augment(Parsed):
     def __init__(self):
-        super().__init__(parse_augment, "NAME[:S],..")
+        super().__init__(parse_augment, "NAME[:S][@P],..")
 
     def parse(self, raw):
-        return ",".join(f"{n}:{s:g}" if s is not None else n for n, s in parse_augment(raw))
+        return ",".join(n + (":" + ",".join(f"{v:g}" for v in s) if s else "") + (f"@{p:g}" if p is not None else "")
+                        for n, s, p in parse_augment(raw))
 
 
 @dataclass(frozen=True)
 class _Recipe(Spec):
     epochs: int = option(15, "Epochs.", type=Int(min=1, max=100_000))
-    lr: float = option(0.1, "Peak learning rate per 128 images (scaled linearly with --batch-size).",
+    optimizer: str = option("sgd", "Optimizer.", type=Choice("sgd", "adam", "adamw"))
+    lr: float = option(0.1, "Peak learning rate per 128 images, scaled linearly with --batch-size (see "
+                            "--lr-scaling) [default: 0.1 for sgd, 0.001 for adam and adamw].",
                        type=Float(0, 100, min_open=True))
+    lr_scaling: str = option("linear", "linear: --lr is per 128 images and scales with the global batch; none: "
+                                       "--lr is the rate as given, whatever the batch.", type=Choice("linear", "none"))
     momentum: float = option(0.9, "SGD momentum (Nesterov when > 0).", type=Float(0, 1, max_open=True))
-    weight_decay: float = option(5e-4, "Weight decay (not on BatchNorm and biases).", type=Float(0, 1))
+    betas: Optional[tuple[float, ...]] = option(None, "adam/adamw: the two betas [default: 0.9,0.999].",
+                                                type=List(Float(0, 1, max_open=True)))
+    weight_decay: float = option(5e-4, "Weight decay (not on BatchNorm and biases; decoupled for adamw).",
+                                 type=Float(0, 1))
     label_smoothing: float = option(0.0, "Label smoothing.", type=Float(0, 1, max_open=True))
     schedule: str = option("cosine", "Learning-rate schedule.", type=Choice("cosine", "onecycle"))
     warmup: float = option(0.2, "onecycle: fraction of the steps over which the rate rises.",
@@ -76,13 +84,25 @@ class _Recipe(Spec):
                                                  "faster on CPUs).", type=Choice("channels-last", "contiguous"))
     augment: Optional[str] = option(None, "Augmentations, e.g. crop,flip,rotation:15,cutout:8 [default: crop,flip; "
                                           "crop for digits].", type=Augment())
+    val_fraction: float = option(0.0, "Hold out this fraction of the training split, seeded and class-balanced, "
+                                      "evaluated every epoch; the test split is then evaluated at the end only.",
+                                 type=Float(0, 1, max_open=True))
+    keep: str = option("last", "The weights model.pt keeps: the last epoch's, or the best by validation accuracy "
+                               "(test accuracy without --val-fraction).", type=Choice("last", "best"))
+    stem: Optional[str] = option(None, "Stem of the torchvision ResNets and VGGs: cifar (3x3 conv, no max-pool; a "
+                                       "one-linear VGG head) or imagenet (torchvision's, so every ImageNet weight is "
+                                       "used) [default: cifar up to 64 px].", type=Choice("cifar", "imagenet"))
     init: str = option("none", "Initialization: fresh, or torchvision's ImageNet weights from the torch hub cache.",
                        type=Choice("none", "imagenet"))
     freeze: Optional[str] = option(None, "Frozen parts: unit or module names (stem, layer1, head, ...) or N, the "
                                          "first N top-level children.", type=Text("NAMES|N"))
-    head: str = option("linear", "Head: linear, or mlp:WIDTH,... (ReLU between layers).",
-                       type=Parsed(parse_head, "linear|mlp:W,.."))
-    dropout: float = option(0.0, "Dropout before each head layer.", type=Float(0, 1, max_open=True))
+    head: str = option("linear", "Head: linear; mlp:W,.. (linear:W,relu per width, then linear to the classes, "
+                                 "with --dropout after each relu); or the layers as written, e.g. "
+                                 "linear:128,relu,dropout:0.3,linear.", type=Parsed(parse_head, "SPEC"))
+    dropout: float = option(0.0, "Dropout probability: before a linear head, after each relu of mlp:, or after "
+                                 "the --dropout-after modules.", type=Float(0, 1, max_open=True))
+    dropout_after: Optional[str] = option(None, "Where --dropout goes: head and body modules by name, e.g. "
+                                                "layer3,layer4 [default: head].", type=Text("NAMES"))
     stochastic_depth: float = option(1.0, "Stochastic depth (Huang et al. 2016): survival probability of the last "
                                           "residual unit, 1 at the first, linear between; units dropped per batch, "
                                           "scaled at test time (1: off; CIFAR ResNets).",
@@ -110,14 +130,31 @@ class TrainSpec(_Adversarial):
 
     def validate(self) -> None:
         applies(self, "warmup", self.schedule == "onecycle", "--schedule onecycle")
+        applies(self, "momentum", self.optimizer == "sgd", "--optimizer sgd")
+        applies(self, "betas", self.optimizer != "sgd", "--optimizer adam or adamw")
+        if self.betas is not None and len(self.betas) != 2:
+            raise FastablateError(f"--betas {','.join(f'{b:g}' for b in self.betas)}: give two betas, e.g. 0.9,0.999")
+        applies(self, "dropout_after", self.dropout > 0, "--dropout above 0")
+        if self.dropout > 0 and "head" in self.dropout_places() and self.head not in ("linear",) and \
+                not self.head.startswith("mlp:"):
+            raise FastablateError(f"--dropout applies to the linear and mlp: heads; --head {self.head} says where "
+                                  "its dropout goes (dropout:P in it)")
         one_of(self, ("adv_data", "adv_train"), "make the adversarial part of a batch")
         applies(self, "adv_ratio", bool(self.adv_data or self.adv_train),
                 "--adv-data or --adv-train, neither of which is given")
         applies(self, [f"adv_{n}" for n in ADV_OPTIONS], bool(self.adv_train), "--adv-train, which is not given")
         self.attack_spec()
         names = [n for n, _ in self.eval_sets]
-        if "test" in names or "test_tta" in names or "train" in names:
-            raise FastablateError("--eval-sets: train, test and test_tta are taken; name the sets otherwise")
+        if {"train", "val", "test", "test_tta"} & set(names):
+            raise FastablateError("--eval-sets: train, val, test and test_tta are taken; name the sets otherwise")
+
+    def dropout_places(self) -> tuple[str, ...]:
+        """--dropout-after as names (default: the head)."""
+        return tuple(n.strip() for n in self.dropout_after.split(",")) if self.dropout_after else ("head",)
+
+    def base_lr(self) -> float:
+        """--lr, or the optimizer's default when not given."""
+        return self.lr if "lr" in self.given() or self.optimizer == "sgd" else 1e-3
 
     def attack_spec(self) -> AttackSpec | None:
         """The --adv-train attack with its --adv-* options (errors name those options)."""
@@ -136,7 +173,7 @@ class TrainSpec(_Adversarial):
 class TrainData:
     train: ImageSet
     test: ImageSet
-    augment: list[tuple[str, float]]  # resolved --augment
+    augment: list[tuple]  # resolved --augment: (name, strength, p)
     eval_sets: dict[str, ImageSet] = field(default_factory=dict)
     adv: ImageSet | None = None  # --adv-data
     adv_spec: AttackSpec | None = None  # --adv-train
@@ -144,8 +181,15 @@ class TrainData:
     resume: dict | None = None  # the state in last.pt, with --resume
     preview: dict[str, Tensor] = field(default_factory=dict)  # augmentation -> a few augmented images
 
+    val: ImageSet | None = None  # --val-fraction
+
     def __len__(self) -> int:
         return len(self.train)
+
+    @property
+    def image_size(self) -> int:
+        """The side of the images the model trains on (after the augmentations)."""
+        return output_size(self.augment, self.train.image_size)
 
 
 # Shared options that do not change what a training computes: those of no run, and the
@@ -183,16 +227,37 @@ def load_resume_state(out: Path) -> dict:
     return state
 
 
-def _preview(ds: ImageSet, augments: list[tuple[str, float]], seed: int, count: int = 6) -> dict[str, Tensor]:
+def _preview(ds: ImageSet, augments: list[tuple], seed: int, count: int = 6) -> dict[str, Tensor]:
     import torch
 
     from fastablate.data.augment import augment
 
     x = ds.floats(torch.arange(min(count, len(ds))))
     out = {"original": x}
-    for name, s in augments:
-        out[f"{name}:{s:g}"] = augment(x, [(name, s)], torch.Generator().manual_seed(seed))
+    for item in augments:
+        out[label(item)] = augment(x, [(*item[:2], 1.0)], torch.Generator().manual_seed(seed))
     return out
+
+
+def hold_out(ds: ImageSet, fraction: float, seed: int) -> tuple[ImageSet, ImageSet]:
+    """(train, validation): ``fraction`` of each class (rounded, at least one image) held out,
+    chosen by a permutation seeded with ``seed``; a class left with no training image is an error."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    val = []
+    for c in range(ds.num_classes):
+        idx = (ds.labels == c).nonzero().flatten()
+        if idx.numel() == 0:
+            continue
+        k = max(1, round(fraction * idx.numel()))
+        if k >= idx.numel():
+            raise FastablateError(f"--val-fraction {fraction:g} leaves class {ds.classes[c]!r} no training image "
+                                  f"(it has {idx.numel()}); give a smaller fraction or more images")
+        val.append(idx[torch.randperm(idx.numel(), generator=g)[:k]])
+    held = torch.zeros(len(ds), dtype=torch.bool)
+    held[torch.cat(val)] = True
+    return ds.subset((~held).nonzero().flatten()), replace(ds.subset(held.nonzero().flatten()), split="val")
 
 
 class TrainStudy(Study):
@@ -222,8 +287,15 @@ class TrainStudy(Study):
                                    train_set.image_size)
         eval_sets = {n: load_saved(p, f"--eval-sets {n}=", train_set) for n, p in spec.eval_sets}
         adv = load_saved(spec.adv_data, "--adv-data ", train_set, successful=True) if spec.adv_data else None
+        val = None
+        if spec.val_fraction > 0:
+            train_set, val = hold_out(train_set, spec.val_fraction, seed)
+        size = output_size(augments, train_set.image_size)
+        if size != train_set.image_size:  # --augment resizes: what is evaluated is made that size too
+            test_set, val = resized(test_set, size), val and resized(val, size)
+            eval_sets = {n: resized(d, size) for n, d in eval_sets.items()}
         return TrainData(train_set, test_set, augments, eval_sets, adv, spec.attack_spec(), fingerprint or {},
-                         resume, _preview(train_set, augments, seed))
+                         resume, _preview(train_set, augments, seed), val)
 
     def load_models(self, setup, spec: TrainSpec, data: TrainData, runtime):
         ds = data.train
@@ -240,9 +312,10 @@ class TrainStudy(Study):
         elif mean is None and ckpt is not None and ckpt["format"] == FORMAT:
             mean, std = ckpt["mean"], ckpt["std"]
         seed_everything(setup.seed)  # the same seed gives the same initial weights
-        model = build_model(arch, ds.num_classes, image_size=ds.image_size, mean=mean or ds.mean,
+        model = build_model(arch, ds.num_classes, image_size=data.image_size, mean=mean or ds.mean,
                             std=std or ds.std, head=spec.head, dropout=spec.dropout,
-                            stochastic_depth=spec.stochastic_depth)
+                            stochastic_depth=spec.stochastic_depth, stem=spec.stem,
+                            dropout_after=spec.dropout_places())
         model.classes = list(ds.classes)
         model.init = "none"
         if ckpt is not None:
@@ -257,6 +330,8 @@ class TrainStudy(Study):
     def check(self, models, data: TrainData, spec):
         from fastablate.engines.core.distributed import world
 
+        if spec.keep == "best" and spec.epochs == 1:
+            raise FastablateError("--keep best chooses among epochs; with --epochs 1 there is nothing to select by")
         if spec.sync_bn and world() == 1:
             raise FastablateError("--sync-bn applies under torchrun (more than one process)")
         if data.resume is None:
@@ -276,7 +351,7 @@ class TrainStudy(Study):
         frozen = sum(p.numel() for p in m.parameters() if not p.requires_grad)
         return {"init": m.init, "frozen": m.frozen, "frozen_parameters": frozen,
                 "trainable_parameters": sum(p.numel() for p in m.parameters()) - frozen,
-                "augment": [f"{n}:{s:g}" for n, s in data.augment]}
+                "augment": [label(a) for a in data.augment]}
 
     def metrics(self, document: dict) -> dict[str, float]:
         return {"accuracy": document["accuracy"], "loss": document["loss"],

@@ -38,8 +38,9 @@ MODEL_FILE = "model.pt"  # the model in our checkpoint format
 
 
 def learning_rate(spec, batch_size: int, step: int, total: int) -> float:
-    """The learning rate at ``step`` of ``total``: --lr per 128 images, scaled with the batch."""
-    base = spec.lr * batch_size * dist.world() / 128  # the global batch
+    """The learning rate at ``step`` of ``total``: --lr per 128 images, scaled with the global
+    batch (``--lr-scaling none``: as given)."""
+    base = spec.base_lr() * (batch_size * dist.world() / 128 if spec.lr_scaling == "linear" else 1.0)
     if spec.schedule == "onecycle":
         rise = max(1, round(spec.warmup * total))
         return base * (step + 1) / rise if step < rise else base * (total - step) / max(1, total - rise)
@@ -73,7 +74,7 @@ def divergence_warning(history: list[dict]) -> str | None:
     """A line for the first epoch whose train or test loss is over DIVERGING times its
     first-epoch value (the run goes on: a lower --lr is the user's call), or None."""
     for row in history[1:]:
-        for key in ("test_loss", "train_loss"):
+        for key in ("val_loss" if "val_loss" in history[0] else "test_loss", "train_loss"):
             first, now = history[0][key], row[key]
             if now > DIVERGING * first:
                 return (f"training is diverging: the {key.replace('_', ' ')} at epoch {row['epoch']} is {now:.3g}, "
@@ -108,15 +109,15 @@ def train(model: nn.Module, data, spec, runtime: Runtime):
     for p in model.parameters():
         if p.requires_grad:  # frozen parameters are not the optimizer's
             (decay if p.dim() > 1 else no_decay).append(p)  # no weight decay on BN and biases
-    opt = torch.optim.SGD([{"params": decay, "weight_decay": spec.weight_decay},
-                           {"params": no_decay, "weight_decay": 0.0}],
-                          lr=spec.lr, momentum=spec.momentum, nesterov=spec.momentum > 0)
+    opt = optimizer(spec, [{"params": decay, "weight_decay": spec.weight_decay},
+                           {"params": no_decay, "weight_decay": 0.0}])
     average = WeightAverage(model, spec.ema) if spec.ema > 0 else None
     per_process = len(data.train) // world  # every process the same number of images (and steps)
     steps_per_epoch = -(-per_process // bs)
     total = spec.epochs * steps_per_epoch
     history: list[dict] = []
     first_epoch = 0
+    keeper = Keeper(spec.keep, "val" if data.val is not None else "test")
     if data.resume is not None:
         state = data.resume
         model.net.load_state_dict(state["state_dict"])
@@ -126,6 +127,7 @@ def train(model: nn.Module, data, spec, runtime: Runtime):
             average.steps = state["average_steps"]
         torch.set_rng_state(state["torch_rng"])
         history, first_epoch = state["history"], state["epoch"] + 1
+        keeper.restore(state.get("best"))
     eval_rt = runtime.with_(batch_size=max(bs, 256), progress=False)
     final: dict[str, EvalResult] = {}
     warned = divergence_warning(history) is not None  # said once, by the run that saw it
@@ -135,40 +137,98 @@ def train(model: nn.Module, data, spec, runtime: Runtime):
                                                       steps_per_epoch, total, fmt)
         trained = average.model if average is not None else model
         dist.sync_buffers(trained)  # process 0's BatchNorm statistics: what is evaluated is what is saved
-        final = evaluate_all(trained, data, spec, eval_rt, fmt)
+        final = evaluate_all(trained, data, spec, eval_rt, fmt, test=data.val is None or epoch + 1 == spec.epochs)
         loss_sum, correct, seen = dist.all_sum(torch.tensor([loss_sum, correct, seen], dtype=torch.float64)).tolist()
         row = {"epoch": epoch + 1, "lr": lr, "train_loss": loss_sum / seen, "train_accuracy": correct / seen}
         for name, res in final.items():
             row[f"{name}_loss"], row[f"{name}_accuracy"] = res.loss, res.accuracy
         row["seconds"] = time.perf_counter() - t0
         history.append(row)
+        improved = keeper.update(row, trained)
         if not main:
             continue
         if not warned and divergence_warning(history):
             note(divergence_warning(history))
             warned = True
         if runtime.out is not None:
-            meta = {"dataset": data.train.name, "epoch": epoch + 1, "test_accuracy": final["test"].accuracy,
-                    "test_loss": final["test"].loss, "seed": runtime.seed, "world_size": world}
-            save_checkpoint(trained, runtime.out / MODEL_FILE, meta)
+            if improved or spec.keep == "last":
+                save_checkpoint(trained, runtime.out / MODEL_FILE, _meta(data, row, runtime, world))
             atomic_save({"arch": model.arch, "epoch": epoch, "state_dict": model.net.state_dict(),
                          "optimizer": opt.state_dict(), "fingerprint": data.fingerprint,
                          "average": average.model.net.state_dict() if average else None,
-                         "average_steps": average.steps if average else 0,
+                         "average_steps": average.steps if average else 0, "best": keeper.state(),
                          "torch_rng": torch.get_rng_state(), "history": history}, runtime.out / STATE_FILE)
             write_csv(runtime.out / "metrics.csv", history)
-        extra = "".join(f" | {n} acc {r.accuracy:.4f}" for n, r in final.items() if n != "test")
+        shown = "".join(f" | {n} loss {r.loss:.4f} acc {r.accuracy:.4f}" for n, r in final.items()
+                        if n in ("val", "test"))
+        extra = "".join(f" | {n} acc {r.accuracy:.4f}" for n, r in final.items() if n not in ("val", "test"))
         print(f"epoch {epoch + 1}/{spec.epochs}: train loss {row['train_loss']:.4f} acc {row['train_accuracy']:.4f}"
-              f" | test loss {final['test'].loss:.4f} acc {final['test'].accuracy:.4f}{extra} | "
-              f"{row['seconds']:.1f}s", flush=True)
-    if not final:  # resumed a finished run: report the saved model
-        final = evaluate_all(average.model if average is not None else model, data, spec, eval_rt, fmt)
+              f"{shown}{extra} | {row['seconds']:.1f}s", flush=True)
+    trained = average.model if average is not None else model
+    if keeper.rule == "best" and keeper.weights is not None:  # the kept weights are what is reported
+        trained.net.load_state_dict(keeper.weights)
+        final = evaluate_all(trained, data, spec, eval_rt, fmt)
+        if main and runtime.out is not None:  # the kept model's test figures into its checkpoint
+            save_checkpoint(trained, runtime.out / MODEL_FILE, _meta(data, keeper.row, runtime, world, final))
+    elif "test" not in final:  # resumed a finished run: report the saved model
+        final = evaluate_all(trained, data, spec, eval_rt, fmt)
     diverging = divergence_warning(history)
     checkpoint = runtime.out / MODEL_FILE if runtime.out is not None else None
     return TrainResult(model.name, history, final["test"], checkpoint, time.perf_counter() - start,
                        {n: r for n, r in final.items() if n != "test"}, getattr(model, "frozen", []),
                        getattr(model, "init", "none"), data.preview, [diverging] if diverging else [],
-                       average.model if average is not None else model, data.train.name)
+                       trained, data.train.name, keeper.record(len(history)))
+
+
+def optimizer(spec, groups: list[dict]) -> torch.optim.Optimizer:
+    """--optimizer over the parameter groups (weight decay set per group)."""
+    if spec.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=spec.base_lr(), momentum=spec.momentum, nesterov=spec.momentum > 0)
+    betas = tuple(spec.betas) if spec.betas else (0.9, 0.999)
+    cls = torch.optim.Adam if spec.optimizer == "adam" else torch.optim.AdamW
+    return cls(groups, lr=spec.base_lr(), betas=betas)
+
+
+def _meta(data, row: dict, runtime: Runtime, world: int, final: dict | None = None) -> dict:
+    meta = {"dataset": data.train.name, "epoch": row["epoch"], "seed": runtime.seed, "world_size": world}
+    for split in ("val", "test"):
+        if final is not None and split in final:
+            meta[f"{split}_accuracy"], meta[f"{split}_loss"] = final[split].accuracy, final[split].loss
+        elif f"{split}_accuracy" in row:
+            meta[f"{split}_accuracy"], meta[f"{split}_loss"] = row[f"{split}_accuracy"], row[f"{split}_loss"]
+    return meta
+
+
+class Keeper:
+    """--keep: the last epoch's weights, or the best by ``by`` accuracy (the first epoch of the
+    highest), with its epoch."""
+
+    def __init__(self, rule: str, by: str):
+        self.rule, self.by = rule, by
+        self.row: dict | None = None
+        self.weights: dict | None = None
+
+    def update(self, row: dict, model: nn.Module) -> bool:
+        """Whether ``row``'s model is now the kept one (its weights copied when best)."""
+        if self.rule == "last":
+            self.row = row
+            return True
+        if self.row is not None and row[f"{self.by}_accuracy"] <= self.row[f"{self.by}_accuracy"]:
+            return False
+        self.row = row
+        self.weights = {k: v.detach().clone() for k, v in model.net.state_dict().items()}
+        return True
+
+    def state(self) -> dict | None:
+        return None if self.rule == "last" or self.row is None else {"row": self.row, "weights": self.weights}
+
+    def restore(self, state: dict | None) -> None:
+        if state is not None and self.rule == "best":
+            self.row, self.weights = state["row"], state["weights"]
+
+    def record(self, epochs: int) -> dict:
+        epoch = self.row["epoch"] if self.row is not None else epochs
+        return {"rule": self.rule, "epoch": epoch, **({"by": f"{self.by}_accuracy"} if self.rule == "best" else {})}
 
 
 def train_one_epoch(model: nn.Module, forward: nn.Module, opt: torch.optim.Optimizer, average: WeightAverage | None,
@@ -239,13 +299,14 @@ class TrainResult:
     warnings: list[str] = field(default_factory=list)  # run.json records them (see the runner)
     trained: nn.Module | None = field(default=None, repr=False)  # what was evaluated (the average with --ema)
     dataset: str = ""
+    kept: dict = field(default_factory=dict)  # --keep: {"rule", "epoch"[, "by"]}
 
     def to_dict(self) -> dict:
         return {"accuracy": self.final.accuracy, "loss": self.final.loss, "epochs": len(self.history),
                 "checkpoint": str(self.checkpoint) if self.checkpoint else None, "test": self.final.to_dict(),
                 "history": self.history,
                 "eval_sets": {n: {"accuracy": r.accuracy, "loss": r.loss, "n": r.n} for n, r in self.eval_sets.items()},
-                "frozen": self.frozen, "init": self.init}
+                "frozen": self.frozen, "init": self.init, "kept": self.kept}
 
     def rows(self) -> list[dict]:
         return self.history
@@ -260,12 +321,14 @@ class TrainResult:
 
 def plot_curves(history: list[dict], path: Path) -> Path:
     """Loss and accuracy per epoch: train, test and every extra evaluation set."""
-    epochs = [r["epoch"] for r in history]
-    sets = ["train"] + [k[:-len("_accuracy")] for k in history[0] if k.endswith("_accuracy") and k != "train_accuracy"]
+    sets = ["train"]
+    for r in history:  # with a validation split the test split is in the last row only
+        sets += [k[:-len("_accuracy")] for k in r if k.endswith("_accuracy") and k[:-len("_accuracy")] not in sets]
     fig, (a, b) = pyplot().subplots(1, 2, figsize=(10, 3.8))
     for name in sets:
-        a.plot(epochs, [r[f"{name}_loss"] for r in history], "o-", ms=3, label=name)
-        b.plot(epochs, [r[f"{name}_accuracy"] for r in history], "o-", ms=3, label=name)
+        rows = [r for r in history if f"{name}_accuracy" in r]
+        a.plot([r["epoch"] for r in rows], [r[f"{name}_loss"] for r in rows], "o-", ms=3, label=name)
+        b.plot([r["epoch"] for r in rows], [r[f"{name}_accuracy"] for r in rows], "o-", ms=3, label=name)
     a.set(xlabel="epoch", ylabel="loss (cross-entropy)")
     b.set(xlabel="epoch", ylabel="accuracy", ylim=(0, 1.02))
     for ax in (a, b):
@@ -289,10 +352,13 @@ def plot_augmentations(preview: dict[str, Tensor], path: Path) -> Path:
     return save(fig, path, dpi=110)
 
 
-def evaluate_all(model: nn.Module, data, spec, runtime: Runtime, fmt) -> dict[str, EvalResult]:
-    """The test split (``test``), its flip-averaged evaluation (``test_tta``) and every extra set."""
-    out = {"test": evaluate(model, data.test, runtime, memory_format=fmt)}
-    if spec.tta:
+def evaluate_all(model: nn.Module, data, spec, runtime: Runtime, fmt, test: bool = True) -> dict[str, EvalResult]:
+    """The validation split (``val``), the test split (``test``) and its flip-averaged
+    evaluation (``test_tta``) unless ``test`` is False, and every extra set."""
+    out = {"val": evaluate(model, data.val, runtime, memory_format=fmt)} if data.val is not None else {}
+    if test:
+        out["test"] = evaluate(model, data.test, runtime, memory_format=fmt)
+    if spec.tta and test:
         out["test_tta"] = evaluate(model, data.test, runtime, tta=True, memory_format=fmt)
     for name, ds in data.eval_sets.items():
         out[name] = evaluate(model, ds, runtime, memory_format=fmt)
