@@ -71,13 +71,13 @@ class Group(click.Group):
     def list_commands(self, ctx):
         from fastablate.engines import commands
 
-        return sorted(set(super().list_commands(ctx)) | set(commands()) | {"sweep", "study"})
+        return sorted(set(super().list_commands(ctx)) | set(commands()) | set(WORKFLOWS))
 
     def get_command(self, ctx, name):
         from fastablate.engines import commands
 
-        if name in ("sweep", "study"):
-            return sweep_command() if name == "sweep" else study_command()
+        if name in WORKFLOWS:
+            return WORKFLOWS[name][0]()
         if name in self.commands or name not in commands():
             return super().get_command(ctx, name)
         return StudyCommand(name, callback=_run)
@@ -86,8 +86,7 @@ class Group(click.Group):
         from fastablate.engines import commands
 
         rows = [(n, c.get_short_help_str(60)) for n, c in self.commands.items()]
-        rows.append(("sweep", "Grids over options of any study command: heatmaps, resumable, local or Ray"))
-        rows.append(("study", "The whole comparison: train, lesion, noise, attacks, paths, features; a report"))
+        rows += [(name, summary) for name, (_, summary) in WORKFLOWS.items()]
         for name, entries in commands().items():
             main = [e for e in entries if e.name == name] or entries[-1:]
             others = [e.name for e in entries if e not in main]
@@ -199,7 +198,7 @@ def _sweep(values: dict, grid, base) -> None:
     from fastablate.engines.workflows.sweep import SweepSpec, grid_axes, run_sweep, summary
 
     ctx = click.get_current_context()
-    if not base or base[0] in ("sweep", "study"):
+    if not base or base[0] in WORKFLOWS:
         raise FastablateError("sweep needs a base command after --, e.g. -- train --model resnet20")
     command = StudyCommand(base[0])
     study, setup, spec = command.values(command.make_context(base[0], list(base[1:]), parent=ctx))
@@ -211,6 +210,25 @@ def _sweep(values: dict, grid, base) -> None:
     if failed:
         click.echo(f"sweep: {len(failed)} of {len(rows)} points failed; first: {failed[0].get('error')}", err=True)
         ctx.exit(1)
+
+
+def compare_command() -> click.Command:
+    """compare: training runs side by side; its options from CompareSpec."""
+    from fastablate.commands import SpecCommand
+    from fastablate.engines.workflows.compare import CompareSpec
+
+    def run(values: dict, run_dirs) -> None:
+        from fastablate.engines.workflows.compare import run_compare, summary
+
+        out, rows = run_compare(run_dirs, CompareSpec(**values.get(CompareSpec, {})))
+        click.echo(summary(rows))
+        click.echo(f"results: {out}")
+    return SpecCommand("compare", [CompareSpec], run, params=[click.Argument(["run_dirs"], nargs=-1)],
+                       short_help="Training runs side by side: overlaid curves, final and best metrics, times.",
+                       help="Compare finished train runs (RUN_DIR...): loss and accuracy curves of every run "
+                            "overlaid, a table of final and best metrics with the epoch of the best and the training "
+                            "time, beside the options that differ between the runs.\n\n"
+                            "fastablate compare runs/scratch runs/imagenet --names scratch,imagenet")
 
 
 def study_command() -> click.Command:
@@ -231,6 +249,14 @@ def study_command() -> click.Command:
                        "features. Each part is a run directory inside --out (a rerun reuses the finished ones); "
                        "report.md and a self-contained report.html give one verdict per finding, computed from "
                        "the numbers. Default: resnet20 vs plain20 on the embedded digits.")
+
+
+# Commands built on first use (their specs import torch): name -> (builder, one-line summary).
+WORKFLOWS = {
+    "sweep": (sweep_command, "Grids over options of any study command: heatmaps, resumable, local or Ray"),
+    "study": (study_command, "The whole comparison: train, lesion, noise, attacks, paths, features; a report"),
+    "compare": (compare_command, "Training runs side by side: overlaid curves, final and best metrics, times"),
+}
 
 
 def main() -> None:

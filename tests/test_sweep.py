@@ -59,6 +59,25 @@ def test_sweep_repeat_line_plot_log_axis(tmp_path):
     assert (out / "plots" / "line-accuracy-lr.png").is_file()
 
 
+def test_init_axis_categories_bars_and_grouped_lines(tmp_path, trained_resnet8):
+    """One axis holds a checkpoint and a fresh start; augment is categorical: bars, and lines
+    of each option grouped by the other; the train metrics are in the points."""
+    out = tmp_path / "g"
+    sweep("--grid", f"init=none,{trained_resnet8}", "--grid", "augment=crop;crop,flip", "--out", out, *BASE)
+    res = json.loads((out / "results.json").read_text())
+    assert [(p["init"], p["augment"]) for p in res["points"]] == [
+        ("none", "crop"), ("none", "crop,flip"), (str(trained_resnet8), "crop"), (str(trained_resnet8), "crop,flip")]
+    assert all(0 <= p["train_accuracy"] <= 1 and p["train_loss"] > 0 for p in res["points"])
+    point = out / "points" / res["points"][2]["key"]
+    assert json.loads((point / "run.json").read_text())["init"] == f"checkpoint {trained_resnet8}"
+    plots = {p.name for p in (out / "plots").iterdir()}
+    assert {"lines-accuracy-init-by-augment.png", "lines-accuracy-augment-by-init.png",
+            "heatmap-accuracy-init-augment.png"} <= plots
+    one = tmp_path / "one"
+    sweep("--grid", "augment=crop;flip;crop,flip", "--out", one, *BASE)
+    assert (one / "plots" / "bar-accuracy-augment.png").is_file()
+
+
 def test_failing_point_is_recorded_and_the_others_run(tmp_path):
     out = tmp_path / "f"
     r = CliRunner().invoke(cli, ["sweep", "--grid", "dataset=synthetic,imagefolder", "--out", str(out), *BASE])

@@ -304,6 +304,7 @@ def test_resume_with_weight_average_matches_uninterrupted(tmp_path, monkeypatch)
     (["--adv-data", "{sets}/small.pt"], "holds images of shape (3, 16, 16); the training images are (3, 32, 32)"),
     (["--adv-data", "{sets}/other-classes.pt"], "has classes that the training data does not know: cat"),
     (["--init", "imagenet", "--weights", "{sets}/adv-test.pt"], "--init imagenet and --weights both"),
+    (["--init", "nothing.pt"], "--init 'nothing.pt': is neither none, imagenet nor a checkpoint file"),
     (["--optimizer", "lbfgs"], "--optimizer 'lbfgs': is not one of: sgd, adam, adamw"),
     (["--betas", "0.9,0.99"], "--betas applies to --optimizer adam or adamw"),
     (["--optimizer", "adam", "--betas", "0.9"], "--betas 0.9: give two betas"),
@@ -330,3 +331,28 @@ def test_bad_training_input(args, message, saved_sets, tmp_path):
     msg = error("train", "--model", "resnet8", *SYN, "--epochs", "1", *args, "--out", tmp_path / "o")
     assert message.format(sets=saved_sets) in msg
     assert not (tmp_path / "o").exists()
+
+
+# --- comparing runs -----------------------------------------------------------------------
+def test_compare_overlays_runs_and_tabulates_final_and_best(tmp_path):
+    a, b = tmp_path / "plain", tmp_path / "val"
+    run("train", "--model", "resnet8", *SYN, "--epochs", "2", "--out", a)
+    run("train", "--model", "resnet8", *SYN, "--epochs", "2", "--val-fraction", "0.25", "--keep", "best",
+        "--augment", "crop,flip,blur:1@0.5", "--out", b)
+    out = tmp_path / "cmp"
+    r = run("compare", a, b, "--names", "base,heldout", "--out", out)
+    assert "base" in r.output and "heldout" in r.output
+    doc = results(out)
+    assert set(doc["differing"]) == {"augment", "keep", "val_fraction"}
+    base, held = doc["runs"]
+    assert base["run"] == "base" and base["test_accuracy"] == results(a)["accuracy"]
+    assert base["best_test_accuracy"] == max(h["test_accuracy"] for h in results(a)["history"])
+    assert "best_val_accuracy" in held and "best_test_accuracy" not in held  # test seen once, at the end
+    assert held["kept_epoch"] == results(b)["kept"]["epoch"] and held["seconds"] > 0
+    assert {p.name for p in (out / "plots").iterdir()} == {"curves.png", "final.png"}
+    assert (out / "results.csv").read_text().splitlines()[0].startswith("run,augment,keep,val_fraction,test_accuracy")
+    # bad input: one line, exit 2, nothing written
+    assert "not a fastablate train run" in error("compare", tmp_path, "--out", tmp_path / "x")
+    assert "--names gives 1 names for 2 runs" in error("compare", a, b, "--names", "one", "--out", tmp_path / "x")
+    assert "at least one RUN_DIR" in error("compare", "--out", tmp_path / "x")
+    assert not (tmp_path / "x").exists()

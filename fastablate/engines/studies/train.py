@@ -27,6 +27,7 @@ from fastablate.engines.studies.attacks import ATTACKS, AttackSpec
 from fastablate.engines.studies.trainer import MODEL_FILE, STATE_FILE, TrainResult, train
 from fastablate.errors import FastablateError
 from fastablate.models import build_model, save_checkpoint
+from fastablate.models.registry import get_spec
 from fastablate.models.checkpoint import FORMAT, read_checkpoint
 from fastablate.models.transfer import freeze, init_from_checkpoint, init_imagenet, parse_head
 from fastablate.results import VOLATILE, jsonable, write_csv
@@ -48,6 +49,21 @@ class Parsed(Value):
         except ValueError as e:
             return str(e)
         return None
+
+
+INITS = ("none", "imagenet")
+
+
+class Init(Value):
+    metavar = "none|imagenet|FILE"
+
+    def parse(self, raw):
+        return str(raw).strip()
+
+    def problem(self, value):
+        if value in INITS or Path(value).is_file():
+            return None
+        return "is neither none, imagenet nor a checkpoint file"
 
 
 class Augment(Parsed):
@@ -92,8 +108,9 @@ class _Recipe(Spec):
     stem: Optional[str] = option(None, "Stem of the torchvision ResNets and VGGs: cifar (3x3 conv, no max-pool; a "
                                        "one-linear VGG head) or imagenet (torchvision's, so every ImageNet weight is "
                                        "used) [default: cifar up to 64 px].", type=Choice("cifar", "imagenet"))
-    init: str = option("none", "Initialization: fresh, or torchvision's ImageNet weights from the torch hub cache.",
-                       type=Choice("none", "imagenet"))
+    init: str = option("none", "Initialization: fresh (none), torchvision's ImageNet weights from the torch hub "
+                               "cache (imagenet), or a checkpoint FILE (as --weights; so one sweep axis can hold "
+                               "both, e.g. --grid init=imagenet,runs/base/model.pt).", type=Init())
     freeze: Optional[str] = option(None, "Frozen parts: unit or module names (stem, layer1, head, ...) or N, the "
                                          "first N top-level children.", type=Text("NAMES|N"))
     head: str = option("linear", "Head: linear; mlp:W,.. (linear:W,relu per width, then linear to the classes, "
@@ -299,12 +316,13 @@ class TrainStudy(Study):
 
     def load_models(self, setup, spec: TrainSpec, data: TrainData, runtime):
         ds = data.train
-        if spec.init == "imagenet" and setup.weights:
-            raise FastablateError("--init imagenet and --weights both initialize the model: give one")
-        ckpt = read_checkpoint(setup.weights) if setup.weights else None
+        if spec.init != "none" and setup.weights:
+            raise FastablateError(f"--init {spec.init} and --weights both initialize the model: give one")
+        weights = setup.weights or (spec.init if spec.init not in INITS else None)
+        ckpt = read_checkpoint(weights) if weights else None
         arch = setup.model or (ckpt["arch"] if ckpt and ckpt["format"] == FORMAT else None)
         if ckpt is not None and arch is None:
-            raise FastablateError(f"checkpoint {setup.weights!r} is a bare state_dict: name its model with --model")
+            raise FastablateError(f"checkpoint {weights!r} is a bare state_dict: name its model with --model")
         arch = arch or DEFAULT_MODEL
         mean, std = setup.mean, setup.std
         if mean is None and spec.init == "imagenet":
@@ -314,13 +332,14 @@ class TrainStudy(Study):
         seed_everything(setup.seed)  # the same seed gives the same initial weights
         model = build_model(arch, ds.num_classes, image_size=data.image_size, mean=mean or ds.mean,
                             std=std or ds.std, head=spec.head, dropout=spec.dropout,
-                            stochastic_depth=spec.stochastic_depth, stem=spec.stem,
+                            stochastic_depth=spec.stochastic_depth,
+                            stem=spec.stem or (ckpt.get("stem") if ckpt and get_spec(arch).stems else None),
                             dropout_after=spec.dropout_places())
         model.classes = list(ds.classes)
         model.init = "none"
         if ckpt is not None:
-            init_from_checkpoint(model, ckpt, setup.weights)
-            model.init = f"checkpoint {setup.weights}"
+            init_from_checkpoint(model, ckpt, weights)
+            model.init = f"checkpoint {weights}"
         if spec.init == "imagenet":
             model.init = f"imagenet {init_imagenet(model)}"
         model.frozen = freeze(model, spec.freeze) if spec.freeze else []
@@ -354,7 +373,9 @@ class TrainStudy(Study):
                 "augment": [label(a) for a in data.augment]}
 
     def metrics(self, document: dict) -> dict[str, float]:
+        last = document["history"][-1] if document.get("history") else {}
         return {"accuracy": document["accuracy"], "loss": document["loss"],
+                **{k: last[k] for k in ("train_accuracy", "train_loss") if k in last},
                 **{f"{n}_accuracy": e["accuracy"] for n, e in document.get("eval_sets", {}).items()}}
 
     def resumes(self, spec: TrainSpec) -> bool:

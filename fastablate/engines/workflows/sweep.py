@@ -1,5 +1,7 @@
 """Sweeps: a grid over options of any study command, each point a full run directory, the
-points' headline numbers in one table, heatmaps of every pair of swept options.
+points' headline numbers in one table; per metric a line (numbers) or bar chart (categories
+such as ``augment``) of each option alone, grouped lines of each option by each other one,
+and heatmaps of every pair.
 
 A point is the base command's options with the grid's values put in, run with ``repeat``
 seeds (the base seed, +1, ...). Its key is a hash of everything that shapes the run (the
@@ -238,27 +240,73 @@ def plot_sweep(rows: list[dict], params: list[str], directory: Path) -> list[Pat
         return []
     reserved = {*params, "seed", "threads", "key", "status", "seconds", "error"}
     metrics = [k for k in ok[0] if k not in reserved and isinstance(ok[0][k], (int, float))]
-    plt = pyplot()
     paths = []
     for metric in metrics:
         if len(params) == 1:
-            p = params[0]
-            xs = sorted({r[p] for r in ok}, key=_sort_key)
-            vals = [[r[metric] for r in ok if r[p] == x] for x in xs]
-            fig, ax = plt.subplots(figsize=(5.5, 3.8))
-            pos = xs if _numeric(xs) else range(len(xs))
-            ax.plot(pos, [sum(v) / len(v) for v in vals], "o-", label="mean over seeds")
-            ax.fill_between(pos, [min(v) for v in vals], [max(v) for v in vals], alpha=0.2, label="min-max")
-            if _log_scale(xs):
-                ax.set_xscale("log")
-            if not _numeric(xs):
-                ax.set_xticks(list(pos), [str(x) for x in xs])
-            ax.set(xlabel=p, ylabel=metric, title=f"{metric} vs {p}")
-            ax.legend(fontsize=8)
-            paths.append(save(fig, directory / f"line-{metric}-{p}.png"))
+            paths.append(_single(ok, params[0], metric, directory))
+        for a, b in itertools.permutations(params, 2):  # metric against a, one line (or bar) per value of b
+            paths.append(_grouped(ok, a, b, metric, directory / f"lines-{metric}-{a}-by-{b}.png"))
         for a, b in itertools.combinations(params, 2):
             paths.append(_heatmap(ok, a, b, metric, directory / f"heatmap-{metric}-{a}-{b}.png"))
     return paths
+
+
+def _values(rows: list[dict], p: str) -> list:
+    return sorted({r[p] for r in rows}, key=_sort_key)
+
+
+def _fmt(v) -> str:
+    return f"{v:g}" if isinstance(v, float) else str(v)
+
+
+def _single(ok: list[dict], p: str, metric: str, directory: Path) -> Path:
+    """metric against one option: a line with the min-max band over repeats for numbers, bars
+    with min-max whiskers for categories (augment, init)."""
+    xs = _values(ok, p)
+    vals = [[r[metric] for r in ok if r[p] == x] for x in xs]
+    means = [sum(v) / len(v) for v in vals]
+    fig, ax = pyplot().subplots(figsize=(max(5.5, 0.9 * len(xs) + 2), 3.8))
+    if _numeric(xs):
+        ax.plot(xs, means, "o-", label="mean over seeds")
+        ax.fill_between(xs, [min(v) for v in vals], [max(v) for v in vals], alpha=0.2, label="min-max")
+        if _log_scale(xs):
+            ax.set_xscale("log")
+        ax.legend(fontsize=8)
+        name = f"line-{metric}-{p}.png"
+    else:
+        err = [[m - min(v) for m, v in zip(means, vals)], [max(v) - m for m, v in zip(means, vals)]]
+        ax.bar(range(len(xs)), means, yerr=err, capsize=3, color="tab:blue", alpha=0.8)
+        for i, m in enumerate(means):
+            ax.text(i, m, f"{m:.3g}", ha="center", va="bottom", fontsize=7)
+        ax.set_xticks(range(len(xs)), [_fmt(x) for x in xs], rotation=25 if len(xs) > 4 else 0,
+                      ha="right" if len(xs) > 4 else "center")
+        name = f"bar-{metric}-{p}.png"
+    ax.set(xlabel=p, ylabel=metric, title=f"{metric} vs {p}")
+    return save(fig, directory / name)
+
+
+def _grouped(ok: list[dict], a: str, b: str, metric: str, path: Path) -> Path:
+    """metric against ``a``, one line per value of ``b`` (grouped bars when ``a`` is categorical);
+    means over repeats."""
+    xs, groups = _values(ok, a), _values(ok, b)
+    fig, ax = pyplot().subplots(figsize=(max(5.5, 0.9 * len(xs) * max(1, len(groups) / 2) + 2), 3.8))
+    width = 0.8 / len(groups)
+    for g, value in enumerate(groups):
+        pts = [(i, x, [r[metric] for r in ok if r[a] == x and r[b] == value]) for i, x in enumerate(xs)]
+        pts = [(i, x, sum(v) / len(v)) for i, x, v in pts if v]
+        if _numeric(xs):
+            ax.plot([x for _, x, _ in pts], [m for _, _, m in pts], "o-", label=f"{b}={_fmt(value)}")
+        else:
+            ax.bar([i - 0.4 + width * (g + 0.5) for i, _, _ in pts], [m for _, _, m in pts], width,
+                   label=f"{b}={_fmt(value)}")
+    if _numeric(xs) and _log_scale(xs):
+        ax.set_xscale("log")
+    if not _numeric(xs):
+        ax.set_xticks(range(len(xs)), [_fmt(x) for x in xs], rotation=25 if len(xs) > 4 else 0,
+                      ha="right" if len(xs) > 4 else "center")
+    ax.set(xlabel=a, ylabel=metric, title=f"{metric} vs {a}, by {b} (mean over seeds)")
+    ax.legend(fontsize=8)
+    return save(fig, path)
 
 
 def _sort_key(v):
@@ -283,9 +331,8 @@ def _heatmap(rows: list[dict], a: str, b: str, metric: str, path: Path) -> Path:
                         color="white" if grid[i][j] < (max(v for r in grid for v in r if not math.isnan(v)) +
                                                         min(v for r in grid for v in r if not math.isnan(v))) / 2
                         else "black")
-    fmt = lambda v: f"{v:g}" if isinstance(v, float) else str(v)  # noqa: E731
-    ax.set_xticks(range(len(xs)), [fmt(x) for x in xs])
-    ax.set_yticks(range(len(ys)), [fmt(y) for y in ys])
+    ax.set_xticks(range(len(xs)), [_fmt(x) for x in xs])
+    ax.set_yticks(range(len(ys)), [_fmt(y) for y in ys])
     ax.set(xlabel=b, ylabel=a, title=f"{metric} (mean over seeds)")
     fig.colorbar(shown, ax=ax)
     return save(fig, path)
