@@ -191,13 +191,19 @@ def sweep_command() -> click.Command:
                        help="Run a grid over options of any study command, each point a full run, with a table and "
                             "heatmaps of every pair of swept options; resumable; locally or on Ray.\n\n"
                             "fastablate sweep --grid lr=0.05,0.1,0.2 --grid batch-size=128,256 --repeat 2 "
-                            "--out runs/sweep -- train --model resnet20 --epochs 5")
+                            "--out runs/sweep -- train --model resnet20 --epochs 5\n\n"
+                            "A --config file may hold grid (a list of OPTION=V,V,.. lines) and base (the command and "
+                            "its options, as a list); options after -- then extend its base command.")
 
 
 def _sweep(values: dict, grid, base) -> None:
     from fastablate.engines.workflows.sweep import SweepSpec, grid_axes, run_sweep, summary
 
     ctx = click.get_current_context()
+    configured = (ctx.default_map or {}).get("base")  # a --config's base command
+    if configured and ctx.get_parameter_source("base") == click.core.ParameterSource.COMMANDLINE and base and \
+            base[0].startswith("-"):
+        base = (*map(str, configured), *base)  # options after -- extend the config's command
     if not base or base[0] in WORKFLOWS:
         raise FastablateError("sweep needs a base command after --, e.g. -- train --model resnet20")
     command = StudyCommand(base[0])

@@ -314,9 +314,7 @@ def test_resume_with_weight_average_matches_uninterrupted(tmp_path, monkeypatch)
     (["--head", "linear:32,tanh,linear"], "has 'tanh', which is not a layer"),
     (["--head", "linear:32,relu"], "does not end in a linear layer to the classes"),
     (["--head", "linear:32,relu,linear", "--dropout", "0.2"], "says where its dropout goes"),
-    (["--dropout-after", "layer3"], "--dropout-after applies to --dropout above 0"),
     (["--dropout", "0.2", "--dropout-after", "layer9"], "--dropout-after 'layer9' names nothing in resnet8"),
-    (["--keep", "best"], "with --epochs 1 there is nothing to select by"),
     (["--stem", "imagenet"], "--stem imagenet: model resnet8 (cifar-resnet) has one stem"),
     (["--image-size", "4"], "--image-size '4': must be in [8, 1024]"),
     (["--augment", "resize"], "--augment resize: give its strength"),
@@ -356,3 +354,21 @@ def test_compare_overlays_runs_and_tabulates_final_and_best(tmp_path):
     assert "--names gives 1 names for 2 runs" in error("compare", a, b, "--names", "one", "--out", tmp_path / "x")
     assert "at least one RUN_DIR" in error("compare", "--out", tmp_path / "x")
     assert not (tmp_path / "x").exists()
+
+
+# --- the training experiments as configs ------------------------------------------------------
+CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+
+
+@pytest.mark.parametrize("name, points", [("transfer", 2), ("heads", 2), ("augment", 9), ("dropout", 6)])
+def test_experiment_configs_run(name, points, hub, tmp_path):
+    out = tmp_path / name
+    r = run("sweep", "--config", CONFIGS / f"resnet18-cifar10-{name}.yaml", "--out", out, "--", "--dataset",
+            "synthetic", "--limit", "20", "--epochs", "1", "--batch-size", "10", "--device", "cpu")
+    assert f"{points} to run" in r.output
+    res = results(out)
+    assert len(res["points"]) == points and all(p["status"] == "complete" for p in res["points"])
+    config = json.loads((out / "points" / res["points"][-1]["key"] / "run.json").read_text())["config"]
+    assert config["model"] == "resnet18" and config["stem"] == "imagenet" and config["val_fraction"] == 0.1
+    run("compare", *sorted((out / "points").iterdir()), "--out", tmp_path / f"{name}-compare")
+    assert len(results(tmp_path / f"{name}-compare")["runs"]) == points

@@ -151,7 +151,6 @@ class TrainSpec(_Adversarial):
         applies(self, "betas", self.optimizer != "sgd", "--optimizer adam or adamw")
         if self.betas is not None and len(self.betas) != 2:
             raise FastablateError(f"--betas {','.join(f'{b:g}' for b in self.betas)}: give two betas, e.g. 0.9,0.999")
-        applies(self, "dropout_after", self.dropout > 0, "--dropout above 0")
         if self.dropout > 0 and "head" in self.dropout_places() and self.head not in ("linear",) and \
                 not self.head.startswith("mlp:"):
             raise FastablateError(f"--dropout applies to the linear and mlp: heads; --head {self.head} says where "
@@ -349,8 +348,6 @@ class TrainStudy(Study):
     def check(self, models, data: TrainData, spec):
         from fastablate.engines.core.distributed import world
 
-        if spec.keep == "best" and spec.epochs == 1:
-            raise FastablateError("--keep best chooses among epochs; with --epochs 1 there is nothing to select by")
         if spec.sync_bn and world() == 1:
             raise FastablateError("--sync-bn applies under torchrun (more than one process)")
         if data.resume is None:

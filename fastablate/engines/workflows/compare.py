@@ -52,11 +52,10 @@ def read_runs(dirs: Sequence[str], names: Sequence[str] | None = None) -> list[R
     """The finished train runs in ``dirs``; a folder that holds none is an error naming it."""
     if len(dirs) < 1:
         raise FastablateError("compare needs at least one RUN_DIR (a finished fastablate train run)")
-    names = list(names) if names else [Path(d).resolve().name for d in dirs]
-    if len(names) != len(dirs):
-        raise FastablateError(f"--names gives {len(names)} names for {len(dirs)} runs: give one per run")
-    if len(set(names)) != len(names):
-        raise FastablateError(f"--names {','.join(names)}: two runs share a name; give --names")
+    given = list(names) if names else None
+    if given is not None and len(given) != len(dirs):
+        raise FastablateError(f"--names gives {len(given)} names for {len(dirs)} runs: give one per run")
+    names = given or [Path(d).resolve().name for d in dirs]
     runs = []
     for d, name in zip(dirs, names):
         info = read_run(d)
@@ -69,7 +68,20 @@ def read_runs(dirs: Sequence[str], names: Sequence[str] | None = None) -> list[R
         except (OSError, ValueError):
             raise FastablateError(f"{d}: its results.json is missing or unreadable") from None
         runs.append(Run(name, Path(d), info.get("config", {}), document, info.get("timings", {}).get("total_s")))
+    if given is None:  # named by what differs (a sweep's points), when that tells them apart
+        options = differing(runs)
+        labels = [" ".join(f"{o}={_shown(r.config.get(o))}" for o in options) for r in runs]
+        if options and len(set(labels)) == len(labels):
+            for r, label in zip(runs, labels):
+                r.name = label
+    if len({r.name for r in runs}) != len(runs):
+        raise FastablateError(f"two runs share the name {', '.join(r.name for r in runs)}; give --names")
     return runs
+
+
+def _shown(value) -> str:
+    text = f"{value:g}" if isinstance(value, float) else str(value)
+    return text if len(text) <= 40 else text[:37] + "..."
 
 
 def _best(history: list[dict], split: str) -> tuple[float | None, int | None]:
