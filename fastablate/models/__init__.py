@@ -5,8 +5,8 @@ normalization travels with the weights. The families below register themselves o
 """
 from fastablate.models import cifar_resnet, torchvision_nets  # noqa: F401,E402  (they register their models)
 from fastablate.models.checkpoint import load_model, save_checkpoint  # noqa: E402
-from fastablate.models.registry import (MODELS, ModelSpec, NormalizedModel, build_model, count_parameters, get_spec,
-                                        model_names, register_model)
+from fastablate.models.registry import (MODELS, ModelSpec, NormalizedModel, build_model, count_parameters,
+                                        default_stem, get_spec, model_names, register_model)
 
-__all__ = ["MODELS", "ModelSpec", "NormalizedModel", "build_model", "count_parameters", "get_spec",
+__all__ = ["MODELS", "ModelSpec", "NormalizedModel", "build_model", "count_parameters", "default_stem", "get_spec",
            "load_model", "model_names", "register_model", "save_checkpoint"]

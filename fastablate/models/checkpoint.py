@@ -190,8 +190,7 @@ def model_from_checkpoint(ckpt: dict, path: str | os.PathLike, arch: str | None 
                           num_classes: int | None = None, image_size: int | None = None,
                           mean: Sequence[float] | None = None, std: Sequence[float] | None = None):
     """:func:`load_model` for a checkpoint already read with :func:`read_checkpoint`."""
-    from fastablate.models import build_model
-    from fastablate.models.registry import default_stem, get_spec
+    from fastablate.models import build_model, default_stem, get_spec
 
     stem = None
     if ckpt["format"] == FORMAT:

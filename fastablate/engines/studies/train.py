@@ -26,8 +26,7 @@ from fastablate.engines.core.spec import (Choice, Float, Int, List, NamedFiles, 
 from fastablate.engines.studies.attacks import ATTACKS, AttackSpec
 from fastablate.engines.studies.trainer import MODEL_FILE, STATE_FILE, TrainResult, train
 from fastablate.errors import FastablateError
-from fastablate.models import build_model, save_checkpoint
-from fastablate.models.registry import get_spec
+from fastablate.models import build_model, get_spec, save_checkpoint
 from fastablate.models.checkpoint import FORMAT, read_checkpoint
 from fastablate.models.transfer import freeze, init_from_checkpoint, init_imagenet, parse_head
 from fastablate.results import VOLATILE, jsonable, write_csv
