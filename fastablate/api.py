@@ -186,11 +186,19 @@ def _fitted(models: Sequence[Any], ds, mean, std, device: torch.device):
     return wrapped, ds
 
 
+def _sized(ds, image_size: int | None):
+    """``ds`` with batches of ``image_size`` (resized on the device), when given."""
+    from fastablate.data import resized
+
+    return ds if image_size is None or image_size == ds.image_size else resized(ds, image_size)
+
+
 def _result(study, spec, results: list, ds, data_dir, limit, device: str | None, dev: torch.device,
-            batch_size: int, workers: int, seed: int, out: str | None, split: str = "test") -> StudyResult:
+            batch_size: int, workers: int, seed: int, out: str | None, split: str = "test",
+            image_size: int | None = None) -> StudyResult:
     """The StudyResult of a library call, its config as the CLI's run.json would record it; saved with ``out``."""
     setup = Setup(dataset=ds.name, data_dir=data_dir, split=split, limit=limit, device=device or "auto",
-                  batch_size=batch_size, workers=workers, seed=seed)
+                  batch_size=batch_size, workers=workers, seed=seed, image_size=image_size)
     res = StudyResult(study, spec, results, run_config(study, setup, spec), dev, seed)
     if out is not None:
         res.save(out)
@@ -200,9 +208,11 @@ def _result(study, spec, results: list, ds, data_dir, limit, device: str | None,
 def run(study_name: str, model: nn.Module, data: Any, *, compare: Sequence[nn.Module] = (),
         mean: Sequence[float] | None = None, std: Sequence[float] | None = None, device: str | None = None,
         batch_size: int = 128, workers: int = 0, seed: int = 0, progress: bool = False, out: str | None = None,
-        data_dir: str | None = None, split: str | None = None, limit: int | None = None, **options) -> StudyResult:
+        data_dir: str | None = None, split: str | None = None, limit: int | None = None,
+        image_size: int | None = None, **options) -> StudyResult:
     """Run the study registered as ``study_name`` (see the module); the functions below name it.
-    ``split`` (of a registry dataset) defaults to the study's own (paths: train, else test)."""
+    ``split`` (of a registry dataset) defaults to the study's own (paths: train, else test);
+    ``image_size`` resizes every batch on the device (``--image-size``)."""
     study = get_study(study_name)
     split = split or study.setup_defaults.get("split", "test")
     spec = make_spec(study, options)
@@ -212,13 +222,14 @@ def run(study_name: str, model: nn.Module, data: Any, *, compare: Sequence[nn.Mo
     dev = _device(model, device)
     models = [model, *compare]
     with preserved([m for m in models if isinstance(m, nn.Module)], dev):
-        wrapped, ds = _fitted(models, image_set(data, data_dir=data_dir, split=split, limit=limit, seed=seed),
-                              mean, std, dev)
+        wrapped, ds = _fitted(models, _sized(image_set(data, data_dir=data_dir, split=split, limit=limit, seed=seed),
+                                             image_size), mean, std, dev)
         runtime = Runtime(device=dev, batch_size=batch_size, workers=workers, seed=seed, progress=progress)
         prepared = study.prepare(ds, spec, seed)
         study.check(wrapped, prepared, spec)
         results = execute(study, wrapped, prepared, spec, runtime)
-    return _result(study, spec, results, ds, data_dir, limit, device, dev, batch_size, workers, seed, out, split)
+    return _result(study, spec, results, ds, data_dir, limit, device, dev, batch_size, workers, seed, out, split,
+                   image_size)
 
 
 def evaluate(model, data, **kw) -> StudyResult:
@@ -263,29 +274,28 @@ def features(model, data, **kw) -> StudyResult:
 def train(model: nn.Module, train_data: Any, test_data: Any, *, mean: Sequence[float] | None = None,
           std: Sequence[float] | None = None, device: str | None = None, batch_size: int = 128, workers: int = 0,
           seed: int = 0, progress: bool = False, out: str | None = None, data_dir: str | None = None,
-          limit: int | None = None, **options) -> StudyResult:
+          limit: int | None = None, image_size: int | None = None, **options) -> StudyResult:
     """Train ``model`` in place on ``train_data``, evaluating on ``test_data`` after every epoch
-    (``fastablate train``: ``epochs``, ``lr``, ``schedule``, ``augment``, ``freeze``, ``ema``,
-    ``adv_train``, ...). A registry name as data takes its train and test splits. With ``ema``,
-    the averaged weights (what was evaluated) end up in ``model``. ``save(dir)`` writes model.pt
-    and metrics.csv beside the results."""
+    (``fastablate train``: ``epochs``, ``lr``, ``optimizer``, ``lr_scaling``, ``schedule``,
+    ``augment``, ``val_fraction``, ``keep``, ``freeze``, ``ema``, ``adv_train``, ...). A registry
+    name as data takes its train and test splits; ``image_size`` resizes every batch on the
+    device. With ``ema`` or ``keep="best"``, the weights that were kept end up in ``model``.
+    ``save(dir)`` writes model.pt and metrics.csv beside the results."""
     from fastablate.models.transfer import freeze
 
     study = get_study("train")
     spec = make_spec(study, options)
-    building = [n for n in ("init", "head", "dropout", "stochastic_depth", "resume") if n in spec.given()]
+    building = [n for n in ("init", "head", "dropout", "dropout_after", "stem", "stochastic_depth", "resume")
+                if n in spec.given()]
     if building:
         raise FastablateError(f"train: {building[0]}= applies to fastablate train's registry models and runs; "
                               "build your model as you want it before fastablate.train")
     dev = _device(model, device)
     with preserved([model] if isinstance(model, nn.Module) else [], dev):
-        [w], train_set = _fitted([model], image_set(train_data, data_dir=data_dir, split="train", limit=limit,
-                                                    seed=seed), mean, std, dev)
-        test_set = image_set(test_data, data_dir=data_dir, split="test", limit=limit, seed=seed,
-                             classes=train_set.classes, num_classes=w.num_classes, image_size=train_set.image_size)
-        if test_set.image_size != train_set.image_size:
-            raise FastablateError(f"the test images are {test_set.image_size} px, the training images "
-                                  f"{train_set.image_size} px")
+        [w], train_set = _fitted([model], _sized(image_set(train_data, data_dir=data_dir, split="train", limit=limit,
+                                                           seed=seed), image_size), mean, std, dev)
+        test_set = _sized(image_set(test_data, data_dir=data_dir, split="test", limit=limit, seed=seed,
+                                    classes=train_set.classes, num_classes=w.num_classes), train_set.image_size)
         w.init = "none"
         w.frozen = freeze(w, spec.freeze) if spec.freeze else []
         data = study.data_from(train_set, test_set, spec, seed)
@@ -294,7 +304,8 @@ def train(model: nn.Module, train_data: Any, test_data: Any, *, mean: Sequence[f
         results = execute(study, [w], data, spec, runtime)
         if results[0].trained is not w:  # --ema: the average is what was evaluated
             w.load_state_dict(results[0].trained.state_dict())
-    return _result(study, spec, results, train_set, data_dir, limit, device, dev, batch_size, workers, seed, out)
+    return _result(study, spec, results, train_set, data_dir, limit, device, dev, batch_size, workers, seed, out,
+                   image_size=image_size)
 
 
 __all__ = ["StudyResult", "attack", "evaluate", "features", "lesion", "noise", "paths", "run", "train"]

@@ -177,3 +177,23 @@ def test_train_api_equals_the_cli_and_trains_the_model_in_place(tmp_path):
     assert load_model(tmp_path / "api" / "model.pt").meta["epoch"] == 2
     with pytest.raises(fa.FastablateError, match="head= applies to fastablate train's registry models"):
         fa.train(model, "synthetic", "synthetic", head="mlp:32")
+
+
+def test_train_api_takes_the_new_recipe_options_as_the_cli_does(tmp_path):
+    from fastablate.engines.core.setup import seed_everything
+    args = ["--dataset", "synthetic", "--limit", "60", "--epochs", "2", "--batch-size", "20", "--device", "cpu",
+            "--image-size", "24", "--optimizer", "adamw", "--val-fraction", "0.2", "--keep", "best",
+            "--lr-scaling", "none", "--augment", "crop,color-jitter:0.2,0.2,0.2,0.05,blur:1@0.5"]
+    r = CliRunner().invoke(cli, ["train", "--model", "resnet8", *args, "--out", str(tmp_path / "cli")])
+    assert r.exit_code == 0, r.output
+    seed_everything(0)
+    ds = build_dataset("synthetic", None, "train")
+    model = build_model("resnet8", mean=ds.mean, std=ds.std, image_size=24)
+    res = fa.train(model, "synthetic", "synthetic", limit=60, epochs=2, batch_size=20, image_size=24,
+                   optimizer="adamw", val_fraction=0.2, keep="best", lr_scaling="none",
+                   augment="crop,color-jitter:0.2,0.2,0.2,0.05,blur:1@0.5")
+    cli_doc = json.loads((tmp_path / "cli" / "results.json").read_text())
+    assert _timeless(json.loads(json.dumps(res.to_dict()))) == _timeless(cli_doc)
+    assert res.to_dict()["kept"]["by"] == "val_accuracy" and res.to_dict()["eval_sets"]["val"]["n"] == 10
+    with pytest.raises(fa.FastablateError, match="stem= applies to fastablate train's registry models"):
+        fa.train(model, "synthetic", "synthetic", stem="imagenet")

@@ -26,6 +26,7 @@ from fastablate.data.files import decode, memory_limit
 from fastablate.errors import FastablateError, note
 
 SPLITS = ("train", "test")
+LISTED = 0  # the image_size of a set of files listed but not yet decoded (datasets.from_files)
 
 
 @dataclass
@@ -139,18 +140,20 @@ def build_dataset(name: str, root: str | os.PathLike | None = None, split: str =
     if download and not spec.downloads:
         raise FastablateError(f"--download applies to {', '.join(n for n, s in DATASETS.items() if s.downloads)}, "
                               f"not to {name}")
-    ds = spec.load(Path(root) if root is not None else None, split, download, None)
-    if image_size is not None and ds.image_size != image_size:
-        if not asked:
-            note(f"{ds.name}/{ds.split}: {len(ds)} images of {ds.image_size}x{ds.image_size} are resized to the "
-                 f"model's {image_size}x{image_size} per batch")
-        ds = resized(ds, image_size)
+    ds = spec.load(Path(root) if root is not None else None, split, download, image_size)
     if classes is not None:
         ds = with_classes(ds, list(classes), classes_of)
     if limit is not None:
         if limit < 1:
             raise FastablateError(f"--limit must be >= 1, got {limit}")
         ds = ds.subset(balanced_subset(ds.labels, limit, seed))
+    if ds.image_size == LISTED:  # files: decoded now, only those kept
+        ds = datasets.decode_files(ds)
+    if image_size is not None and ds.image_size != image_size:
+        if not asked:
+            note(f"{ds.name}/{ds.split}: {len(ds)} images of {ds.image_size}x{ds.image_size} are resized to the "
+                 f"model's {image_size}x{image_size} per batch")
+        ds = resized(ds, image_size)
     return ds
 
 

@@ -3,32 +3,47 @@ from __future__ import annotations
 
 import pickle
 from collections import Counter
+from dataclasses import replace
 
 import torch
 
-from fastablate.data import ImageSet, balanced_subset, register_dataset
-from fastablate.data.files import (IMAGE_EXTENSIONS, choose_size, decode, image_stats, list_images, memory_limit,
-                                   note_skipped)
+from fastablate.data import LISTED, ImageSet, balanced_subset, register_dataset
+from fastablate.data.files import (IMAGE_EXTENSIONS, choose_size, common_size, decode, image_sizes, image_stats,
+                                   list_images, memory_limit, note_skipped)
 from fastablate.errors import FastablateError
 
 
 def from_files(name, split, files: list[str], labels: list[int], classes, mean, std) -> ImageSet:
-    """An ImageSet of image files at their most common size (the size policy of
+    """An ImageSet of image files, listed: :func:`decode_files` decodes it once
+    :func:`fastablate.data.build_dataset` has taken its subset (``--limit`` decodes only what it keeps)."""
+    return ImageSet(name, split, torch.tensor(labels, dtype=torch.int64), classes, mean, std, LISTED, files=files)
+
+
+def decode_files(ds: ImageSet) -> ImageSet:
+    """A listed set at its most common image size (the size policy of
     :mod:`fastablate.data.files`): decoded into memory when it fits in
-    ``FASTABLATE_MEMORY_LIMIT``, else decoded per batch. Another size is made per batch
-    (:func:`fastablate.data.build_dataset`)."""
-    image_size = choose_size(files, f"{name}/{split}")
-    label_t = torch.tensor(labels, dtype=torch.int64)
-    ds = ImageSet(name, split, label_t, classes, mean, std, image_size, files=files)
-    if len(files) * 3 * image_size * image_size <= memory_limit():
-        ds.images = torch.stack([decode(f, image_size) for f in files])
-        ds.files = []
-        if mean is None:
-            ds.mean, ds.std = image_stats(ds.images)
-    elif mean is None:
-        sample = balanced_subset(label_t, 2000, 0)
-        ds.mean, ds.std = image_stats(ds.load(sample))
-    return ds
+    ``FASTABLATE_MEMORY_LIMIT`` (the size estimated from up to 512 headers), else decoded per
+    batch. Without a mean, its statistics are measured."""
+    from torchvision.transforms.v2.functional import resize
+
+    where = f"{ds.name}/{ds.split}"
+    files = ds.files
+    sample = files if len(files) <= 512 else [files[i] for i in balanced_subset(ds.labels, 512, 0).tolist()]
+    (h, w), _ = Counter(image_sizes(sample)).most_common(1)[0]
+    if len(files) * 3 * h * w > memory_limit():
+        size = choose_size(files, where)
+        out = replace(ds, image_size=size)
+        if ds.mean is None:
+            out.mean, out.std = image_stats(out.load(balanced_subset(ds.labels, 2000, 0)))
+        return out
+    decoded = [decode(f) for f in files]
+    size = common_size([tuple(im.shape[1:]) for im in decoded], files, where)
+    images = torch.stack([im if im.shape[1:] == (size, size) else resize(im, [size, size], antialias=True)
+                          for im in decoded])
+    out = replace(ds, images=images, files=[], image_size=size)
+    if ds.mean is None:
+        out.mean, out.std = image_stats(images)
+    return out
 
 
 def _digits(root, split, download, image_size) -> ImageSet:

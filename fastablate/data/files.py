@@ -48,15 +48,18 @@ def list_images(folder: Path, skipped: list[str], other: Counter | None = None) 
     """The image files in ``folder``, sorted; hidden entries and folders with image names go to
     ``skipped``, and the extensions of other visible files are counted in ``other``."""
     out = []
-    for p in sorted(folder.iterdir()):
-        if p.suffix.lower() not in IMAGE_EXTENSIONS:
-            if other is not None and not p.name.startswith(".") and p.is_file():
-                other[p.suffix.lower() or "(none)"] += 1
+    with os.scandir(folder) as it:  # names and types from the directory listing: no stat per file
+        entries = sorted(it, key=lambda e: e.name)
+    for e in entries:
+        suffix = os.path.splitext(e.name)[1].lower()
+        if suffix not in IMAGE_EXTENSIONS:
+            if other is not None and not e.name.startswith(".") and e.is_file():
+                other[suffix or "(none)"] += 1
             continue
-        if p.name.startswith(".") or not p.is_file():
-            skipped.append(str(p))
+        if e.name.startswith(".") or not e.is_file():
+            skipped.append(e.path)
             continue
-        out.append(p)
+        out.append(folder / e.name)
     return out
 
 
@@ -135,8 +138,14 @@ def image_sizes(files: list[str]) -> list[tuple[int, int]]:
 
 
 def choose_size(files: list[str], where: str) -> int:
-    """The policy above: the most common size; a note counts the images that will be resized."""
-    sizes = image_sizes(files)
+    """The policy above from the files' headers: the most common size; a note counts the
+    images that will be resized."""
+    return common_size(image_sizes(files), files, where)
+
+
+def common_size(sizes: list[tuple[int, int]], files: list[str], where: str) -> int:
+    """The most common of the images' (height, width) sizes as a square side; a note counts
+    the images of another size (they are resized to it)."""
     (h, w), _ = Counter(sizes).most_common(1)[0]
     image_size = h if h == w else min(h, w)
     odd = [(f, s) for f, s in zip(files, sizes) if s != (image_size, image_size)]
