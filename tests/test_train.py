@@ -349,7 +349,15 @@ def test_compare_overlays_runs_and_tabulates_final_and_best(tmp_path):
     assert held["kept_epoch"] == results(b)["kept"]["epoch"] and held["seconds"] > 0
     assert {p.name for p in (out / "plots").iterdir()} == {"curves.png", "final.png"}
     assert (out / "results.csv").read_text().splitlines()[0].startswith("run,augment,keep,val_fraction,test_accuracy")
+    failed = tmp_path / "failed"  # a sweep's failed point is left out, with a note
+    failed.mkdir()
+    info = json.loads((a / "run.json").read_text())
+    (failed / "run.json").write_text(json.dumps({**info, "status": "failed", "error": "FastablateError: boom"}))
+    r = run("compare", a, failed, "--out", tmp_path / "c2")
+    assert "left out 1 run(s) that did not complete" in r.stderr and "boom" in r.stderr
+    assert len(results(tmp_path / "c2")["runs"]) == 1
     # bad input: one line, exit 2, nothing written
+    assert "none of the runs completed" in error("compare", failed, "--out", tmp_path / "x")
     assert "not a fastablate train run" in error("compare", tmp_path, "--out", tmp_path / "x")
     assert "--names gives 1 names for 2 runs" in error("compare", a, b, "--names", "one", "--out", tmp_path / "x")
     assert "at least one RUN_DIR" in error("compare", "--out", tmp_path / "x")

@@ -20,7 +20,7 @@ from typing import Optional, Sequence
 
 from fastablate.engines.core.runtime import table
 from fastablate.engines.core.spec import List, Spec, Text, option
-from fastablate.errors import FastablateError
+from fastablate.errors import FastablateError, note
 from fastablate.plots import pyplot, save
 from fastablate.results import VOLATILE, RunDir, default_out, read_run
 
@@ -49,25 +49,31 @@ class Run:
 
 
 def read_runs(dirs: Sequence[str], names: Sequence[str] | None = None) -> list[Run]:
-    """The finished train runs in ``dirs``; a folder that holds none is an error naming it."""
+    """The finished train runs in ``dirs`` (one that failed or is running is left out, with a
+    note); a folder that holds no train run is an error naming it."""
     if len(dirs) < 1:
         raise FastablateError("compare needs at least one RUN_DIR (a finished fastablate train run)")
     given = list(names) if names else None
     if given is not None and len(given) != len(dirs):
         raise FastablateError(f"--names gives {len(given)} names for {len(dirs)} runs: give one per run")
     names = given or [Path(d).resolve().name for d in dirs]
-    runs = []
+    runs, unfinished = [], []
     for d, name in zip(dirs, names):
         info = read_run(d)
         if info is None or info.get("command") != "train":
             raise FastablateError(f"{d}: not a fastablate train run (no run.json of train)")
-        if info.get("status") != "complete":
-            raise FastablateError(f"{d}: the train run is {info.get('status')}, not complete")
+        if info.get("status") != "complete":  # a sweep's failed point: left out, said
+            unfinished.append(f"{d} ({info.get('status')}{': ' + info['error'] if info.get('error') else ''})")
+            continue
         try:
             document = json.loads((Path(d) / "results.json").read_text())
         except (OSError, ValueError):
             raise FastablateError(f"{d}: its results.json is missing or unreadable") from None
         runs.append(Run(name, Path(d), info.get("config", {}), document, info.get("timings", {}).get("total_s")))
+    if not runs:
+        raise FastablateError(f"compare: none of the runs completed: {'; '.join(unfinished)}")
+    if unfinished:
+        note(f"compare: left out {len(unfinished)} run(s) that did not complete: {'; '.join(unfinished)}")
     if given is None:  # named by what differs (a sweep's points), when that tells them apart
         options = differing(runs)
         labels = [" ".join(f"{o}={_shown(r.config.get(o))}" for o in options) for r in runs]
