@@ -144,4 +144,9 @@ def test_experiment_configs_run(path, tmp_path):
         noise = json.loads((out / "noise" / "results.json").read_text())
         ps = {g["p"] for g in noise["grid"] if g["kind"] == "activation"}
         assert ps == set(map(float, conf["noise-p"].split(",")))
+        features = json.loads((out / "features" / "results.json").read_text())
+        assert features["noise"]["sigma"] == max(map(float, str(conf["noise-sigma"]).split(",")))
+    if conf.get("keep") == "best":
+        for m in models:
+            assert json.loads((out / f"train-{m}" / "run.json").read_text())["kept"]["by"] == "val_accuracy"
     assert (out / "report.html").is_file()

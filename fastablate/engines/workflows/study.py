@@ -32,6 +32,10 @@ class StudySpec(Spec):
     epochs: int = option(6, "Training epochs per model.", type=Int(min=1, max=100_000))
     lr: float = option(0.1, "Peak learning rate per 128 images (one-cycle schedule).",
                        type=Float(0, 100, min_open=True))
+    val_fraction: float = option(0.0, "Training: hold out this fraction of each class of the training split as a "
+                                      "validation set (train --val-fraction).", type=Float(0, 1, max_open=True))
+    keep: str = option("last", "Training: the weights each model keeps, the last epoch's or the best by validation "
+                               "accuracy (test accuracy without --val-fraction).", type=Choice("last", "best"))
     only: tuple[str, ...] = option((), "Run only these parts.", type=List(Choice(*PARTS)))
     skip: tuple[str, ...] = option((), "Leave these parts out.", type=List(Choice(*PARTS)))
     eval_limit: Optional[int] = option(None, "Test images for the studies (a seeded class-balanced subset) "
@@ -131,7 +135,8 @@ def run_full_study(setup: Setup, spec: StudySpec, echo=print) -> tuple[Path, dic
             for name, folder, survival in trained:
                 p = Part(folder, "train")
                 train_spec = TrainSpec(epochs=spec.epochs, lr=spec.lr, schedule="onecycle", label_smoothing=0.1,
-                                       ema=0.99, stochastic_depth=survival)
+                                       ema=0.99, stochastic_depth=survival, val_fraction=spec.val_fraction,
+                                       keep=spec.keep)
                 if "train" in parts_wanted or not (out / p.name / "model.pt").is_file():
                     parts[p.name] = _run_part(p, replace(base, model=name, out=str(out / p.name)), train_spec, echo)
                 checkpoints.append(str(out / p.name / "model.pt"))
@@ -171,8 +176,13 @@ def run_full_study(setup: Setup, spec: StudySpec, echo=print) -> tuple[Path, dic
                 note("study: no model has residual units; the paths part is left out")
         if "features" in parts_wanted:
             examples = out / "attack-sparse" / "adversarial.pt"
-            part("features", "features", FeaturesSpec(images=spec.images,
-                                                      examples=str(examples) if _fooled_any(examples) else None))
+            if _fooled_any(examples):  # clean vs adversarial maps
+                view = {"examples": str(examples)}
+            elif "noise" in parts_wanted:  # clean vs noisy maps: the largest sigma on 3 random conv layers
+                view = {"noise_sigma": max(spec.noise_sigma), "noise_layers": 3, "noise_relative": True}
+            else:
+                view = {}
+            part("features", "features", FeaturesSpec(images=spec.images, **view))
         write_reports(out, setup, spec, parts, entries)
         run.write_json("results.json", {"parts": {n: {"path": str(p.path), "reused": p.reused,
                                                       "seconds": round(p.seconds, 3)} for n, p in parts.items()},
