@@ -156,8 +156,29 @@ def test_cli_attack_outputs(trained_resnet8, tmp_path):
     assert set(adv) >= {"x", "x_adv", "y", "pred_adv"} and adv["x"].shape == (30, 3, 32, 32)
     assert ((adv["x_adv"] != adv["x"]).any(1).flatten(1).sum(1) <= 5).all()
     assert (out / "plots" / "examples.png").stat().st_size > 500
-    saved = torch.load(data, weights_only=True)
-    assert saved["images"].dtype == torch.uint8 and saved["images"].shape == (30, 3, 32, 32)
+    saved = torch.load(data, weights_only=True)  # the successful examples only, with their source
+    won = adv["success"].nonzero().squeeze(1)
+    assert saved["format"] == "fastablate-adversarial-set" and saved["version"] == 2
+    assert saved["images"].dtype == torch.uint8 and saved["images"].shape == (len(won), 3, 32, 32)
+    assert torch.equal(saved["index"], adv["index"][won]) and torch.equal(saved["labels"], adv["y"][won])
+    assert torch.equal(saved["images"], adv["x_adv"][won].mul(255).round().to(torch.uint8))
+
+
+def test_successes_attack_until_n_are_fooled_in_a_random_order(trained_resnet8, tmp_path):
+    base = ["attack", "--weights", str(trained_resnet8), "--dataset", "synthetic", "--split", "train",
+            "--attack", "pgd", "--eps", "0.1", "--steps", "3"]
+    r = CliRunner().invoke(cli, [*base, "--successes", "25", "--save-dataset", str(tmp_path / "a.pt"),
+                                 "--out", str(tmp_path / "a")])
+    assert r.exit_code == 0, r.output
+    saved = torch.load(tmp_path / "a.pt", weights_only=True)
+    assert len(saved["labels"]) == 25 and len(saved["index"].unique()) == 25
+    assert len(saved["labels"].unique()) >= 5  # a random order: not the first classes of the split
+    ds = build_dataset("synthetic", None, "train")
+    assert torch.equal(ds.labels[saved["index"]], saved["labels"])  # indices into the split
+    res = json.loads((tmp_path / "a" / "results.json").read_text())
+    assert res["images"] < len(ds) and res["success_rate"] * res["attacked"] >= 25  # stopped early
+    r = CliRunner().invoke(cli, [*base, "--limit", "30", "--successes", "1000", "--out", str(tmp_path / "b")])
+    assert r.exit_code == 0 and "the split ran out after" in r.stderr
 
 
 ATTACK_BAD = [

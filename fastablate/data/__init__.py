@@ -169,11 +169,12 @@ def read_saved(path: str, what: str) -> object:
         raise FastablateError(f"{what}{path}: cannot read it ({str(e).splitlines()[0] if str(e) else e!r})") from None
 
 
-def load_saved(path: str, what: str, like: ImageSet, *, successful: bool = False) -> ImageSet:
-    """A saved split (``attack --save-dataset``: uint8 ``images``, ``labels``, ``classes``) as an
-    ImageSet with the classes of ``like`` (matched by name) and its image size; ``what``
-    (``"--adv-data "``, ``"--eval-sets x="``) prefixes the path in errors. ``successful``: only
-    the images whose ``success`` is set (the adversarial ones), when the file records it."""
+def load_saved(path: str, what: str, like: ImageSet) -> ImageSet:
+    """An adversarial set saved by ``attack --save-dataset`` (uint8 ``images``, ``labels``,
+    ``classes``: the successful examples) as an ImageSet with the classes of ``like`` (matched
+    by name) and its image size; ``what`` (``"--adv-data "``, ``"--eval-sets x="``) prefixes the
+    path in errors. A file of the first layout (every image of the split, with a ``success``
+    mask) is read as its successful images, with a note."""
     obj = read_saved(path, what)
     ok = isinstance(obj, dict) and isinstance(obj.get("images"), Tensor) and isinstance(obj.get("labels"), Tensor)
     if not ok or obj["images"].dtype != torch.uint8 or obj["images"].dim() != 4 or \
@@ -190,10 +191,12 @@ def load_saved(path: str, what: str, like: ImageSet, *, successful: bool = False
     ds = ImageSet(Path(path).stem, "saved", labels, list(classes), like.mean, like.std, like.image_size, like.flip,
                   images)
     success = obj.get("success")
-    if successful and isinstance(success, Tensor) and success.shape == labels.shape:
-        if not bool(success.any()):
-            raise FastablateError(f"{what}{path} holds no successful adversarial image")
+    if isinstance(success, Tensor) and success.shape == labels.shape:  # the first layout: every image
+        note(f"{what}{path} holds every image of its split (the first --save-dataset layout); using its "
+             f"{int(success.sum())} successful adversarial examples")
         ds = ds.subset(success.bool().nonzero().squeeze(1))
+    if len(ds) == 0:
+        raise FastablateError(f"{what}{path} holds no successful adversarial example")
     return with_classes(ds, list(like.classes), "the training data")
 
 

@@ -263,9 +263,13 @@ def init_from_checkpoint(model: nn.Module, ckpt: dict, path: str) -> None:
     def names(classes) -> str:
         return ", ".join(map(str, list(classes)[:3])) + (", ..." if len(classes) > 3 else "")
 
-    what = (f"its {len(theirs_classes)} classes ({names(theirs_classes)}) are not the {model.num_classes} here "
-            f"({names(model.classes or [])})" if theirs_classes and fits else "its head does not fit the "
-            f"{model.num_classes} classes here")
+    if theirs_classes and fits:
+        what = (f"its {len(theirs_classes)} classes ({names(theirs_classes)}) are not the {model.num_classes} here "
+                f"({names(model.classes or [])})")
+    elif theirs_classes and list(theirs_classes) == list(model.classes or []):
+        what = f"its head is not the one built here ({getattr(model, 'head', 'linear')})"
+    else:
+        what = f"its head does not fit the {model.num_classes} classes here"
     note(f"checkpoint {path}: {what}; the head ({head_attr(net)}) is freshly initialized")
 
 

@@ -34,11 +34,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fastablate.data import ImageSet
-from fastablate.engines.core.distributed import all_sum, gather, is_main, merge
+from fastablate.engines.core.distributed import all_sum, gather, is_main, merge, world
 from fastablate.engines.core.protocol import Study
 from fastablate.engines.core.runtime import Runtime, check_finite, hash_seed, model_name, my_batches, slug, table
 from fastablate.engines.core.spec import Choice, Float, Int, Spec, Text, one_of, option
-from fastablate.errors import FastablateError
+from fastablate.errors import FastablateError, note
 from fastablate.models.checkpoint import atomic_save
 from fastablate.modes import eval_mode
 from fastablate.ops import sparse_pixel_update
@@ -80,8 +80,13 @@ class AttackSpec(Spec):
     lr: float = option(0.01, "noise: Adam learning rate.", type=Float(0, 1e3, min_open=True))
     target: Optional[int] = option(None, "Targeted attack towards this class index.", type=Int(min=0))
     save_examples: bool = option(False, "Write adversarial.pt and plots/examples.png.")
-    save_dataset: Optional[str] = option(None, "Write the split with adversarial images (uint8) to this file, for "
-                                               "adversarial augmentation.", type=Text("FILE"), role="output")
+    save_dataset: Optional[str] = option(None, "Write the successful adversarial examples (uint8, with their "
+                                               "labels and indices in the split) to this file: training data "
+                                               "(train --adv-data) and evaluation sets (--eval-sets).",
+                                         type=Text("FILE"), role="output")
+    successes: Optional[int] = option(None, "Attack images in a seeded random order until this many are fooled "
+                                            "(or the split runs out, which a note says); with --save-dataset, "
+                                            "exactly these are saved.", type=Int(min=1))
 
     def validate(self) -> None:
         one_of(self, ("pixels", "k"), "set the pixel budget")
@@ -386,7 +391,8 @@ RUNNERS = {"sparse": sparse_attack, "sparse-rs": sparse_rs_attack, "noise": nois
            "pgd": gradient_attack, "pgd-l2": gradient_attack}
 
 
-EXAMPLE_KEYS = ("x", "x_adv", "y", "pred_adv", "attacked", "success")
+EXAMPLE_KEYS = ("x", "x_adv", "y", "pred_adv", "attacked", "success", "index")
+SAVED_FORMAT = "fastablate-adversarial-set"  # attack --save-dataset: successful examples only (version 2)
 
 
 @dataclass
@@ -486,8 +492,10 @@ def run_attack(model: nn.Module, ds: ImageSet, spec: AttackSpec, runtime: Runtim
     batch (:func:`attack_batch`), and sum the batches of every process.
 
     With ``keep``, the result's ``examples`` hold ``x``, ``x_adv``, ``y``, ``pred_adv``,
-    ``attacked`` and ``success`` for every image of ``ds`` (an image not attacked, or not
-    fooled, keeps ``x_adv == x``).
+    ``attacked``, ``success`` and ``index`` (in ``ds``) for every image attacked or passed
+    over (an image not attacked, or not fooled, keeps ``x_adv == x``). With
+    ``spec.successes``, the images go in a seeded random order and the attack stops once that
+    many are fooled.
     """
     if spec.target is not None and not 0 <= spec.target < ds.num_classes:
         raise FastablateError(f"--target {spec.target} is not a class of {ds.name} (0..{ds.num_classes - 1})")
@@ -495,17 +503,29 @@ def run_attack(model: nn.Module, ds: ImageSet, spec: AttackSpec, runtime: Runtim
     t = Tally()
     kept: list[tuple[int, dict[str, Tensor]]] = []  # (batch index, examples)
     name = model_name(model)
+    source = torch.arange(len(ds))
+    if spec.successes:  # every class in turn, not the first classes of a sorted split
+        source = torch.randperm(len(ds), generator=torch.Generator().manual_seed(hash_seed(runtime.seed, "order")))
+        ds = ds.subset(source)
+    seen = 0
     with eval_mode(model, frozen=True):
         for i, x, y in my_batches(ds, runtime, f"{spec.attack} attack {name}"):
             # Each batch draws its own random numbers: the result of a batch does not depend on
             # the batches before it (or on which process runs it).
             gen = torch.Generator().manual_seed(hash_seed(runtime.seed, "attack", i))
             x_adv, ok, success = attack_batch(model, x, y, spec, gen, t)
+            index = source[seen:seen + x.shape[0]]
+            seen += x.shape[0]
             if keep:
                 with torch.no_grad():
                     pred_adv = model(x_adv).argmax(1)
                 kept.append((i, {k: v.detach().cpu() for k, v in zip(EXAMPLE_KEYS, (x, x_adv, y, pred_adv, ok,
-                                                                                       success))}))
+                                                                                       success, index))}))
+            if spec.successes and t.fooled >= spec.successes:
+                break
+    if spec.successes and t.fooled < spec.successes:
+        note(f"attack --successes {spec.successes}: the split ran out after {t.fooled} successful examples "
+             f"({seen} images, {t.attacked} of them attacked)")
     correct, fooled, attacked, skipped = all_sum(torch.tensor([t.correct, t.fooled, t.attacked, t.skipped],
                                                               dtype=torch.int64)).tolist()
     seconds = all_sum(torch.tensor([t.seconds], dtype=torch.float64)).item()
@@ -515,7 +535,7 @@ def run_attack(model: nn.Module, ds: ImageSet, spec: AttackSpec, runtime: Runtim
     if keep:
         parts = merge(kept)
         examples = {k: torch.cat([p[k] for p in parts]) for k in EXAMPLE_KEYS}
-    n = len(ds)
+    n = seen if spec.successes else len(ds)
     return AttackResult(model=name, attack=spec.attack, clean_accuracy=correct / n,
                         robust_accuracy=(correct - fooled) / n, success_rate=fooled / attacked if attacked else 0.0,
                         attacked=attacked, images=n,
@@ -568,14 +588,20 @@ class AttackStudy(Study):
             raise FastablateError(f"--target {spec.target} equals the label of every image: nothing to attack")
         if spec.save_dataset and len(models) > 1:
             raise FastablateError("--save-dataset writes one model's adversarial set: give no --compare")
+        if spec.successes and world() > 1:
+            raise FastablateError("--successes stops when enough images are fooled: run it in one process, not "
+                                  "under torchrun")
 
     def run(self, model, data, spec, runtime):
         res = run_attack(model, data, spec, runtime, keep=spec.save_examples or bool(spec.save_dataset))
         ex = res.examples
         if spec.save_dataset and is_main():  # a file the user named: written as the CLI runs
-            atomic_save({"images": ex["x_adv"].mul(255).round().to(torch.uint8), "labels": ex["y"],
-                         "success": ex["success"], "attacked": ex["attacked"], "classes": list(data.classes),
-                         "attack": res.spec, "dataset": data.name, "split": data.split}, spec.save_dataset)
+            won = ex["success"].nonzero().squeeze(1)[:spec.successes]  # --successes: exactly that many
+            atomic_save({"format": SAVED_FORMAT, "version": 2, "images": ex["x_adv"][won].mul(255).round().to(
+                         torch.uint8), "labels": ex["y"][won], "index": ex["index"][won],
+                         "classes": list(data.classes), "attack": res.spec, "model": res.model, "dataset": data.name,
+                         "split": data.split, "images_seen": res.images, "attacked": res.attacked},
+                        spec.save_dataset)
         if not spec.save_examples:
             res.examples = None  # kept for the dataset only: no grid
         return res

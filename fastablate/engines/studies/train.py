@@ -301,7 +301,7 @@ class TrainStudy(Study):
         augments = check_strengths(parse_augment(spec.augment or ("crop,flip" if train_set.flip else "crop")),
                                    train_set.image_size)
         eval_sets = {n: load_saved(p, f"--eval-sets {n}=", train_set) for n, p in spec.eval_sets}
-        adv = load_saved(spec.adv_data, "--adv-data ", train_set, successful=True) if spec.adv_data else None
+        adv = load_saved(spec.adv_data, "--adv-data ", train_set) if spec.adv_data else None
         val = None
         if spec.val_fraction > 0:
             train_set, val = hold_out(train_set, spec.val_fraction, seed)
