@@ -158,6 +158,64 @@ def datasets():
                        "description": s.description} for s in DATASETS.values()]))
 
 
+@cli.group()
+def data():
+    """Saved adversarial sets: cut one into disjoint parts, say what one holds."""
+
+
+@data.command("split")
+@click.argument("file")
+@click.option("--parts", required=True, metavar="N,N,..", help="Examples per part, e.g. 10000,1000.")
+@click.option("--out", "outs", required=True, metavar="FILE,FILE,..", help="One file per part.")
+@click.option("--seed", type=click.IntRange(0), default=0, show_default=True, help="Seed of the order.")
+@click.option("--force", is_flag=True, help="Replace output files that exist.")
+def data_split(file, parts, outs, seed, force):
+    """Cut FILE (attack --save-dataset) into disjoint parts, stratified by class where the counts
+    allow: fastablate data split adv-train.pt --parts 10000,1000 --out aug.pt,perturbed-train.pt"""
+    from pathlib import Path
+
+    from fastablate.data.adversarial import read_set, split_set
+    from fastablate.engines.core.runtime import table
+    from fastablate.models.checkpoint import atomic_save
+
+    try:
+        sizes = [int(p) for p in parts.split(",")]
+    except ValueError:
+        raise FastablateError(f"--parts {parts!r}: give whole numbers, e.g. 10000,1000") from None
+    if any(n < 1 for n in sizes):
+        raise FastablateError(f"--parts {parts!r}: every part holds at least one example")
+    paths = [p.strip() for p in outs.split(",")]
+    if len(paths) != len(sizes) or len(set(paths)) != len(paths) or not all(paths):
+        raise FastablateError(f"--out {outs!r}: give {len(sizes)} different files, one per part")
+    if Path(file).resolve() in [Path(p).resolve() for p in paths]:
+        raise FastablateError(f"--out {outs!r} names the input {file}; inputs are never overwritten")
+    existing = [p for p in paths if Path(p).exists()]
+    if existing and not force:
+        raise FastablateError(f"--out {existing[0]} exists; choose another file, or --force to replace it")
+    obj = read_set(file)
+    pieces = split_set(obj, sizes, seed)
+    for piece, path in zip(pieces, paths):
+        atomic_save(piece, path)
+    left = len(obj["labels"]) - sum(sizes)
+    click.echo(table([{"file": p, "examples": len(x["labels"]), "classes": len(x["labels"].unique())}
+                      for x, p in zip(pieces, paths)]))
+    if left:
+        click.echo(f"{left} examples of {file} are in no part")
+
+
+@data.command("info")
+@click.argument("file")
+def data_info(file):
+    """What FILE (attack --save-dataset, or a part of one) holds: examples per class, the
+    attack and its budget, the model and the source split."""
+    from fastablate.data.adversarial import describe, read_set
+    from fastablate.engines.core.runtime import table
+
+    rows = describe(read_set(file), file)
+    click.echo(table(rows[:-1]))
+    click.echo(table([rows[-1]]))
+
+
 @cli.command()
 def info():
     """Versions, compiled kernels of every op (CPU/CUDA), devices, threads."""

@@ -392,3 +392,42 @@ def test_the_first_saved_layout_is_read_as_its_successful_examples(tmp_path):
     out = tmp_path / "o"
     r = run("train", "--model", "resnet8", *SYN, "--epochs", "1", "--eval-sets", f"old={old}", "--out", out)
     assert "the first --save-dataset layout" in r.stderr and results(out)["eval_sets"]["old"]["n"] == 3
+
+
+# --- the robust-training protocol's pieces --------------------------------------------------
+def test_appended_adversarial_data_split_sets_and_scored_checkpoints(saved_sets, tmp_path):
+    adv = saved_sets / "adv-train.pt"
+    n_adv = len(torch.load(adv, weights_only=True)["labels"])
+    out = tmp_path / "app"
+    run("train", "--model", "resnet8", *SYN, "--epochs", "1", "--adv-data", adv, "--adv-mode", "append",
+        "--out", out)
+    assert results(out)["history"][0]["train_accuracy"] >= 0
+    assert (out / "plots" / "samples.png").stat().st_size > 5000
+    from fastablate.data import build_dataset
+    from fastablate.engines.studies.train import TrainSpec, TrainStudy
+    train_set = build_dataset("synthetic", None, "train", limit=40)
+    data = TrainStudy().data_from(train_set, train_set, TrainSpec(adv_data=str(adv), adv_mode="append"), 0)
+    assert len(data.train) == 40 + n_adv and data.adv is None  # each seen once an epoch
+    # data split: disjoint, stratified parts
+    a, b = tmp_path / "a.pt", tmp_path / "b.pt"
+    r = run("data", "split", adv, "--parts", f"{n_adv // 2},{n_adv - n_adv // 2 - 1}", "--out", f"{a},{b}")
+    assert "1 examples of" in r.output
+    pa, pb = (torch.load(p, weights_only=True) for p in (a, b))
+    assert len(pa["labels"]) == n_adv // 2 and not set(pa["index"].tolist()) & set(pb["index"].tolist())
+    info = run("data", "info", a).output
+    assert "pgd" in info and "eps=0.1" in info and "synthetic/train" in info
+    # eval scores a checkpoint on saved sets beside the dataset
+    run("eval", "--weights", out / "model.pt", *SYN, "--eval-sets", f"part-a={a},part-b={b}", "--out", tmp_path / "e")
+    doc = results(tmp_path / "e")
+    assert doc["eval_sets"]["part-a"]["n"] == len(pa["labels"]) and doc["eval_sets"]["part-b"]["n"] == len(pb["labels"])
+    # bad input
+    assert "--adv-ratio applies to --adv-mode replace" in error(
+        "train", "--model", "resnet8", *SYN, "--adv-data", adv, "--adv-mode", "append", "--adv-ratio", "0.3")
+    assert "--adv-mode applies to --adv-data" in error("train", "--model", "resnet8", *SYN, "--adv-mode", "append")
+    assert f"asks for {n_adv + 1} examples; the set holds {n_adv}" in error(
+        "data", "split", adv, "--parts", f"{n_adv},1", "--out", f"{tmp_path / 'x.pt'},{tmp_path / 'y.pt'}")
+    assert "exists; choose another file, or --force" in error("data", "split", adv, "--parts", "1", "--out", a)
+    assert "give 2 different files" in error("data", "split", adv, "--parts", "1,1", "--out", tmp_path / "z.pt")
+    assert "no such file" in error("eval", "--weights", out / "model.pt", *SYN, "--eval-sets",
+                                   f"x={tmp_path / 'none.pt'}", "--out", tmp_path / "e2")
+    assert not (tmp_path / "e2").exists()

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
@@ -10,11 +10,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fastablate.data import ImageSet
+from fastablate.data import ImageSet, load_saved
 from fastablate.engines.core.distributed import all_sum
 from fastablate.engines.core.protocol import Study
 from fastablate.engines.core.runtime import Runtime, check_finite, model_name, my_batches, slug, table
-from fastablate.engines.core.spec import Spec
+from fastablate.engines.core.spec import NamedFiles, Spec, option
+from fastablate.errors import FastablateError
 from fastablate.modes import eval_mode
 from fastablate.plots import pyplot, save
 
@@ -29,12 +30,17 @@ class EvalResult:
     confusion: list[list[int]]  # [true][predicted] counts
     classes: list[str]
     seconds: float
+    eval_sets: dict = field(default_factory=dict)  # eval --eval-sets: name -> EvalResult
 
     def to_dict(self) -> dict:
         # A class with no images has no accuracy: it is left out of per_class, not reported as 0.
-        return {"accuracy": self.accuracy, "loss": self.loss, "n": self.n,
-                "per_class": {c: a for c, a in zip(self.classes, self.per_class) if a is not None},
-                "confusion": self.confusion, "classes": self.classes, "seconds": self.seconds}
+        out = {"accuracy": self.accuracy, "loss": self.loss, "n": self.n,
+               "per_class": {c: a for c, a in zip(self.classes, self.per_class) if a is not None},
+               "confusion": self.confusion, "classes": self.classes, "seconds": self.seconds}
+        if self.eval_sets:
+            out["eval_sets"] = {n: {"accuracy": r.accuracy, "loss": r.loss, "n": r.n,
+                                    "per_class": r.to_dict()["per_class"]} for n, r in self.eval_sets.items()}
+        return out
 
     def rows(self) -> list[dict]:
         return [{"model": self.model, "class": c, "accuracy": a, "count": sum(self.confusion[i])}
@@ -88,7 +94,15 @@ def _plot_confusion(res: EvalResult, path: Path) -> Path:
 
 @dataclass(frozen=True)
 class EvaluateSpec(Spec):
-    """A clean evaluation has no options beyond the shared ones."""
+    """A clean evaluation; with --eval-sets, also on saved adversarial sets."""
+
+    eval_sets: tuple = option((), "Saved sets (attack --save-dataset, data split) scored beside the dataset, e.g. "
+                                  "perturbed-val=pv.pt,holdout=h.pt.", type=NamedFiles(), role="input")
+
+    def validate(self) -> None:
+        names = [n for n, _ in self.eval_sets]
+        if len(set(names)) != len(names):
+            raise FastablateError(f"--eval-sets names a set twice: {', '.join(names)}")
 
 
 class EvaluateStudy(Study):
@@ -98,10 +112,25 @@ class EvaluateStudy(Study):
     command = "eval"
     spec_class = EvaluateSpec
 
+    def check(self, models, data, spec):
+        for name, path in spec.eval_sets:  # every file read before anything is written
+            load_saved(path, f"--eval-sets {name}=", data)
+
     def run(self, model, data, spec, runtime):
-        return evaluate(model, data, runtime)
+        res = evaluate(model, data, runtime)
+        for name, path in spec.eval_sets:
+            res.eval_sets[name] = evaluate(model, load_saved(path, f"--eval-sets {name}=", data), runtime,
+                                           desc=f"eval {name}")
+        return res
+
+    def metrics(self, document: dict) -> dict[str, float]:
+        return {**super().metrics(document),
+                **{f"{n}_accuracy": e["accuracy"] for n, e in document.get("eval_sets", {}).items()}}
 
     def report(self, results: Sequence[EvalResult], spec) -> str:
         lines = [table([r for res in results for r in res.rows()])]
-        lines += [f"{r.model}: accuracy {r.accuracy:.4f} ({r.n} images), loss {r.loss:.4f}" for r in results]
+        for r in results:
+            lines.append(f"{r.model}: accuracy {r.accuracy:.4f} ({r.n} images), loss {r.loss:.4f}")
+            lines += [f"{r.model} on {n}: accuracy {e.accuracy:.4f} ({e.n} images), loss {e.loss:.4f}"
+                      for n, e in r.eval_sets.items()]
         return "\n".join(lines)

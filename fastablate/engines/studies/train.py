@@ -16,7 +16,7 @@ from typing import Optional, Sequence
 
 from torch import Tensor
 
-from fastablate.data import ImageSet, load_saved, resized
+from fastablate.data import ImageSet, load_saved, resized, to_unit
 from fastablate.data.augment import check_strengths, label, output_size, parse_augment
 from fastablate.engines.core.protocol import Study
 from fastablate.engines.core.runtime import table
@@ -127,7 +127,11 @@ class _Recipe(Spec):
                                      type=Text("FILE"), role="input")
     adv_train: Optional[str] = option(None, "Make adversarial images on the fly with this attack and the "
                                             "current model.", type=Choice(*ATTACKS))
-    adv_ratio: float = option(0.5, "Fraction of each batch that is adversarial.", type=Float(0, 1, min_open=True))
+    adv_ratio: float = option(0.5, "--adv-mode replace, --adv-train: fraction of each batch that is adversarial.",
+                              type=Float(0, 1, min_open=True))
+    adv_mode: str = option("replace", "--adv-data: replace --adv-ratio of each batch with its examples, or append "
+                                      "them to the training set (each seen once an epoch, as the training images "
+                                      "are).", type=Choice("replace", "append"))
 
 
 # --adv-pixels, --adv-steps, ...: the attack's own options, declared once in AttackSpec.
@@ -157,6 +161,8 @@ class TrainSpec(_Adversarial):
         one_of(self, ("adv_data", "adv_train"), "make the adversarial part of a batch")
         applies(self, "adv_ratio", bool(self.adv_data or self.adv_train),
                 "--adv-data or --adv-train, neither of which is given")
+        applies(self, "adv_mode", bool(self.adv_data), "--adv-data, which is not given")
+        applies(self, "adv_ratio", self.adv_mode == "replace", "--adv-mode replace")
         applies(self, [f"adv_{n}" for n in ADV_OPTIONS], bool(self.adv_train), "--adv-train, which is not given")
         self.attack_spec()
         names = [n for n, _ in self.eval_sets]
@@ -197,6 +203,7 @@ class TrainData:
     preview: dict[str, Tensor] = field(default_factory=dict)  # augmentation -> a few augmented images
 
     val: ImageSet | None = None  # --val-fraction
+    samples: dict = field(default_factory=dict)  # class name -> a few of its training images (plots/samples.png)
 
     def __len__(self) -> int:
         return len(self.train)
@@ -254,6 +261,34 @@ def _preview(ds: ImageSet, augments: list[tuple], seed: int, count: int = 6) -> 
     return out
 
 
+def _samples(ds: ImageSet, seed: int, classes: int = 10, per_class: int = 8) -> dict[str, Tensor]:
+    """Up to ``per_class`` training images of each of the first ``classes`` classes, seeded."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for c, name in list(enumerate(ds.classes))[:classes]:
+        idx = (ds.labels == c).nonzero().flatten()
+        if idx.numel():
+            out[name] = ds.floats(idx[torch.randperm(idx.numel(), generator=g)[:per_class]].sort().values)
+    return out
+
+
+def appended(ds: ImageSet, extra: ImageSet) -> ImageSet:
+    """``ds`` with the images of ``extra`` (same classes and size) after its own."""
+    import torch
+
+    if ds.images is None:
+        raise FastablateError(f"--adv-mode append: the training images of {ds.name} are decoded per batch (more than "
+                              "FASTABLATE_MEMORY_LIMIT); raise the limit or use --adv-mode replace")
+    if ds.images.shape[-2:] != extra.images.shape[-2:]:
+        raise FastablateError(f"--adv-mode append: {extra.name} holds {extra.images.shape[-1]} px images, the training "
+                              f"images are stored at {ds.images.shape[-1]} px (--image-size resizes them per batch); "
+                              "use --adv-mode replace")
+    images = extra.images if extra.images.dtype == ds.images.dtype else to_unit(extra.images)
+    return replace(ds, images=torch.cat([ds.images, images]), labels=torch.cat([ds.labels, extra.labels]))
+
+
 def hold_out(ds: ImageSet, fraction: float, seed: int) -> tuple[ImageSet, ImageSet]:
     """(train, validation): ``fraction`` of each class (rounded, at least one image) held out,
     chosen by a permutation seeded with ``seed``; a class left with no training image is an error."""
@@ -305,12 +340,14 @@ class TrainStudy(Study):
         val = None
         if spec.val_fraction > 0:
             train_set, val = hold_out(train_set, spec.val_fraction, seed)
+        if adv is not None and spec.adv_mode == "append":  # the protocol's: more training images
+            train_set, adv = appended(train_set, adv), None
         size = output_size(augments, train_set.image_size)
         if size != train_set.image_size:  # --augment resizes: what is evaluated is made that size too
             test_set, val = resized(test_set, size), val and resized(val, size)
             eval_sets = {n: resized(d, size) for n, d in eval_sets.items()}
         return TrainData(train_set, test_set, augments, eval_sets, adv, spec.attack_spec(), fingerprint or {},
-                         resume, _preview(train_set, augments, seed), val)
+                         resume, _preview(train_set, augments, seed), val, _samples(train_set, seed))
 
     def load_models(self, setup, spec: TrainSpec, data: TrainData, runtime):
         ds = data.train

@@ -177,7 +177,7 @@ def train(model: nn.Module, data, spec, runtime: Runtime):
     return TrainResult(model.name, history, final["test"], checkpoint, time.perf_counter() - start,
                        {n: r for n, r in final.items() if n != "test"}, getattr(model, "frozen", []),
                        getattr(model, "init", "none"), data.preview, [diverging] if diverging else [],
-                       trained, data.train.name, keeper.record(len(history)))
+                       trained, data.train.name, keeper.record(len(history)), data.samples)
 
 
 def optimizer(spec, groups: list[dict]) -> torch.optim.Optimizer:
@@ -300,6 +300,7 @@ class TrainResult:
     trained: nn.Module | None = field(default=None, repr=False)  # what was evaluated (the average with --ema)
     dataset: str = ""
     kept: dict = field(default_factory=dict)  # --keep: {"rule", "epoch"[, "by"]}
+    samples: dict[str, Tensor] = field(default_factory=dict, repr=False)  # class -> training images
 
     def to_dict(self) -> dict:
         return {"accuracy": self.final.accuracy, "loss": self.final.loss, "epochs": len(self.history),
@@ -315,6 +316,8 @@ class TrainResult:
         out = [plot_curves(self.history, directory / "curves.png")]
         if self.preview:
             out.append(plot_augmentations(self.preview, directory / "augmentations.png"))
+        if self.samples:
+            out.append(plot_augmentations(self.samples, directory / "samples.png"))
         return out
 
 
@@ -338,14 +341,18 @@ def plot_curves(history: list[dict], path: Path) -> Path:
 
 
 def plot_augmentations(preview: dict[str, Tensor], path: Path) -> Path:
-    """One row per augmentation (the first row: the originals) on the same training images."""
+    """One row per name (an augmentation on the same training images, the first row the
+    originals; or a class and some of its images), labelled on the left."""
     rows = len(preview)
-    cols = next(iter(preview.values())).shape[0]
+    cols = max(v.shape[0] for v in preview.values())
     fig, axes = pyplot().subplots(rows, cols, figsize=(1.3 * cols + 1.2, 1.3 * rows), squeeze=False)
     for r, (name, images) in enumerate(preview.items()):
         for c in range(cols):
             ax = axes[r][c]
-            ax.imshow(images[c].permute(1, 2, 0).clamp(0, 1).numpy(), interpolation="nearest")
+            if c < images.shape[0]:
+                ax.imshow(images[c].permute(1, 2, 0).clamp(0, 1).numpy(), interpolation="nearest")
+            else:
+                ax.axis("off")
             ax.set_xticks([])
             ax.set_yticks([])
         axes[r][0].set_ylabel(name, rotation=0, ha="right", va="center", fontsize=8)
