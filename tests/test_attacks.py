@@ -215,3 +215,22 @@ def test_cli_bad_attack_input(args, message, trained_resnet8, tmp_path):
     message = message.format(tmp=tmp_path, weights=trained_resnet8)
     assert len(lines) == 1 and lines[0].startswith("Error: ") and message in lines[0], r.stderr
     assert not out.exists()
+
+
+@pytest.mark.parametrize("attack", ["noise", "sparse", "sparse-rs", "pgd"])
+def test_save_trajectory_records_the_attack_update_by_update(attack, trained_resnet8, tmp_path):
+    out = tmp_path / attack
+    r = CliRunner().invoke(cli, ["attack", "--weights", str(trained_resnet8), "--dataset", "synthetic", "--limit", "30",
+                                 "--attack", attack, "--save-trajectory", "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    t = torch.load(out / "trajectory.pt", weights_only=True)
+    frames, pred = t["frames"], t["pred"]
+    assert frames.shape[1:] == (4, 3, 32, 32) and frames.shape[0] >= 3 and pred.shape == frames.shape[:2]
+    ds = build_dataset("synthetic", None, "test", limit=30)
+    assert torch.allclose(frames[0], ds.floats(t["index"]))  # the originals first
+    assert (pred[0] == t["y"]).all()  # correctly classified ones
+    moved = (frames[1:] != frames[0]).flatten(2).any(2)
+    assert moved.any()  # the attack changed them on the way
+    if attack in ("sparse", "sparse-rs"):  # every recorded candidate within the pixel budget
+        assert ((frames - frames[0]).abs().amax(2).flatten(2) > 0).sum(2).max() <= 5
+    assert (out / "plots" / "trajectory.png").stat().st_size > 5000

@@ -25,6 +25,7 @@ as the target).
 from __future__ import annotations
 
 import time
+from contextvars import ContextVar
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Optional, Sequence
@@ -42,6 +43,7 @@ from fastablate.errors import FastablateError, note
 from fastablate.models.checkpoint import atomic_save
 from fastablate.modes import eval_mode
 from fastablate.ops import sparse_pixel_update
+from fastablate.plots import pyplot, save
 
 ATTACKS = ("sparse", "sparse-rs", "noise", "fgsm", "pgd", "pgd-l2")
 DEFAULT_PIXELS = 0.005  # sparse budget: a fraction of the H*W pixels (5 of 32x32)
@@ -84,6 +86,8 @@ class AttackSpec(Spec):
                                                "labels and indices in the split) to this file: training data "
                                                "(train --adv-data) and evaluation sets (--eval-sets).",
                                          type=Text("FILE"), role="output")
+    save_trajectory: bool = option(False, "Record the attack step by step on the first 4 correctly classified "
+                                          "images: trajectory.pt and plots/trajectory.png.")
     successes: Optional[int] = option(None, "Attack images in a seeded random order until this many are fooled "
                                             "(or the split runs out, which a note says); with --save-dataset, "
                                             "exactly these are saved.", type=Int(min=1))
@@ -123,6 +127,43 @@ class AttackSpec(Spec):
         return {"attack": self.attack, "k": self.k, "queries": self.queries, "steps": self.steps,
                 "restarts": self.restarts, "step": self.step,
                 "eps": self.eps, "lam": self.lam, "lr": self.lr, "target": self.target, "seed": seed}
+
+
+_TRACE: ContextVar["Trajectory | None"] = ContextVar("fastablate_attack_trace", default=None)
+
+
+def _trace(images, which: Tensor | None = None) -> None:
+    """Report the current candidates of an attack's images ``which`` (default: all) to the
+    :class:`Trajectory` recording, if any; ``images`` may be a function making them (made
+    only while recording)."""
+    rec = _TRACE.get()
+    if rec is not None:
+        rec.add(images() if callable(images) else images, which)
+
+
+class Trajectory:
+    """The images of one attack run, recorded after every update of the attack (gradient step
+    or accepted random-search change): ``frames`` (T + 1, n, C, H, W) on the CPU, the first the
+    originals."""
+
+    def __init__(self, x: Tensor):
+        self.state = x.detach().cpu().clone()
+        self.frames = [self.state.clone()]
+
+    def add(self, images: Tensor, which: Tensor | None) -> None:
+        if which is None:
+            self.state = images.detach().cpu().clone()
+        else:
+            self.state[which.cpu()] = images.detach().cpu()
+        self.frames.append(self.state.clone())
+
+    def record(self, fn, *args):
+        """``fn(*args)`` with every update recorded; returns what ``fn`` returns."""
+        token = _TRACE.set(self)
+        try:
+            return fn(*args)
+        finally:
+            _TRACE.reset(token)
 
 
 def margin(logits: Tensor, y: Tensor, target: Tensor | None) -> Tensor:
@@ -192,6 +233,7 @@ def sparse_attack(model: nn.Module, x: Tensor, y: Tensor, spec: AttackSpec, targ
             u = MOMENTUM * u + g / g.abs().mean((1, 2, 3), keepdim=True).clamp_min(1e-12)
             cur, _ = sparse_pixel_update(xa[live], u, spec.k, spec.step)
             steps[todo[live]] += 1
+            _trace(cur, todo[live])
         todo = todo[live]
     queries = torch.zeros_like(steps)
     if spec.queries and todo.numel():  # random search for the rest, guided by the last score
@@ -233,6 +275,7 @@ def noise_attack(model: nn.Module, x: Tensor, y: Tensor, spec: AttackSpec, targe
     live = torch.ones(n, dtype=torch.bool, device=x.device)
     for _ in range(spec.steps):
         adv = (x + delta).clamp(0, 1)
+        _trace(adv[live], live.nonzero().squeeze(1))
         logits = model(adv)
         ok = _succeeded(logits.detach(), y, target) & live
         best[ok] = adv.detach()[ok]
@@ -260,7 +303,9 @@ def gradient_attack(model: nn.Module, x: Tensor, y: Tensor, spec: AttackSpec, ta
     if spec.attack == "fgsm":
         g, _ = _grad(model, x, y, target, loss="ce")
         one = torch.ones(n, dtype=torch.long, device=x.device)
-        return (x + spec.eps * g.sign()).clamp(0, 1), one, torch.zeros_like(one)
+        adv = (x + spec.eps * g.sign()).clamp(0, 1)
+        _trace(adv)
+        return adv, one, torch.zeros_like(one)
     l2 = spec.attack == "pgd-l2"
     noise = torch.rand(x.shape, generator=generator).to(x.device) * 2 - 1
     if l2:
@@ -284,6 +329,7 @@ def gradient_attack(model: nn.Module, x: Tensor, y: Tensor, spec: AttackSpec, ta
         else:
             d = (adv + spec.step * g.sign() - x).clamp(-spec.eps, spec.eps)
         adv = torch.where(live.view(view), (x + d).clamp(0, 1), adv)
+        _trace(adv[live], live.nonzero().squeeze(1))
     with torch.no_grad():
         ok = _succeeded(model(adv), y, target) & live
     best[ok] = adv[ok]
@@ -371,6 +417,7 @@ def random_search(model: nn.Module, x: Tensor, y: Tensor, k: int, queries: int, 
         used[idx] += 1
         better = trial >= cur[idx]
         pix[idx[better]], col[idx[better]], cur[idx[better]] = p[better], q[better], trial[better]
+        _trace(lambda: set_pixels(x[idx.to(dev)], pix[idx].to(dev), col[idx].to(dev)), idx)
         live = cur <= 0
     adv = set_pixels(x, pix.to(dev), col.to(dev))
     return torch.where(live.to(dev).view(-1, 1, 1, 1), x, adv), used.to(dev)
@@ -413,10 +460,11 @@ class AttackResult:
     k: int | None = None  # the sparse budget
     spec: dict = field(default_factory=dict)  # the resolved options
     examples: dict | None = field(default=None, repr=False)  # EXAMPLE_KEYS -> tensors, when kept
+    trajectory: dict | None = field(default=None, repr=False)  # --save-trajectory (see trajectory())
 
     def summary(self) -> dict:
         """The figures of the result (results.csv's row)."""
-        return {k: v for k, v in self.__dict__.items() if k not in ("k", "spec", "examples")
+        return {k: v for k, v in self.__dict__.items() if k not in ("k", "spec", "examples", "trajectory")
                 and not (k == "queries_mean" and v is None)}
 
     def to_dict(self) -> dict:
@@ -429,9 +477,11 @@ class AttackResult:
         """plots/examples.png (examples-<model>.png for compared models) when examples were kept."""
         out = []
         for i, r in enumerate((self, *others)):
+            suffix = "" if i == 0 else f"-{slug(r.model)}"
             if r.examples is not None:
-                out.append(save_grid(r.examples, directory / ("examples.png" if i == 0 else
-                                                              f"examples-{slug(r.model)}.png")))
+                out.append(save_grid(r.examples, directory / f"examples{suffix}.png"))
+            if r.trajectory is not None:
+                out.append(plot_trajectory(r.trajectory, r.attack, directory / f"trajectory{suffix}.png"))
         return out
 
 
@@ -549,6 +599,67 @@ def run_attack(model: nn.Module, ds: ImageSet, spec: AttackSpec, runtime: Runtim
                         examples=examples)
 
 
+TRAJECTORY_IMAGES = 4
+
+
+def trajectory(model: nn.Module, ds: ImageSet, spec: AttackSpec, runtime: Runtime) -> dict | None:
+    """The attack on the first TRAJECTORY_IMAGES correctly classified images of ``ds``, every
+    update recorded: ``frames`` (T + 1, n, C, H, W; the first the originals, the last what the
+    attack returns), ``pred`` (T + 1, n) the model's class of each frame, ``y``, ``index``
+    (in ``ds``), ``classes``; None when no image is classified correctly."""
+    spec = spec.resolved(ds.image_size)
+    picked, labels, where = [], [], []
+    with eval_mode(model, frozen=True), torch.no_grad():
+        for i, x, y in my_batches(ds, runtime.with_(progress=False), ""):
+            ok = (model(x).argmax(1) == y) & (y != spec.target if spec.target is not None else True)
+            for j in ok.nonzero().squeeze(1).tolist()[:TRAJECTORY_IMAGES - len(picked)]:
+                picked.append(x[j])
+                labels.append(int(y[j]))
+                where.append(i * runtime.batch_size + j)
+            if len(picked) == TRAJECTORY_IMAGES:
+                break
+    if not picked:
+        return None
+    x, y = torch.stack(picked), torch.tensor(labels, device=picked[0].device)
+    target = None if spec.target is None else torch.full_like(y, spec.target)
+    rec = Trajectory(x)
+    gen = torch.Generator().manual_seed(hash_seed(runtime.seed, "trajectory"))
+    with eval_mode(model, frozen=True):
+        adv = rec.record(RUNNERS[spec.attack], model, x, y, spec, target, gen)[0]
+    rec.add(adv, None)  # what the attack returns: the fooling candidate, or the original
+    frames = torch.stack(rec.frames)
+    with eval_mode(model), torch.no_grad():
+        pred = torch.stack([model(f.to(x.device)).argmax(1).cpu() for f in frames])
+    return {"frames": frames, "pred": pred, "y": y.cpu(), "index": torch.tensor(where), "classes": list(ds.classes)}
+
+
+def plot_trajectory(traj: dict, attack: str, path: Path, columns: int = 8) -> Path:
+    """Per image two rows: the image at evenly spaced updates of the attack (the last column
+    what it returns), with the model's class, and the perturbation amplified to full range."""
+    frames, pred, classes = traj["frames"], traj["pred"], traj["classes"]
+    t = frames.shape[0]
+    cols = sorted(set(torch.linspace(0, t - 1, min(columns, t)).round().long().tolist()))
+    n = frames.shape[1]
+    fig, axes = pyplot().subplots(2 * n, len(cols), figsize=(1.5 * len(cols) + 1, 3.0 * n), squeeze=False)
+    for i in range(n):
+        for c, step in enumerate(cols):
+            img, d = frames[step, i], (frames[step, i] - frames[0, i]).abs()
+            d = d / d.max().clamp_min(1e-12)
+            wrong = int(pred[step, i]) != int(traj["y"][i])
+            top, bottom = axes[2 * i][c], axes[2 * i + 1][c]
+            top.imshow(img.permute(1, 2, 0).clamp(0, 1).numpy(), interpolation="nearest")
+            top.set_title(f"{'final' if step == t - 1 else f'update {step}'}\n{classes[int(pred[step, i])]}",
+                          fontsize=7, color="tab:red" if wrong else "black")
+            bottom.imshow(d.permute(1, 2, 0).numpy(), interpolation="nearest")
+            for ax in (top, bottom):
+                ax.set_xticks([])
+                ax.set_yticks([])
+        axes[2 * i][0].set_ylabel(f"image {int(traj['index'][i])}\n({classes[int(traj['y'][i])]})", fontsize=7)
+        axes[2 * i + 1][0].set_ylabel("|perturbation|", fontsize=7)
+    fig.suptitle(f"{attack} attack, update by update (red: the model is fooled)", fontsize=9)
+    return save(fig, path, dpi=100)
+
+
 def save_grid(examples: dict, path: Path, count: int = 8) -> Path:
     """PNG: one row per fooled image: original | adversarial | difference amplified to full range."""
     from torchvision.utils import save_image
@@ -604,14 +715,21 @@ class AttackStudy(Study):
                         spec.save_dataset)
         if not spec.save_examples:
             res.examples = None  # kept for the dataset only: no grid
+        if spec.save_trajectory:
+            res.trajectory = trajectory(model, data, spec, runtime)
         return res
 
     def write_artifacts(self, results, spec, runtime):
-        """adversarial.pt (adversarial-<model>.pt for compared models) with --save-examples."""
-        if spec.save_examples and is_main():
-            for i, r in enumerate(results):
-                suffix = "" if i == 0 else f"-{slug(r.model)}"
+        """adversarial.pt with --save-examples, trajectory.pt with --save-trajectory (-<model> for
+        compared models)."""
+        if not is_main():
+            return
+        for i, r in enumerate(results):
+            suffix = "" if i == 0 else f"-{slug(r.model)}"
+            if spec.save_examples:
                 atomic_save(r.examples, runtime.with_(suffix=suffix).artifact("adversarial.pt"))
+            if r.trajectory is not None:
+                atomic_save(r.trajectory, runtime.with_(suffix=suffix).artifact("trajectory.pt"))
 
     def metrics(self, document: dict) -> dict[str, float]:
         return {k: document[k] for k in ("success_rate", "robust_accuracy", "clean_accuracy")}
