@@ -295,6 +295,31 @@ def compare_command() -> click.Command:
                             "fastablate compare runs/scratch runs/imagenet --names scratch,imagenet")
 
 
+def robust_command() -> click.Command:
+    """robust: the robust-training protocol; its options from Setup and RobustSpec."""
+    from fastablate.commands import SpecCommand
+    from fastablate.engines.core.setup import Setup
+    from fastablate.engines.workflows.robust import RobustSpec
+
+    def run(values: dict) -> None:
+        from fastablate.engines.core.runtime import table
+        from fastablate.engines.workflows.robust import run_robust
+
+        out, rows = run_robust(Setup(**values.get(Setup, {})), RobustSpec(**values.get(RobustSpec, {})),
+                               echo=click.echo)
+        click.echo(table(rows))
+        click.echo(f"\nreport: {out / 'report.html'}")
+    return SpecCommand("robust", [Setup, RobustSpec], run, skip={(Setup, "split"), (Setup, "compare")},
+                       short_help="The robust-training protocol: baseline, attacks, disjoint sets, retraining, report.",
+                       help="Fine-tune a baseline (a learning-rate x batch-size grid picks it by validation "
+                            "accuracy), attack correctly classified training and test images keeping successful "
+                            "examples only (optimized noise; sparse pixels for the out-of-distribution set), split "
+                            "them into disjoint sets, retrain with the augmentation set appended over a grid of "
+                            "initialization, frozen layers, batch size and learning rate, and report the final "
+                            "model on five sets beside the baseline. Each step is a run directory inside --out; a "
+                            "rerun reuses the finished ones. Default: resnet18 from ImageNet weights.")
+
+
 def study_command() -> click.Command:
     """study: the whole comparison; its options from Setup and StudySpec."""
     from fastablate.commands import SpecCommand
@@ -320,6 +345,7 @@ WORKFLOWS = {
     "sweep": (sweep_command, "Grids over options of any study command: heatmaps, resumable, local or Ray"),
     "study": (study_command, "The whole comparison: train, lesion, noise, attacks, paths, features; a report"),
     "compare": (compare_command, "Training runs side by side: overlaid curves, final and best metrics, times"),
+    "robust": (robust_command, "The robust-training protocol: baseline, attacks, disjoint sets, retraining, report"),
 }
 
 

@@ -22,7 +22,7 @@ RANKS = {
     "fastablate.engines.core": {"spec": 0, "distributed": 0, "runtime": 1, "setup": 2, "protocol": 3, "runner": 4},
     "fastablate.engines.studies": {"feature_plots": 0, "evaluate": 1, "attacks": 2, "noise": 2, "lesion": 2,
                                    "paths": 2, "features": 3, "trainer": 3, "train": 4},
-    "fastablate.engines.workflows": {"report": 0, "compare": 0, "sweep": 1, "study": 2},
+    "fastablate.engines.workflows": {"report": 0, "compare": 0, "sweep": 1, "study": 2, "robust": 3},
 }
 
 

@@ -197,7 +197,7 @@ def _columns(rows: list[dict]) -> list[str]:
     return list(dict.fromkeys(k for r in rows for k in r))
 
 
-def _md_table(rows: list[dict]) -> str:
+def md_table(rows: list[dict]) -> str:
     if not rows:
         return ""
     cols = _columns(rows)
@@ -228,16 +228,23 @@ def write_reports(out: Path, setup, spec, parts: dict, checkpoints: list[tuple[s
     (model, file) of each studied model (the model named for a foreign file, else None)."""
     found = findings(out, parts)
     models, runs = _overview(setup, spec, parts, checkpoints)
+    title = f"fastablate study: {', '.join(m['model'] or '?' for m in models)} on {setup.dataset}"
+    intro = ("Each finding: a table, its figures, and a verdict computed from the numbers in the parts' "
+             "results.json (rules in fastablate/engines/workflows/report.py).")
+    return write_document(out, title, intro, found, [models, runs])
+
+
+def write_document(out: Path, title: str, intro: str, found: list[Finding], tables: list[list[dict]]) -> list[Path]:
+    """report.md and report.html in ``out``: the title, the intro, each finding (verdict, table,
+    figures), then "Models, data, runs" with ``tables``."""
     when = time.strftime("%Y-%m-%d %H:%M")
-    md = [f"# fastablate study: {', '.join(m['model'] or '?' for m in models)} on {setup.dataset}", "",
-          f"Generated {when}. Each finding: a table, its figures, and a verdict computed from the numbers in the "
-          "parts' results.json (rules in fastablate/engines/workflows/report.py).", ""]
+    md = [f"# {title}", "", f"Generated {when}. {intro}", ""]
     for f in found:
-        md += [f"## {f.title}", "", f"**Verdict ({f.status}).** {f.verdict}", "", _md_table(f.table), ""]
+        md += [f"## {f.title}", "", f"**Verdict ({f.status}).** {f.verdict}", "", md_table(f.table), ""]
         md += [f"![{p.stem}]({p.relative_to(out).as_posix()})" for p in f.figures] + [""]
-    md += ["## Models, data, runs", "", _md_table(models), "", _md_table(runs), ""]
+    md += ["## Models, data, runs", ""] + [line for t in tables for line in (md_table(t), "")]
     atomic_write_text(out / "report.md", "\n".join(md))
-    atomic_write_text(out / "report.html", _html(found, models, runs, setup, when))
+    atomic_write_text(out / "report.html", _html(title, found, tables, when))
     return [out / "report.md", out / "report.html"]
 
 
@@ -249,7 +256,7 @@ text-align:right}th{background:#f3f3f3}td:first-child,th:first-child{text-align:
 img{max-width:100%;margin:.4em 0;border:1px solid #eee}h2{margin-top:1.6em}"""
 
 
-def _html_table(rows: list[dict]) -> str:
+def html_table(rows: list[dict]) -> str:
     if not rows:
         return ""
     cols = _columns(rows)
@@ -258,21 +265,20 @@ def _html_table(rows: list[dict]) -> str:
     return f"<table><tr>{head}</tr>{body}</table>"
 
 
-def _img(path: Path) -> str:
+def img_tag(path: Path) -> str:
     data = base64.b64encode(path.read_bytes()).decode()
     return f'<img alt="{html.escape(path.stem)}" src="data:image/png;base64,{data}">'
 
 
-def _html(found: list[Finding], models, runs, setup, when: str) -> str:
-    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>fastablate study</title>"
+def _html(title: str, found: list[Finding], tables: list[list[dict]], when: str) -> str:
+    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
              f"<style>{_CSS}</style></head><body>",
-             f"<h1>fastablate study: {html.escape(', '.join(m['model'] or '?' for m in models))} on "
-             f"{html.escape(setup.dataset)}</h1><p>Generated {when}.</p>"]
+             f"<h1>{html.escape(title)}</h1><p>Generated {when}.</p>"]
     for f in found:
         parts += [f"<h2>{html.escape(f.title)}</h2>",
                   f"<p class='verdict {f.status.replace(' ', '-')}'><b>Verdict ({html.escape(f.status)}).</b> "
-                  f"{html.escape(f.verdict)}</p>", _html_table(f.table)] + [_img(p) for p in f.figures]
-    parts += ["<h2>Models, data, runs</h2>", _html_table(models), _html_table(runs), "</body></html>"]
+                  f"{html.escape(f.verdict)}</p>", html_table(f.table)] + [img_tag(p) for p in f.figures]
+    parts += ["<h2>Models, data, runs</h2>", *map(html_table, tables), "</body></html>"]
     return "\n".join(parts)
 
 

@@ -77,7 +77,7 @@ class Part:
     seconds: float = 0.0
 
 
-def _run_part(part: Part, setup: Setup, spec: Spec, echo) -> Part:
+def run_part(part: Part, setup: Setup, spec: Spec, echo) -> Part:
     from fastablate.engines import get_study
     from fastablate.engines.core.runner import run_config, run_study
 
@@ -138,7 +138,7 @@ def run_full_study(setup: Setup, spec: StudySpec, echo=print) -> tuple[Path, dic
                                        ema=0.99, stochastic_depth=survival, val_fraction=spec.val_fraction,
                                        keep=spec.keep)
                 if "train" in parts_wanted or not (out / p.name / "model.pt").is_file():
-                    parts[p.name] = _run_part(p, replace(base, model=name, out=str(out / p.name)), train_spec, echo)
+                    parts[p.name] = run_part(p, replace(base, model=name, out=str(out / p.name)), train_spec, echo)
                 checkpoints.append(str(out / p.name / "model.pt"))
         first, others = checkpoints[0], tuple(checkpoints[1:])
         # --model names the architecture of a foreign --weights file; trained models carry theirs.
@@ -149,7 +149,7 @@ def run_full_study(setup: Setup, spec: StudySpec, echo=print) -> tuple[Path, dic
         views = [(c, _view(*e)) for c, e in zip(checkpoints, entries)]  # None: the parts' loading says why
 
         def part(name: str, study: str, part_spec: Spec, **changes):
-            parts[name] = _run_part(Part(name, study), replace(study_setup, out=str(out / name), **changes),
+            parts[name] = run_part(Part(name, study), replace(study_setup, out=str(out / name), **changes),
                                     part_spec, echo)
 
         if "eval" in parts_wanted:

@@ -240,6 +240,7 @@ def plot_sweep(rows: list[dict], params: list[str], directory: Path) -> list[Pat
         return []
     reserved = {*params, "seed", "threads", "key", "status", "seconds", "error"}
     metrics = [k for k in ok[0] if k not in reserved and isinstance(ok[0][k], (int, float))]
+    params = [p for p in params if len({json.dumps(r[p], default=str) for r in ok}) > 1]  # an axis of one value: none
     paths = []
     for metric in metrics:
         if len(params) == 1:

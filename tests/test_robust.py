@@ -1,0 +1,46 @@
+"""fastablate robust: the protocol's five steps as run directories, reused on rerun; the
+five-set table; disjoint sets; bad input."""
+import json
+
+import torch
+from click.testing import CliRunner
+
+from fastablate.cli import cli
+
+ARGS = ["--model", "resnet8", "--dataset", "synthetic", "--limit", "100", "--epochs", "1", "--lrs", "0.01",
+        "--train-successes", "20", "--val-successes", "8", "--ood-successes", "4", "--pixels", "0.02",
+        "--perturbed", "6", "--retrain-epochs", "1", "--retrain-inits", "baseline,none", "--device", "cpu"]
+
+
+def test_the_protocol_end_to_end_and_reused_on_rerun(tmp_path, trained_resnet8):
+    out = tmp_path / "r"
+    args = [*ARGS, "--init", str(trained_resnet8)]  # a baseline the attacks can fool
+    r = CliRunner().invoke(cli, ["robust", *args, "--out", str(out)])
+    assert r.exit_code == 0, (r.output, r.exception)
+    doc = json.loads((out / "results.json").read_text())
+    table = doc["five_sets"]
+    assert [row["model"] for row in table] == ["baseline", "final"]
+    assert set(table[0]) == {"model", "original validation", "perturbed-train", "perturbed-val", "holdout", "ood"}
+    assert table[0]["perturbed-train"] == 0.0  # made against the baseline: it is fooled by all of them
+    sets = {n: torch.load(out / "sets" / f"{n}.pt", weights_only=True) for n in
+            ("augment", "perturbed-train", "perturbed-val", "holdout", "ood")}
+    assert len(sets["augment"]["labels"]) == 14 and len(sets["perturbed-train"]["labels"]) == 6
+    assert len(sets["perturbed-val"]["labels"]) + len(sets["holdout"]["labels"]) == 8
+    for a, b in (("augment", "perturbed-train"), ("perturbed-val", "holdout")):  # disjoint sources
+        assert not set(sets[a]["index"].tolist()) & set(sets[b]["index"].tolist())
+    point = json.loads((out / "retrain" / "results.json").read_text())["points"]
+    assert {p["init"] for p in point} == {doc["baseline"], "none"}
+    assert {"trajectory.png"} <= {p.name for p in (out / "attack-ood" / "plots").iterdir()}
+    assert "The five sets, before and after" in (out / "report.md").read_text()
+    assert (out / "report.html").stat().st_size > 10_000
+    r = CliRunner().invoke(cli, ["robust", *args, "--out", str(out)])  # every step reused
+    assert r.exit_code == 0 and r.output.count("finished already, reused") == 6
+    assert "2 complete already), 0 to run" in r.output
+
+
+def test_bad_protocol_options(tmp_path):
+    r = CliRunner().invoke(cli, ["robust", *ARGS, "--perturbed", "20", "--out", str(tmp_path / "x")])
+    assert r.exit_code == 2 and "--perturbed 20 leaves no augmentation examples" in r.stderr
+    r = CliRunner().invoke(cli, ["robust", *ARGS, "--retrain-inits", "scratch", "--out", str(tmp_path / "x")])
+    assert r.exit_code == 2 and "--retrain-inits 'scratch'" in r.stderr
+    assert not (tmp_path / "x").exists()
