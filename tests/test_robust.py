@@ -44,3 +44,15 @@ def test_bad_protocol_options(tmp_path):
     r = CliRunner().invoke(cli, ["robust", *ARGS, "--retrain-inits", "scratch", "--out", str(tmp_path / "x")])
     assert r.exit_code == 2 and "--retrain-inits 'scratch'" in r.stderr
     assert not (tmp_path / "x").exists()
+
+
+def test_the_protocol_configs_parse(tmp_path):
+    """The two configs are valid robust options (checked before anything runs: a bad option
+    would be an error line here); the data they name is absent, so each stops there."""
+    from pathlib import Path
+    for name in ("robust-training-tinyimagenet", "robust-training-cifar10"):
+        path = Path(__file__).resolve().parent.parent / "configs" / f"{name}.yaml"
+        r = CliRunner().invoke(cli, ["robust", "--config", str(path), "--data-dir", str(tmp_path / "none"),
+                                     "--out", str(tmp_path / name)])
+        assert r.exit_code == 2 and r.stderr.startswith("Error: dataset") and "no " in r.stderr, r.stderr
+        assert not (tmp_path / name).exists()

@@ -72,6 +72,8 @@ class RobustSpec(Spec):
     retrain_batch_sizes: tuple[int, ...] = option((128,), "Retraining grid: batch sizes.", type=List(Int(min=1)))
 
     def validate(self) -> None:
+        if self.init not in ("imagenet", "none") and not Path(self.init).is_file():
+            raise FastablateError(f"--init {self.init!r}: is neither none, imagenet nor a checkpoint file")
         if self.perturbed >= self.train_successes:
             raise FastablateError(f"--perturbed {self.perturbed} leaves no augmentation examples of the "
                                   f"--train-successes {self.train_successes}")
@@ -99,8 +101,12 @@ def run_robust(setup: Setup, spec: RobustSpec, echo=print) -> tuple[Path, dict]:
     from fastablate.engines.studies.features import FeaturesSpec
     from fastablate.models.checkpoint import atomic_save
 
+    from fastablate.engines.core.setup import load_data
+
     out = Path(setup.out or default_out("robust"))
     base = replace(setup, out=None, force=True, compare=())
+    for split in ("train", "test"):  # the data is there (one image of each split read) before anything is written
+        load_data(replace(setup, limit=1), split)
     model = setup.model or "resnet18"
     config = {"setup": setup.to_dict(), "robust": spec.to_dict()}
     resume = (read_run(out) or {}).get("command") == "robust"
