@@ -222,8 +222,8 @@ def run(study_name: str, model: nn.Module, data: Any, *, compare: Sequence[nn.Mo
     dev = _device(model, device)
     models = [model, *compare]
     with preserved([m for m in models if isinstance(m, nn.Module)], dev):
-        wrapped, ds = _fitted(models, _sized(image_set(data, data_dir=data_dir, split=split, limit=limit, seed=seed),
-                                             image_size), mean, std, dev)
+        wrapped, ds = _fitted(models, _sized(image_set(data, data_dir=data_dir, split=split, limit=limit, seed=seed,
+                                                       image_size=image_size), image_size), mean, std, dev)
         runtime = Runtime(device=dev, batch_size=batch_size, workers=workers, seed=seed, progress=progress)
         prepared = study.prepare(ds, spec, seed)
         study.check(wrapped, prepared, spec)
@@ -293,9 +293,11 @@ def train(model: nn.Module, train_data: Any, test_data: Any, *, mean: Sequence[f
     dev = _device(model, device)
     with preserved([model] if isinstance(model, nn.Module) else [], dev):
         [w], train_set = _fitted([model], _sized(image_set(train_data, data_dir=data_dir, split="train", limit=limit,
-                                                           seed=seed), image_size), mean, std, dev)
+                                                           seed=seed, image_size=image_size), image_size),
+                                 mean, std, dev)
         test_set = _sized(image_set(test_data, data_dir=data_dir, split="test", limit=limit, seed=seed,
-                                    classes=train_set.classes, num_classes=w.num_classes), train_set.image_size)
+                                    classes=train_set.classes, num_classes=w.num_classes,
+                                    image_size=train_set.image_size), train_set.image_size)
         w.init = "none"
         w.frozen = freeze(w, spec.freeze) if spec.freeze else []
         data = study.data_from(train_set, test_set, spec, seed)

@@ -37,7 +37,7 @@ def image_set(data: Any, *, classes: Sequence[str] | None = None, num_classes: i
     """
     if isinstance(data, str):
         return build_dataset(data, data_dir, split, limit=limit, seed=seed, image_size=image_size,
-                             classes=classes)
+                             classes=classes, asked=image_size is not None)
     if data_dir is not None:
         raise FastablateError(f"data_dir={data_dir!r} applies to a dataset name, not to {type(data).__name__}")
     if isinstance(data, ImageSet):
