@@ -242,21 +242,18 @@ def _number(text: str) -> bool:
     return True
 
 
-def _value(name: str, text: str) -> float:
+def _value(name: str, text: str, what: str = "strength") -> float:
     try:
         value = float(text)
     except ValueError:
-        raise ValueError(f"gives {name} the strength {text!r}, which is not a number") from None
+        raise ValueError(f"gives {name} the {what} {text!r}, which is not a number") from None
     if not math.isfinite(value):
-        raise ValueError(f"gives {name} the strength {text}, which is not finite")
+        raise ValueError(f"gives {name} the {what} {text}, which is not finite")
     return value
 
 
 def _probability(name: str, text: str) -> float:
-    try:
-        p = float(text)
-    except ValueError:
-        raise ValueError(f"gives {name} the probability {text!r}, which is not a number") from None
+    p = _value(name, text, "probability")
     if not 0 < p <= 1:
         raise ValueError(f"gives {name} the probability {text}, which is not in (0, 1]")
     return p
