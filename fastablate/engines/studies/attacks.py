@@ -564,7 +564,7 @@ def run_attack(model: nn.Module, ds: ImageSet, spec: AttackSpec, runtime: Runtim
             # the batches before it (or on which process runs it).
             gen = torch.Generator().manual_seed(hash_seed(runtime.seed, "attack", i))
             x_adv, ok, success = attack_batch(model, x, y, spec, gen, t)
-            index = source[seen:seen + x.shape[0]]
+            index = source[i * runtime.batch_size:i * runtime.batch_size + x.shape[0]]  # i: the global batch
             seen += x.shape[0]
             if keep:
                 with torch.no_grad():
