@@ -239,7 +239,7 @@ def sparse_attack(model: nn.Module, x: Tensor, y: Tensor, spec: AttackSpec, targ
     if spec.queries and todo.numel():  # random search for the rest, guided by the last score
         ta = None if target is None else target[todo]
         guide = u.abs().sum(1).flatten(1), (u > 0).to(x.dtype).flatten(2).transpose(1, 2)
-        adv, queries[todo] = random_search(model, x[todo], y[todo], spec.k, spec.queries, ta, generator, guide)
+        adv, queries[todo] = random_search(model, x[todo], y[todo], spec.k, spec.queries, ta, generator, guide, todo)
         best[todo] = adv
     return _within_budget(best, x, spec), steps, queries
 
@@ -359,8 +359,8 @@ def set_pixels(x: Tensor, pix: Tensor, col: Tensor) -> Tensor:
 
 
 def random_search(model: nn.Module, x: Tensor, y: Tensor, k: int, queries: int, target: Tensor | None,
-                  generator: torch.Generator | None, guide: tuple[Tensor, Tensor] | None = None
-                  ) -> tuple[Tensor, Tensor]:
+                  generator: torch.Generator | None, guide: tuple[Tensor, Tensor] | None = None,
+                  rows_of: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Sparse-RS for L0 (Croce et al. 2022), forward passes only: k distinct pixels, each set to
     a corner of the colour cube; each iteration replaces a decaying number of them
     (:data:`RS_SCHEDULE`) by pixels outside the set with random corners, and keeps the change
@@ -372,7 +372,8 @@ def random_search(model: nn.Module, x: Tensor, y: Tensor, k: int, queries: int, 
     the k pixels of largest score at their corners, and a replacement comes from the next
     pixels of the score (a pool of max(64, 8k)) with probability :data:`RS_GUIDED`, at the
     corner the guide gives. Random numbers come from ``generator`` on the CPU, so a seed
-    gives the same search on every device."""
+    gives the same search on every device. ``rows_of``: the caller's rows of these images (for a
+    :class:`Trajectory`; default: the same)."""
     n, c, h, w = x.shape
     area, dev = h * w, x.device
     rows = torch.arange(n)
@@ -417,7 +418,8 @@ def random_search(model: nn.Module, x: Tensor, y: Tensor, k: int, queries: int, 
         used[idx] += 1
         better = trial >= cur[idx]
         pix[idx[better]], col[idx[better]], cur[idx[better]] = p[better], q[better], trial[better]
-        _trace(lambda: set_pixels(x[idx.to(dev)], pix[idx].to(dev), col[idx].to(dev)), idx)
+        _trace(lambda: set_pixels(x[idx.to(dev)], pix[idx].to(dev), col[idx].to(dev)),
+               idx if rows_of is None else rows_of[idx.to(rows_of.device)])
         live = cur <= 0
     adv = set_pixels(x, pix.to(dev), col.to(dev))
     return torch.where(live.to(dev).view(-1, 1, 1, 1), x, adv), used.to(dev)
@@ -603,19 +605,21 @@ TRAJECTORY_IMAGES = 4
 
 
 def trajectory(model: nn.Module, ds: ImageSet, spec: AttackSpec, runtime: Runtime) -> dict | None:
-    """The attack on the first TRAJECTORY_IMAGES correctly classified images of ``ds``, every
-    update recorded: ``frames`` (T + 1, n, C, H, W; the first the originals, the last what the
-    attack returns), ``pred`` (T + 1, n) the model's class of each frame, ``y``, ``index``
-    (in ``ds``), ``classes``; None when no image is classified correctly."""
+    """The attack on the first correctly classified image of each of the first
+    TRAJECTORY_IMAGES classes met in ``ds``, every update recorded: ``frames`` (T + 1, n, C, H,
+    W; the first the originals, the last what the attack returns), ``pred`` (T + 1, n) the
+    model's class of each frame, ``y``, ``index`` (in ``ds``), ``classes``; None when no image
+    is classified correctly."""
     spec = spec.resolved(ds.image_size)
     picked, labels, where = [], [], []
     with eval_mode(model, frozen=True), torch.no_grad():
         for i, x, y in my_batches(ds, runtime.with_(progress=False), ""):
             ok = (model(x).argmax(1) == y) & (y != spec.target if spec.target is not None else True)
-            for j in ok.nonzero().squeeze(1).tolist()[:TRAJECTORY_IMAGES - len(picked)]:
-                picked.append(x[j])
-                labels.append(int(y[j]))
-                where.append(i * runtime.batch_size + j)
+            for j in ok.nonzero().squeeze(1).tolist():
+                if int(y[j]) not in labels and len(picked) < TRAJECTORY_IMAGES:
+                    picked.append(x[j])
+                    labels.append(int(y[j]))
+                    where.append(i * runtime.batch_size + j)
             if len(picked) == TRAJECTORY_IMAGES:
                 break
     if not picked:
@@ -635,28 +639,31 @@ def trajectory(model: nn.Module, ds: ImageSet, spec: AttackSpec, runtime: Runtim
 
 def plot_trajectory(traj: dict, attack: str, path: Path, columns: int = 8) -> Path:
     """Per image two rows: the image at evenly spaced updates of the attack (the last column
-    what it returns), with the model's class, and the perturbation amplified to full range."""
+    what it returns), with the model's class, and the size of the perturbation per pixel, on one
+    scale for the whole attack (its maximum in the row's label)."""
     frames, pred, classes = traj["frames"], traj["pred"], traj["classes"]
     t = frames.shape[0]
     cols = sorted(set(torch.linspace(0, t - 1, min(columns, t)).round().long().tolist()))
     n = frames.shape[1]
+    change = (frames - frames[:1]).abs().mean(2)  # (T + 1, n, H, W): per pixel, over channels
+    scale = change.flatten(2).amax(2).amax(0).clamp_min(1e-12)  # per image, over the whole attack
     fig, axes = pyplot().subplots(2 * n, len(cols), figsize=(1.5 * len(cols) + 1, 3.0 * n), squeeze=False)
     for i in range(n):
         for c, step in enumerate(cols):
-            img, d = frames[step, i], (frames[step, i] - frames[0, i]).abs()
-            d = d / d.max().clamp_min(1e-12)
+            img, d = frames[step, i], change[step, i] / scale[i]
             wrong = int(pred[step, i]) != int(traj["y"][i])
             top, bottom = axes[2 * i][c], axes[2 * i + 1][c]
             top.imshow(img.permute(1, 2, 0).clamp(0, 1).numpy(), interpolation="nearest")
             top.set_title(f"{'final' if step == t - 1 else f'update {step}'}\n{classes[int(pred[step, i])]}",
                           fontsize=7, color="tab:red" if wrong else "black")
-            bottom.imshow(d.permute(1, 2, 0).numpy(), interpolation="nearest")
+            bottom.imshow(d.numpy(), cmap="magma", vmin=0, vmax=1, interpolation="nearest")
             for ax in (top, bottom):
                 ax.set_xticks([])
                 ax.set_yticks([])
         axes[2 * i][0].set_ylabel(f"image {int(traj['index'][i])}\n({classes[int(traj['y'][i])]})", fontsize=7)
-        axes[2 * i + 1][0].set_ylabel("|perturbation|", fontsize=7)
-    fig.suptitle(f"{attack} attack, update by update (red: the model is fooled)", fontsize=9)
+        axes[2 * i + 1][0].set_ylabel(f"|perturbation|\n(max {float(scale[i]):.3g})", fontsize=7)
+    fig.suptitle(f"{attack} attack, update by update (red: the model is fooled; the perturbation on one scale "
+                 "per image)", fontsize=9)
     return save(fig, path, dpi=100)
 
 
