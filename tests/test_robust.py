@@ -28,6 +28,19 @@ def test_the_protocol_end_to_end_and_reused_on_rerun(tmp_path, trained_resnet8):
     assert len(sets["perturbed-val"]["labels"]) + len(sets["holdout"]["labels"]) == 8
     for a, b in (("augment", "perturbed-train"), ("perturbed-val", "holdout")):  # disjoint sources
         assert not set(sets[a]["index"].tolist()) & set(sets[b]["index"].tolist())
+    for row, part in zip(table, ("eval-baseline", "eval-final")):  # the table is the parts' numbers
+        doc_part = json.loads((out / part / "results.json").read_text())
+        assert row["original validation"] == doc_part["accuracy"]
+        assert all(row[n] == doc_part["eval_sets"][n]["accuracy"] for n in ("perturbed-train", "perturbed-val",
+                                                                             "holdout", "ood"))
+    from fastablate.models import load_model
+    baseline = load_model(doc["baseline"]).eval()
+    for name in ("adv-train", "adv-val", "adv-ood"):  # successes only: the baseline is fooled by them
+        saved = torch.load(out / f"{name}.pt", weights_only=True)
+        assert "success" not in saved
+        with torch.no_grad():
+            pred = baseline(saved["images"].float() / 255).argmax(1)
+        assert (pred != saved["labels"]).float().mean() >= 0.9  # 8-bit rounding may undo a few
     point = json.loads((out / "retrain" / "results.json").read_text())["points"]
     assert {p["init"] for p in point} == {doc["baseline"], "none"}
     assert {"trajectory.png"} <= {p.name for p in (out / "attack-ood" / "plots").iterdir()}
@@ -38,7 +51,9 @@ def test_the_protocol_end_to_end_and_reused_on_rerun(tmp_path, trained_resnet8):
     assert "2 complete already), 0 to run" in r.output
 
 
-def test_bad_protocol_options(tmp_path):
+def test_bad_protocol_options(tmp_path, trained_resnet8):
+    r = CliRunner().invoke(cli, ["data", "split", str(trained_resnet8), "--parts", "1", "--out", str(tmp_path / "a.pt")])
+    assert r.exit_code == 2 and "not a saved adversarial set" in r.stderr and not (tmp_path / "a.pt").exists()
     r = CliRunner().invoke(cli, ["robust", *ARGS, "--perturbed", "20", "--out", str(tmp_path / "x")])
     assert r.exit_code == 2 and "--perturbed 20 leaves no augmentation examples" in r.stderr
     r = CliRunner().invoke(cli, ["robust", *ARGS, "--retrain-inits", "scratch", "--out", str(tmp_path / "x")])

@@ -5,11 +5,12 @@
    validation accuracy.
 2. **attacks** on correctly classified images, keeping successful examples only
    (``attack --successes``): the optimized-noise attack on the training split
-   (``--train-successes``, default 11,000) and on the test split, which is the protocol's
-   validation set (``--val-successes``, 2,000); the sparse 0.5%-pixel attack on the test split
-   (``--ood-successes``, 500) for the out-of-distribution set. Each records its trajectory.
+   (``--train-successes``; the protocol's 11,000, default 1,100) and on the test split, which is
+   the protocol's validation set (``--val-successes``; 2,000, default 200); the sparse
+   0.5%-pixel attack on the test split (``--ood-successes``; 500, default 50) for the
+   out-of-distribution set. Each records its trajectory.
 3. **sets**: disjoint, class-stratified parts (``data split``): the training examples into
-   the augmentation set and "perturbed train" (``--perturbed`` of them, default 1,000), the
+   the augmentation set and "perturbed train" (``--perturbed`` of them; 1,000, default 100), the
    validation examples into "perturbed validation" and the hold-out (half each).
 4. **retrain**: a sweep with the augmentation set appended to the training data, over the
    initialization (the baseline checkpoint and ImageNet), the frozen children, the batch
@@ -51,14 +52,14 @@ class RobustSpec(Spec):
     batch_sizes: tuple[int, ...] = option((128,), "Baseline grid: batch sizes.", type=List(Int(min=1)))
     val_fraction: float = option(0.1, "Validation split of the training images that picks the baseline.",
                                  type=Float(0, 1, min_open=True, max_open=True))
-    train_successes: int = option(11_000, "Noise-attack examples from the training split (the augmentation set "
-                                          "plus --perturbed).", type=Int(min=2))
-    val_successes: int = option(2_000, "Noise-attack examples from the test split (perturbed validation and the "
-                                       "hold-out, half each).", type=Int(min=2))
-    ood_successes: int = option(500, "Sparse-attack examples from the test split (out of distribution).",
-                                type=Int(min=1))
-    perturbed: int = option(1_000, "Training-split examples kept out of the augmentation set to score.",
-                            type=Int(min=1))
+    train_successes: int = option(1_100, "Noise-attack examples from the training split (the augmentation set "
+                                         "plus --perturbed; the protocol: 11000).", type=Int(min=2))
+    val_successes: int = option(200, "Noise-attack examples from the test split (perturbed validation and the "
+                                     "hold-out, half each; the protocol: 2000).", type=Int(min=2))
+    ood_successes: int = option(50, "Sparse-attack examples from the test split (out of distribution; the "
+                                    "protocol: 500).", type=Int(min=1))
+    perturbed: int = option(100, "Training-split examples kept out of the augmentation set to score (the "
+                                 "protocol: 1000).", type=Int(min=1))
     pixels: float = option(0.005, "The out-of-distribution attack's budget as a fraction of the pixels.",
                            type=Float(0, 1, min_open=True))
     retrain_epochs: int = option(3, "Epochs of each retraining point.", type=Int(min=1, max=100_000))
