@@ -52,7 +52,8 @@ def test_the_protocol_end_to_end_and_reused_on_rerun(tmp_path, trained_resnet8):
 
 
 def test_bad_protocol_options(tmp_path, trained_resnet8):
-    r = CliRunner().invoke(cli, ["data", "split", str(trained_resnet8), "--parts", "1", "--out", str(tmp_path / "a.pt")])
+    r = CliRunner().invoke(cli, ["data", "split", str(trained_resnet8), "--parts", "1", "--out",
+                                 str(tmp_path / "a.pt")])
     assert r.exit_code == 2 and "not a saved adversarial set" in r.stderr and not (tmp_path / "a.pt").exists()
     r = CliRunner().invoke(cli, ["robust", *ARGS, "--perturbed", "20", "--out", str(tmp_path / "x")])
     assert r.exit_code == 2 and "--perturbed 20 leaves no augmentation examples" in r.stderr
