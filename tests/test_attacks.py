@@ -177,8 +177,11 @@ def test_successes_attack_until_n_are_fooled_in_a_random_order(trained_resnet8, 
     assert torch.equal(ds.labels[saved["index"]], saved["labels"])  # indices into the split
     res = json.loads((tmp_path / "a" / "results.json").read_text())
     assert res["images"] < len(ds) and res["success_rate"] * res["attacked"] >= 25  # stopped early
-    r = CliRunner().invoke(cli, [*base, "--limit", "30", "--successes", "1000", "--out", str(tmp_path / "b")])
-    assert r.exit_code == 0 and "the split ran out after" in r.stderr
+    r = CliRunner().invoke(cli, [*base, "--limit", "30", "--successes", "30", "--out", str(tmp_path / "b")])
+    assert r.exit_code == 0 and "the split ran out after" in r.stderr  # not every image is fooled
+    r = CliRunner().invoke(cli, [*base, "--limit", "30", "--successes", "31", "--out", str(tmp_path / "c")])
+    assert r.exit_code == 2 and "--successes 31: the split holds 30 images" in r.stderr
+    assert not (tmp_path / "c").exists()
 
 
 ATTACK_BAD = [

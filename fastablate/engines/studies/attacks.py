@@ -706,6 +706,9 @@ class AttackStudy(Study):
             raise FastablateError(f"--target {spec.target} equals the label of every image: nothing to attack")
         if spec.save_dataset and len(models) > 1:
             raise FastablateError("--save-dataset writes one model's adversarial set: give no --compare")
+        if spec.successes and spec.successes > len(data):
+            raise FastablateError(f"--successes {spec.successes}: the split holds {len(data)} images, so at most "
+                                  f"{len(data)} can be fooled; ask for fewer")
         if spec.successes and world() > 1:
             raise FastablateError("--successes stops when enough images are fooled: run it in one process, not "
                                   "under torchrun")
