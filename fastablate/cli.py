@@ -172,33 +172,11 @@ def data():
 def data_split(file, parts, outs, seed, force):
     """Cut FILE (attack --save-dataset) into disjoint parts, stratified by class where the counts
     allow: fastablate data split adv-train.pt --parts 10000,1000 --out aug.pt,perturbed-train.pt"""
-    from pathlib import Path
-
-    from fastablate.data.adversarial import read_set, split_set
+    from fastablate.data.adversarial import split_file
     from fastablate.engines.core.runtime import table
-    from fastablate.models.checkpoint import atomic_save
 
-    try:
-        sizes = [int(p) for p in parts.split(",")]
-    except ValueError:
-        raise FastablateError(f"--parts {parts!r}: give whole numbers, e.g. 10000,1000") from None
-    if any(n < 1 for n in sizes):
-        raise FastablateError(f"--parts {parts!r}: every part holds at least one example")
-    paths = [p.strip() for p in outs.split(",")]
-    if len(paths) != len(sizes) or len(set(paths)) != len(paths) or not all(paths):
-        raise FastablateError(f"--out {outs!r}: give {len(sizes)} different files, one per part")
-    if Path(file).resolve() in [Path(p).resolve() for p in paths]:
-        raise FastablateError(f"--out {outs!r} names the input {file}; inputs are never overwritten")
-    existing = [p for p in paths if Path(p).exists()]
-    if existing and not force:
-        raise FastablateError(f"--out {existing[0]} exists; choose another file, or --force to replace it")
-    obj = read_set(file)
-    pieces = split_set(obj, sizes, seed)
-    for piece, path in zip(pieces, paths):
-        atomic_save(piece, path)
-    left = len(obj["labels"]) - sum(sizes)
-    click.echo(table([{"file": p, "examples": len(x["labels"]), "classes": len(x["labels"].unique())}
-                      for x, p in zip(pieces, paths)]))
+    rows, left = split_file(file, parts, outs, seed, force)
+    click.echo(table(rows))
     if left:
         click.echo(f"{left} examples of {file} are in no part")
 

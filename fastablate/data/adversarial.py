@@ -82,3 +82,34 @@ def describe(obj: dict, path: str) -> list[dict]:
                  "source": f"{obj.get('dataset', '?')}/{obj.get('split', '?')}",
                  "size": "x".join(map(str, obj["images"].shape[1:])), "file": path})
     return rows
+
+
+def split_file(file: str, parts: str, outs: str, seed: int, force: bool = False) -> tuple[list[dict], int]:
+    """``fastablate data split``: the parts of ``file`` (sizes ``"10000,1000"``) written to ``outs``
+    (``"a.pt,b.pt"``), every value checked before anything is written. Returns a row per part and
+    the number of examples in no part."""
+    from pathlib import Path
+
+    from fastablate.models.checkpoint import atomic_save
+
+    try:
+        sizes = [int(p) for p in parts.split(",")]
+    except ValueError:
+        raise FastablateError(f"--parts {parts!r}: give whole numbers, e.g. 10000,1000") from None
+    if any(n < 1 for n in sizes):
+        raise FastablateError(f"--parts {parts!r}: every part holds at least one example")
+    paths = [p.strip() for p in outs.split(",")]
+    if len(paths) != len(sizes) or len(set(paths)) != len(paths) or not all(paths):
+        raise FastablateError(f"--out {outs!r}: give {len(sizes)} different files, one per part")
+    if Path(file).resolve() in [Path(p).resolve() for p in paths]:
+        raise FastablateError(f"--out {outs!r} names the input {file}; inputs are never overwritten")
+    existing = [p for p in paths if Path(p).exists()]
+    if existing and not force:
+        raise FastablateError(f"--out {existing[0]} exists; choose another file, or --force to replace it")
+    obj = read_set(file)
+    pieces = split_set(obj, sizes, seed)
+    for piece, path in zip(pieces, paths):
+        atomic_save(piece, path)
+    rows = [{"file": p, "examples": len(x["labels"]), "classes": len(x["labels"].unique())}
+            for x, p in zip(pieces, paths)]
+    return rows, len(obj["labels"]) - sum(sizes)
