@@ -31,6 +31,7 @@ from typing import Optional
 
 from fastablate.engines.core.setup import Setup
 from fastablate.engines.core.spec import Float, Int, List, Spec, Text, option
+from fastablate.engines.studies.train import Init
 from fastablate.engines.workflows.report import Finding, write_document
 from fastablate.engines.workflows.study import Part, run_part
 from fastablate.engines.workflows.sweep import Axis, SweepSpec, run_sweep
@@ -44,7 +45,7 @@ RETRAIN_AXES = ("init", "freeze", "lr", "batch-size")
 @dataclass(frozen=True)
 class RobustSpec(Spec):
     init: str = option("imagenet", "The baseline's initialization: imagenet (the torch hub cache), none, or a "
-                                   "checkpoint FILE.", type=Text("imagenet|none|FILE"))
+                                   "checkpoint FILE.", type=Init())
     stem: Optional[str] = option(None, "Stem of torchvision ResNets/VGGs (train --stem).", type=Text("cifar|imagenet"))
     epochs: int = option(3, "Baseline epochs.", type=Int(min=1, max=100_000))
     lrs: tuple[float, ...] = option((0.01,), "Baseline grid: learning rates (as given, whatever the batch).",
@@ -73,8 +74,6 @@ class RobustSpec(Spec):
     retrain_batch_sizes: tuple[int, ...] = option((128,), "Retraining grid: batch sizes.", type=List(Int(min=1)))
 
     def validate(self) -> None:
-        if self.init not in ("imagenet", "none") and not Path(self.init).is_file():
-            raise FastablateError(f"--init {self.init!r}: is neither none, imagenet nor a checkpoint file")
         if self.perturbed >= self.train_successes:
             raise FastablateError(f"--perturbed {self.perturbed} leaves no augmentation examples of the "
                                   f"--train-successes {self.train_successes}")
