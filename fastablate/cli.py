@@ -114,14 +114,24 @@ def cli():
 @cli.command()
 @click.option("--layers", "layers_of", metavar="MODEL", default=None,
               help="List the layers of MODEL (names for features --layers) with their output shapes.")
-@click.option("--image-size", type=click.IntRange(8, 1024), default=32, show_default=True, help="With --layers.")
-def models(layers_of, image_size):
+@click.option("--units", "units_of", metavar="MODEL", default=None,
+              help="List the units of MODEL (a registry name, timm:NAME or file.py:factory) as the studies see "
+                   "them: name, kind, shapes, parameters.")
+@click.option("--image-size", type=click.IntRange(8, 1024), default=32, show_default=True,
+              help="With --layers or --units.")
+def models(layers_of, units_of, image_size):
     """List the registry models with parameters and units."""
     from fastablate.engines.core.runtime import table
-    from fastablate.models import MODELS, build_model, count_parameters
+    from fastablate.models import MODELS, build_model, count_parameters, is_external
     from fastablate.models.registry import PATTERNS
     from fastablate.units import units
 
+    if units_of:
+        model = build_model(units_of, None if is_external(units_of) else 10, image_size=image_size)
+        view = units(model, (3, image_size, image_size))
+        click.echo(table(view.rows()))
+        click.echo(f"{model.name}: {len(view.units)} units, {len(view.lesionable())} lesionable")
+        return
     if layers_of:
         from fastablate.engines.studies.features import layer_shapes
 

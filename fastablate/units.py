@@ -11,6 +11,9 @@ a model adapter splits a model into stem, named blocks and head, and a block ada
 says how one block computes. A new block type needs one call::
 
     register_adapter(MyBlock, lambda b: BlockParts(residual=b.branch, shortcut=b.skip, relu=True))
+
+A model with neither has its residual units discovered in its traced graph
+(:mod:`fastablate.discovery`).
 """
 from __future__ import annotations
 
@@ -20,50 +23,10 @@ from typing import Callable, Sequence
 import torch
 from torch import Tensor, nn
 
+from fastablate.discovery import discover
 from fastablate.errors import FastablateError
 from fastablate.modes import eval_mode
-
-Fn = Callable[[Tensor], Tensor]
-KINDS = ("identity-skip", "projection-skip", "plain")
-
-
-@dataclass
-class BlockParts:
-    """How one block computes: ``post(shortcut(x) + residual(x))``.
-
-    Args:
-        residual: the residual branch (for a plain unit: the whole unit).
-        shortcut: the shortcut; an ``nn.Identity`` instance for an identity skip; None for
-            a plain unit.
-        relu: post is a ReLU (post-activation ResNets); False: the identity.
-        post: any other post-activation (then ``relu`` is ignored); engines that fuse the
-            add with the activation (``block_skip``) fall back to the plain path for it.
-    """
-
-    residual: Fn
-    shortcut: Fn | None
-    relu: bool = False
-    post: Fn | None = None
-
-    @property
-    def post_kind(self) -> str:
-        """"relu", "identity" or "custom"."""
-        return "custom" if self.post is not None else "relu" if self.relu else "identity"
-
-    def apply_post(self, x: Tensor) -> Tensor:
-        if self.post is not None:
-            return self.post(x)
-        return torch.relu(x) if self.relu else x
-
-
-@dataclass
-class ModelParts:
-    """A model split for the unit view: ``head(block_n(... block_1(stem(x))))``."""
-
-    stem: Fn
-    blocks: list[tuple[str, nn.Module]]  # (name, block) in forward order
-    head: Fn
-
+from fastablate.unitparts import BlockParts, Fn, ModelParts
 
 @dataclass
 class Unit:
@@ -110,6 +73,14 @@ class UnitView:
 
     def lesionable(self) -> list[Unit]:
         return [u for u in self.units if u.lesionable]
+
+    def rows(self) -> list[dict]:
+        """One row per unit: name, kind, post-activation, shapes, parameters, lesionable or why not."""
+        def shape(s):
+            return "x".join(map(str, s))
+        return [{"unit": u.name, "kind": u.kind, "post": u.parts.post_kind, "in": shape(u.in_shape),
+                 "out": shape(u.out_shape), "params": sum(p.numel() for p in u.module.parameters()),
+                 "lesionable": "yes" if u.lesionable else f"no: {u.reason}"} for u in self.units]
 
     def residual(self) -> list[Unit]:
         """The units with a shortcut (the residual blocks)."""
@@ -158,13 +129,10 @@ def block_parts(block: nn.Module) -> BlockParts | None:
 
 
 def model_parts(model: nn.Module) -> ModelParts:
-    """The stem, blocks and head of ``model`` from its registered model adapter."""
+    """The stem, blocks and head of ``model`` from its registered model adapter; a model
+    without one has its units discovered in its traced graph (:mod:`fastablate.discovery`)."""
     adapt = _lookup(_MODEL_ADAPTERS, model)
-    if adapt is None:
-        known = ", ".join(sorted(t.__name__ for t in _MODEL_ADAPTERS))
-        raise FastablateError(f"no unit adapter for model type {type(model).__name__}; supported: {known} "
-                              "(add one with fastablate.units.register_model_adapter)")
-    return adapt(model)
+    return adapt(model) if adapt is not None else discover(model)
 
 
 def _kind(parts: BlockParts) -> str:
@@ -173,18 +141,27 @@ def _kind(parts: BlockParts) -> str:
     return "identity-skip" if isinstance(parts.shortcut, nn.Identity) else "projection-skip"
 
 
-def units(model: nn.Module, input_shape: Sequence[int] | None = None) -> UnitView:
-    """The unit view of ``model`` (a NormalizedModel, a registry net or a torchvision ResNet/VGG).
+def units(model: nn.Module, input_shape: Sequence[int] | None = None, *, discovered: bool = False) -> UnitView:
+    """The unit view of ``model``: from its adapter (a registry net, a torchvision ResNet/VGG),
+    else discovered in its traced graph (any model with residual units: timm's, a user's).
 
     Args:
         model: the model; a NormalizedModel's normalization becomes part of the stem.
         input_shape: (C, H, W) of one input, for the per-unit shapes; default
             (3, image_size, image_size) of the model, or (3, 32, 32).
+        discovered: discover the units even where an adapter exists (to compare the two).
     """
-    mp = model_parts(model)
+    if discovered:
+        net = getattr(model, "net", model)
+        inner = discover(net)
+        norm = getattr(model, "normalize", None) if net is not model else None
+        mp = inner if norm is None else ModelParts(lambda x: inner.stem(norm(x)), inner.blocks, inner.head,
+                                                   inner.block_parts)
+    else:
+        mp = model_parts(model)
     out: list[Unit] = []
-    for name, block in mp.blocks:
-        parts = block_parts(block)
+    for i, (name, block) in enumerate(mp.blocks):
+        parts = mp.block_parts[i] if mp.block_parts is not None else block_parts(block)
         if parts is None:
             raise FastablateError(f"no unit adapter for block type {type(block).__name__} at {name}; "
                                   "add one with fastablate.units.register_adapter")

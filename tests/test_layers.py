@@ -13,7 +13,8 @@ LAYERS = {"fastablate.__main__": 8, "fastablate.cli": 8, "fastablate.commands": 
           "fastablate.api": 7,
           "fastablate.engines.workflows": 6, "fastablate.engines.studies": 5, "fastablate.engines.core": 4,
           "fastablate.engines": 4, "fastablate.results": 3,
-          "fastablate.models": 2, "fastablate.data": 2, "fastablate.units": 1, "fastablate.ops": 0,
+          "fastablate.models": 2, "fastablate.data": 2, "fastablate.units": 1, "fastablate.unitparts": 1,
+          "fastablate.discovery": 1, "fastablate.ops": 0,
           "fastablate._ext": 0, "fastablate.errors": 0, "fastablate.files": 0, "fastablate.modes": 0,
           "fastablate.plots": 0, "fastablate": 0}
 # Ranks inside a package: a module imports modules of its rank or below. Modules not listed

@@ -1,7 +1,9 @@
 """Lesion studies: plans, the prefix-sharing executor against the naive loop, the CLI."""
+import importlib.util
 import itertools
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -19,6 +21,8 @@ from fastablate.errors import FastablateError
 from fastablate.models import NormalizedModel, build_model, load_model, save_checkpoint
 from fastablate.units import units
 
+MODEL_FILES = Path(__file__).parent / "models"
+
 
 def _models():
     yield "resnet20", build_model("resnet20"), ["all-single", "k-random", "reorder", "units:layer1.1,layer3.2"]
@@ -33,6 +37,12 @@ def _models():
     yield "preresnet164", build_model("preresnet164"), ["all-single", "reorder"]
     yield "preplain20", build_model("preplain20"), ["all-single", "k-random"]
     yield "resnet20-stochastic-depth", build_model("resnet20", stochastic_depth=0.5), ["all-single", "k-random"]
+    # units discovered in the traced graph: a user's file, a ViT (two units per block)
+    yield "file-resnet20", build_model(f"{MODEL_FILES}/cifar_resnet_lambda.py:resnet20"), ["all-single", "k-random",
+                                                                                           "reorder"]
+    if importlib.util.find_spec("timm"):
+        yield "timm-vit", build_model("timm:vit_tiny_patch16_224,patch_size=8,depth=2,embed_dim=48,num_heads=2"), \
+            ["all-single", "k-random", "reorder"]
 
 
 @pytest.mark.numerics

@@ -1,8 +1,10 @@
 """Paths (Veit et al. 2016, Sec. 6): exact distributions, shared-forward path gradients equal to
 the explicitly masked networks, the effective range, the CLI and its bad input."""
+import importlib.util
 import json
 import math
 import random
+from pathlib import Path
 
 import pytest
 import torch
@@ -15,6 +17,9 @@ from fastablate.engines.studies.paths import (PathsResult, distribution, effecti
 from fastablate.models import build_model, save_checkpoint
 from fastablate.modes import affine_batchnorm
 from fastablate.units import units
+
+MODEL_FILES = Path(__file__).parent / "models"
+VIT = "timm:vit_tiny_patch16_224,patch_size=8,depth=2,embed_dim=48,num_heads=2"
 
 
 def test_distribution_is_exact():
@@ -30,7 +35,12 @@ def test_distribution_is_exact():
 # 0.2%): they are compared in float64, where the paths agree to 1e-15.
 @pytest.mark.parametrize("name, dtype", [("resnet20", torch.float32), ("resnet18", torch.float32),
                                          ("preresnet20", torch.float32), ("resnet110", torch.float64),
-                                         ("preresnet164", torch.float64)])
+                                         ("preresnet164", torch.float64),
+                                         # units discovered in the traced graph
+                                         (f"{MODEL_FILES}/cifar_resnet_lambda.py:resnet20", torch.float32),
+                                         pytest.param(VIT, torch.float32, marks=pytest.mark.skipif(
+                                             not importlib.util.find_spec("timm"), reason="timm is not installed"))],
+                         ids=lambda v: Path(v).name if isinstance(v, str) else str(v))
 def test_shared_gradients_equal_the_masked_networks(name, dtype, device):
     torch.manual_seed(0)
     model = randomize_bn(build_model(name)).to(device, dtype)

@@ -146,8 +146,8 @@ def test_register_adapter_for_new_block():
         assert torch.equal(view.forward(x), net(x))
 
 
-def test_unknown_model_type():
-    with pytest.raises(FastablateError, match="no unit adapter for model type Linear"):
+def test_model_without_adapter_or_residual_units():
+    with pytest.raises(FastablateError, match="no residual units found in Linear: .* the modules seen: none"):
         units(nn.Linear(3, 3))
 
 

@@ -190,15 +190,17 @@ def model_from_checkpoint(ckpt: dict, path: str | os.PathLike, arch: str | None 
                           num_classes: int | None = None, image_size: int | None = None,
                           mean: Sequence[float] | None = None, std: Sequence[float] | None = None):
     """:func:`load_model` for a checkpoint already read with :func:`read_checkpoint`."""
-    from fastablate.models import build_model, default_stem, get_spec
+    from fastablate.models import build_model, default_stem, get_spec, is_external
 
     stem = None
     if ckpt["format"] == FORMAT:
-        if arch is not None and arch != ckpt["arch"]:
+        if arch is not None and arch != ckpt["arch"] and not (is_external(arch) and is_external(ckpt["arch"])):
             raise FastablateError(f"checkpoint {str(path)!r} holds model {ckpt['arch']}, not {arch}")
-        arch = ckpt["arch"]
+        if arch is not None and arch != ckpt["arch"]:
+            note(f"checkpoint {str(path)} was saved from {ckpt['arch']}; loading it into {arch}")
+        arch = arch or ckpt["arch"]
         num_classes = ckpt["num_classes"]
-        if get_spec(arch).stems:  # the stem it was trained with, whatever size it now sees
+        if not is_external(arch) and get_spec(arch).stems:  # the stem it was trained with, whatever size it sees
             stem = ckpt.get("stem") or default_stem(ckpt["image_size"])
         image_size = image_size or ckpt["image_size"]
         mean = mean if mean is not None else ckpt["mean"]
@@ -208,7 +210,7 @@ def model_from_checkpoint(ckpt: dict, path: str | os.PathLike, arch: str | None 
             raise FastablateError(f"checkpoint {str(path)!r} is a bare state_dict: name its model with --model")
         if mean is None or std is None:
             raise FastablateError(f"checkpoint {str(path)!r} carries no normalization: give --mean and --std")
-        if num_classes is None:
+        if num_classes is None and not is_external(arch):  # an external model's outputs say it
             weights = [v for k, v in ckpt["state_dict"].items() if k.endswith("weight") and v.dim() == 2]
             num_classes = weights[-1].shape[0] if weights else 10
     head, dropout, after = ckpt.get("head", "linear"), ckpt.get("dropout", 0.0), ckpt.get("dropout_after")
@@ -216,9 +218,15 @@ def model_from_checkpoint(ckpt: dict, path: str | os.PathLike, arch: str | None 
         head = ",".join(f"dropout:{dropout:g},linear:{w},relu" for w in head[4:].split(",")) + \
             f",dropout:{dropout:g},linear"                                       # every linear layer
         after = []
-    model = build_model(arch, num_classes, image_size=image_size or 32, mean=mean, std=std, head=head,
-                        dropout=dropout, stochastic_depth=ckpt.get("stochastic_depth", 1.0), stem=stem,
-                        dropout_after=None if after is None else after)
+    try:
+        model = build_model(arch, num_classes, image_size=image_size or 32, mean=mean, std=std, head=head,
+                            dropout=dropout, stochastic_depth=ckpt.get("stochastic_depth", 1.0), stem=stem,
+                            dropout_after=None if after is None else after)
+    except FastablateError as e:
+        if not (is_external(arch) and arch == ckpt["arch"]):
+            raise
+        raise FastablateError(f"checkpoint {str(path)!r} was saved from model {arch}: {e}; if its file moved, give "
+                              "--model NEWPATH:FACTORY") from None
     load_state(model.net, ckpt["state_dict"], arch, path)
     model.meta = ckpt.get("meta") or {}
     model.classes = ckpt.get("classes")

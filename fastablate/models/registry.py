@@ -6,6 +6,7 @@ own file (``cifar_resnet.py``, ``torchvision_nets.py``), as timm's families do.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
@@ -33,7 +34,8 @@ def default_stem(image_size: int) -> str:
     return "cifar" if image_size <= SMALL_INPUT else "imagenet"
 
 # Families of names (``resnet26``): (resolve, the pattern as a user reads it); resolve(name)
-# returns (family, build, description), None for a name not of its form, or raises ValueError.
+# returns (family, build, description) or a ModelSpec, None for a name not of its form, or
+# raises ValueError.
 PATTERNS: list[tuple[Callable[[str], tuple | None], str]] = []
 
 
@@ -47,6 +49,39 @@ def register_model(name: str, family: str, build: Callable[..., nn.Module], desc
 def register_model_pattern(resolve: Callable[[str], tuple | None], pattern: str) -> None:
     """Add a family of names the registry does not list one by one (any depth of a family)."""
     PATTERNS.append((resolve, pattern))
+
+
+def is_external(name: str) -> bool:
+    """A timm or user-factory spec (``timm:NAME``, ``file.py:factory``), not a registry name."""
+    return ":" in name
+
+
+def short_name(arch: str) -> str:
+    """How results call a model: a file spec by its file's name, anything else as it is."""
+    where, _, factory = arch.rpartition(":")
+    return f"{Path(where).name}:{factory}" if where.endswith(".py") else arch
+
+
+def outputs(net: nn.Module, image_size: int, channels: int = 3) -> int:
+    """The number of outputs of ``net`` for one image (its class count)."""
+    was = net.training
+    net.eval()
+    try:
+        p = next(net.parameters(), None)
+        with torch.no_grad():
+            out = net(torch.zeros(1, channels, image_size, image_size,
+                                  device=p.device if p is not None else "cpu"))
+    except Exception as e:
+        raise FastablateError(f"the model cannot take a {image_size}x{image_size} image: {type(e).__name__}: "
+                              f"{str(e).splitlines()[0] if str(e) else ''}") from None
+    finally:
+        net.train(was)
+    if not isinstance(out, torch.Tensor) or out.dim() != 2:
+        raise FastablateError(f"the model returns {type(out).__name__}"
+                              f"{' of shape ' + str(tuple(out.shape)) if isinstance(out, torch.Tensor) else ''}; "
+                              "the studies need logits of shape (batch, classes)")
+    return out.shape[1]
+
 
 
 class NormalizedModel(nn.Module):
@@ -67,7 +102,8 @@ class NormalizedModel(nn.Module):
         self.head, self.dropout = head, dropout  # how build_model made the head (checkpoints record it)
         self.dropout_after = tuple(dropout_after)  # body modules followed by a dropout of ``dropout``
         self.stochastic_depth = stochastic_depth  # survival of the last residual unit (1.0: off)
-        self.name = arch if stochastic_depth >= 1.0 else f"{arch} (stochastic depth {stochastic_depth:g})"
+        shown = short_name(arch)
+        self.name = shown if stochastic_depth >= 1.0 else f"{shown} (stochastic depth {stochastic_depth:g})"
         self.classes: list[str] | None = None  # class names, when known (checkpoints carry them)
         self.meta: dict = {}
         self.register_buffer("mean", torch.tensor(list(mean), dtype=torch.float32).view(1, -1, 1, 1))
@@ -86,7 +122,7 @@ class NormalizedModel(nn.Module):
 
 def _normalized_parts(m: NormalizedModel) -> ModelParts:
     inner = model_parts(m.net)
-    return ModelParts(lambda x: inner.stem(m.normalize(x)), inner.blocks, inner.head)
+    return ModelParts(lambda x: inner.stem(m.normalize(x)), inner.blocks, inner.head, inner.block_parts)
 
 
 register_model_adapter(NormalizedModel, _normalized_parts)
@@ -104,21 +140,25 @@ def get_spec(name: str) -> ModelSpec:
             found = resolve(name)
         except ValueError as e:
             raise FastablateError(f"unknown model {name!r}: {e}") from None
+        if isinstance(found, ModelSpec):
+            return found
         if found is not None:
             return ModelSpec(name, *found)
     patterns = "".join(f"; or {p}" for _, p in PATTERNS)
     raise FastablateError(f"unknown model {name!r}; choose from: {', '.join(MODELS)}{patterns}")
 
 
-def build_model(name: str, num_classes: int = 10, *, image_size: int = 32,
+def build_model(name: str, num_classes: int | None = 10, *, image_size: int = 32,
                 mean: Sequence[float] = (0.5, 0.5, 0.5), std: Sequence[float] = (0.5, 0.5, 0.5),
                 head: str = "linear", dropout: float = 0.0, stochastic_depth: float = 1.0,
                 stem: str | None = None, dropout_after: Sequence[str] | None = None) -> NormalizedModel:
     """A freshly initialized registry model, wrapped with its input normalization.
 
     Args:
-        name: a registry name (``fastablate models`` lists them).
-        num_classes: outputs of the final linear layer.
+        name: a registry name (``fastablate models`` lists them), ``timm:NAME`` or a factory
+            (``path/to/file.py:factory``, ``package.module:factory``).
+        num_classes: outputs of the final linear layer; None: whatever the factory of an
+            external model gives (a registry model needs it).
         image_size: input height/width in pixels; picks the CIFAR (up to 64 px) or ImageNet stem
             of the models with both.
         stem: ``cifar`` or ``imagenet`` whatever the size (torchvision ResNets, their plain
@@ -136,7 +176,10 @@ def build_model(name: str, num_classes: int = 10, *, image_size: int = 32,
     from fastablate.models.transfer import dropout_after as add_dropout, head_spec, parse_head, set_head
 
     spec = get_spec(name)
-    if num_classes < 1:
+    name = spec.name  # a file factory by its absolute path
+    if num_classes is None and not is_external(name):
+        raise FastablateError(f"model {name}: num_classes is needed")
+    if num_classes is not None and num_classes < 1:
         raise FastablateError(f"num_classes must be >= 1, got {num_classes}")
     if stem is not None and stem not in STEMS:
         raise FastablateError(f"--stem {stem!r}: choose from {', '.join(STEMS)}")
@@ -148,6 +191,12 @@ def build_model(name: str, num_classes: int = 10, *, image_size: int = 32,
         net = spec.build(num_classes, image_size, stem)
     else:
         net = spec.build(num_classes, image_size)
+    if is_external(name):
+        found = outputs(net, image_size)
+        if num_classes is not None and found != num_classes:
+            raise FastablateError(f"model {short_name(name)} gives {found} outputs, not {num_classes}: its factory "
+                                  "does not take num_classes; make one that does, or use data of that many classes")
+        num_classes = found
     places = ("head",) if dropout_after is None else tuple(dropout_after)
     body = tuple(n for n in places if n != "head")
     try:

@@ -34,7 +34,7 @@ from fastablate.engines.core.distributed import all_max, all_sum
 from fastablate.engines.core.protocol import Study
 from fastablate.engines.core.runtime import Runtime, check_finite, hash_seed, model_name, my_batches, slug, table
 from fastablate.engines.core.spec import Choice, Float, Int, List, Spec, Text, applies, one_of, option
-from fastablate.engines.studies.noise import NoiseInjector, conv_layers
+from fastablate.engines.studies.noise import LAYER_KINDS, LAYER_WORDS, NoiseInjector, conv_layers
 from fastablate.errors import FastablateError
 from fastablate.modes import eval_mode
 
@@ -61,6 +61,8 @@ class FeaturesSpec(Spec):
     noise_at: Optional[tuple[str, ...]] = option(None, "Noise view: these conv layers, e.g. conv1,layer3.2.conv2.",
                                                  type=List(Text()))
     noise_relative: bool = option(False, "Noise view: --noise-sigma times each layer's activation std.")
+    noise_on: str = option("conv", "Noise view: the layers noise goes on: conv, linear (a transformer's) or all.",
+                           type=Choice(*LAYER_KINDS))
     compare_layers: tuple = option((), "The layers of a --compare model paired one to one with --layers "
                                        "(repeatable: one list per --compare model, in order), e.g. "
                                        "features.0,features.10 beside conv1,layer1 [default: each model's own, "
@@ -72,23 +74,40 @@ class FeaturesSpec(Spec):
         one_of(self, ("examples", "noise_sigma"), "choose what the clean maps are compared with")
         if self.noise_sigma and not (self.noise_layers or self.noise_at):
             raise FastablateError("--noise-sigma needs the layers to perturb: --noise-layers N or --noise-at NAME,..")
-        applies(self, ("noise_layers", "noise_at", "noise_relative"), self.noise_sigma is not None,
+        applies(self, ("noise_layers", "noise_at", "noise_relative", "noise_on"), self.noise_sigma is not None,
                 "the noise view (--noise-sigma), which is not given")
         if self.examples and self.index is not None:
             raise FastablateError("--index picks images of the split; with --examples the images are the "
                                   "examples' fooled ones: use --images")
 
 
+MAX_PREFIX_TOKENS = 8  # class, distillation and register tokens before a transformer's patch tokens
+
+
+def token_grid(a: Tensor) -> tuple[Tensor, int] | None:
+    """A transformer's tokens ``(N, prefix + h*w, C)`` as the patch grid ``(N, C, h, w)`` with
+    the number of prefix tokens (class, distillation, registers); None for any other shape."""
+    if a.dim() != 3:
+        return None
+    n, tokens, c = a.shape
+    for prefix in range(min(MAX_PREFIX_TOKENS, tokens - 4) + 1):
+        side = math.isqrt(tokens - prefix)
+        if side * side == tokens - prefix:
+            return a[:, prefix:].transpose(1, 2).reshape(n, c, side, side), prefix
+    return None
+
+
 def layer_shapes(model: nn.Module, image_size: int) -> dict[str, tuple[int, ...]]:
     """Module name -> output shape (one image) of every named module of the net whose output
-    is a tensor, in forward order."""
+    is a tensor, in forward order (a transformer's tokens as their patch grid, C x h x w)."""
     net = getattr(model, "net", model)
     shapes: dict[str, tuple[int, ...]] = {}
 
     def keep(name):
         def hook(module, inputs, output):  # returns None: the output stays as it is
             if isinstance(output, Tensor) and name not in shapes:
-                shapes[name] = tuple(output.shape[1:])
+                grid = token_grid(output)
+                shapes[name] = tuple((grid[0] if grid else output).shape[1:])
         return hook
     hooks = [m.register_forward_hook(keep(n)) for n, m in net.named_modules() if n]
     p = next(model.parameters())
@@ -103,11 +122,12 @@ def layer_shapes(model: nn.Module, image_size: int) -> dict[str, tuple[int, ...]
 
 def default_layers(model: nn.Module, shapes: dict[str, tuple]) -> list[str]:
     """The first conv layer, then the output of each stage: the top-level modules holding
-    units (layer1, layer2, ...), or for a VGG the last conv before each change of resolution."""
+    units (layer1, layer2, ...); for a VGG the last conv before each change of resolution;
+    where one module holds every unit (a transformer's blocks), four blocks evenly spaced."""
     from fastablate.units import units
 
     net = getattr(model, "net", model)
-    first_conv = next(n for n, m in net.named_modules() if isinstance(m, nn.Conv2d))
+    first_conv = next((n for n, m in net.named_modules() if isinstance(m, nn.Conv2d)), None)
     view = units(model).units
     stages = []
     for i, u in enumerate(view):
@@ -117,7 +137,10 @@ def default_layers(model: nn.Module, shapes: dict[str, tuple]) -> list[str]:
                 stages.append(u.name)
         elif top not in stages:
             stages.append(top)
-    return [first_conv] + [s for s in stages if s != first_conv]
+    if len(stages) == 1 and len(view) > 1:
+        blocks = list(dict.fromkeys(".".join(u.name.split(".")[:2]) for u in view))
+        stages = [blocks[round(k * len(blocks) / 4) - 1] for k in range(1, 5)] if len(blocks) >= 4 else blocks
+    return [n for n in [first_conv] + [s for s in stages if s != first_conv] if n in shapes]
 
 
 def resolve_layers(model: nn.Module, spec: FeaturesSpec, image_size: int, index: int = 0) -> list[str]:
@@ -143,7 +166,9 @@ def resolve_layers(model: nn.Module, spec: FeaturesSpec, image_size: int, index:
 
 
 class Recorder:
-    """Forward hooks keeping the outputs of the named layers of the last forward pass."""
+    """Forward hooks keeping the outputs of the named layers of the last forward pass. A
+    transformer's tokens are kept as their patch grid, and the layer passes on the same
+    tokens rebuilt from it, so a gradient (Grad-CAM) reaches the grid."""
 
     def __init__(self, model: nn.Module, names: Sequence[str]):
         net = getattr(model, "net", model)
@@ -152,7 +177,13 @@ class Recorder:
 
     def _keep(self, name: str):
         def hook(module, inputs, output):
-            self.out[name] = output
+            grid = token_grid(output) if isinstance(output, Tensor) else None
+            if grid is None:
+                self.out[name] = output
+                return None
+            grid, prefix = grid
+            self.out[name] = grid
+            return torch.cat([output[:, :prefix], grid.flatten(2).transpose(1, 2)], 1)
         return hook
 
     def remove(self) -> None:
@@ -272,18 +303,19 @@ class FeaturesResult:
 
 
 def noise_layer_indices(model: nn.Module, spec: FeaturesSpec, seed: int) -> list[int]:
-    """The conv layers the noise view perturbs: --noise-at, or --noise-layers N chosen by the seed."""
-    names = [n for n, _ in conv_layers(model)]
+    """The layers the noise view perturbs: --noise-at, or --noise-layers N chosen by the seed."""
+    names, kind = [n for n, _ in conv_layers(model, spec.noise_on)], LAYER_WORDS[spec.noise_on]
     if not names:
-        raise FastablateError(f"the noise view perturbs conv layers; {model_name(model)} has none")
+        raise FastablateError(f"the noise view perturbs {kind} layers; {model_name(model)} has none")
     if spec.noise_at:
         unknown = [a for a in spec.noise_at if a not in names]
         if unknown:
-            raise FastablateError(f"--noise-at: {model_name(model)} has no conv layer {unknown[0]!r}; conv layers are: "
-                                  f"{', '.join(names[:12])}{' ...' if len(names) > 12 else ''}")
+            raise FastablateError(f"--noise-at: {model_name(model)} has no {kind} layer {unknown[0]!r}; {kind} layers "
+                                  f"are: {', '.join(names[:12])}{' ...' if len(names) > 12 else ''}")
         return [names.index(a) for a in spec.noise_at]
     if spec.noise_layers > len(names):
-        raise FastablateError(f"--noise-layers {spec.noise_layers}: {model_name(model)} has {len(names)} conv layers")
+        raise FastablateError(f"--noise-layers {spec.noise_layers}: {model_name(model)} has {len(names)} {kind} "
+                              "layers")
     return sorted(random.Random(f"{seed}:features-noise").sample(range(len(names)), spec.noise_layers))
 
 
@@ -314,7 +346,7 @@ def run_features(model: nn.Module, data: FeaturesData, spec: FeaturesSpec, runti
     change, relative, noise = {}, {}, {}
     if data.x_adv is not None or spec.noise_sigma:
         if spec.noise_sigma:  # the same images through the model with noise on some conv layers
-            injector = NoiseInjector(model)
+            injector = NoiseInjector(model, on=spec.noise_on)
             try:
                 noise = noise_view(injector, model, x, spec, runtime.seed)
                 adv_maps, adv_pred = layer_maps(model, names, x, spec.method)

@@ -30,7 +30,7 @@ from fastablate.data import ImageSet, batches
 from fastablate.engines.core.distributed import all_sum
 from fastablate.engines.core.protocol import Study
 from fastablate.engines.core.runtime import Runtime, check_finite, hash_seed, model_name, my_batches, progress, table
-from fastablate.engines.core.spec import Float, Int, List, Spec, Text, applies, one_of, option
+from fastablate.engines.core.spec import Choice, Float, Int, List, Spec, Text, applies, one_of, option
 from fastablate.errors import FastablateError
 from fastablate.modes import eval_mode
 from fastablate.ops import gaussian_noise
@@ -40,27 +40,34 @@ from fastablate.plots import finish, pyplot
 CIFAR_C_GAUSSIAN = (0.04, 0.06, 0.08, 0.09, 0.10)
 
 
-def conv_layers(model: nn.Module) -> list[tuple[str, nn.Conv2d]]:
-    """The model's conv layers in registration order (their order in the forward pass for
-    the registry models and torchvision ResNets/VGGs)."""
+LAYER_KINDS = {"conv": (nn.Conv2d,), "linear": (nn.Linear,), "all": (nn.Conv2d, nn.Linear)}
+LAYER_WORDS = {"conv": "conv", "linear": "linear", "all": "conv and linear"}
+
+
+def conv_layers(model: nn.Module, on: str = "conv") -> list[tuple[str, nn.Module]]:
+    """The layers noise goes on, in registration order (their order in the forward pass for
+    the registry models and torchvision ResNets/VGGs): conv layers; with ``on``, linear
+    layers (a transformer's) or both."""
     net = getattr(model, "net", model)
-    return [(name, m) for name, m in net.named_modules() if isinstance(m, nn.Conv2d)]
+    return [(name, m) for name, m in net.named_modules() if isinstance(m, LAYER_KINDS[on])]
 
 
 stream_seed = hash_seed  # the Philox key of a (run seed, trial, layer) stream
 
 
 class NoiseInjector:
-    """Forward hooks on every conv layer; ``active`` maps a layer index to (sigma, seed).
+    """Forward hooks on every conv layer (every layer of ``on``: conv, linear, all); ``active``
+    maps a layer index to (sigma, seed).
 
     Set ``row`` to the index of the first image of the batch before each forward, so the
     noise of an image does not depend on how the data is batched.
     """
 
-    def __init__(self, model: nn.Module, op: Callable = gaussian_noise):
-        self.layers = conv_layers(model)
+    def __init__(self, model: nn.Module, op: Callable = gaussian_noise, on: str = "conv"):
+        self.layers = conv_layers(model, on)
         if not self.layers:
-            raise FastablateError(f"model {type(model).__name__} has no conv layer to perturb")
+            raise FastablateError(f"model {model_name(model)} has no {LAYER_WORDS[on]} layer to perturb"
+                                  + ("; --noise-on linear or all perturbs linear layers" if on == "conv" else ""))
         self.op = op
         self.active: dict[int, tuple[float, int]] = {}
         self.row = 0
@@ -142,6 +149,8 @@ class NoiseSpec(Spec):
     sigma: tuple[float, ...] = option((), "Noise std values, e.g. 0.1,0.5,1.0.", type=List(Float(0, 1e6)),
                                       flag="--noise-sigma")
     relative: bool = option(False, "sigma times each layer's activation std.", flag="--noise-relative")
+    on: str = option("conv", "The layers noise goes on: conv, linear (a transformer's) or all.",
+                     type=Choice(*LAYER_KINDS), flag="--noise-on")
     input_severities: tuple[int, ...] = option((), "Noise on the images: CIFAR-10-C gaussian_noise severities, "
                                                    "e.g. 1,3,5.", type=List(Int(1, 5)), flag="--input-noise")
     trials: int = option(10, "Trials per grid point.", type=Int(min=1, max=100_000))
@@ -157,6 +166,7 @@ class NoiseSpec(Spec):
         if self.relative and not self.sigma:
             raise FastablateError("--noise-relative scales --noise-sigma, which is not given")
         applies(self, "p", bool(self.sigma), "noise on conv layers (--noise-sigma), which is not given")
+        applies(self, "on", bool(self.sigma), "noise on layers (--noise-sigma), which is not given")
 
 
 @dataclass
@@ -189,20 +199,24 @@ class NoiseResult:
 
 def resolve_layers(spec: NoiseSpec, names: list[str], name: str) -> list[int | str]:
     """The grid's layer settings: each n of ``spec.layers``, or one named/every-n set."""
+    kind = LAYER_WORDS[spec.on]
+    if not names:
+        raise FastablateError(f"--noise-sigma: {name} has no {kind} layer to perturb"
+                              + ("; --noise-on linear or all perturbs linear layers" if spec.on == "conv" else ""))
     if spec.at:
         unknown = [a for a in spec.at if a not in names]
         if unknown:
-            raise FastablateError(f"--noise-at: {name} has no conv layer {unknown[0]!r}; "
-                                  f"conv layers are: {', '.join(names)}")
+            raise FastablateError(f"--noise-at: {name} has no {kind} layer {unknown[0]!r}; "
+                                  f"{kind} layers are: {', '.join(names)}")
         return [",".join(spec.at)]
     if spec.every:
         if spec.every > len(names):
-            raise FastablateError(f"--noise-every {spec.every}: {name} has {len(names)} conv layers, so no layer "
+            raise FastablateError(f"--noise-every {spec.every}: {name} has {len(names)} {kind} layers, so no layer "
                                   f"would be perturbed; n must be in 1..{len(names)}")
         return [f"every {spec.every}"]
     for n in spec.layers:
         if not 1 <= n <= len(names):
-            raise FastablateError(f"--noise-layers {n}: {name} has {len(names)} conv layers, "
+            raise FastablateError(f"--noise-layers {n}: {name} has {len(names)} {kind} layers, "
                                   f"so n must be in 1..{len(names)}")
     return list(spec.layers)
 
@@ -247,7 +261,7 @@ def run_noise(model: nn.Module, ds: ImageSet, spec: NoiseSpec, runtime: Runtime,
     """Clean accuracy, then every grid point over ``spec.trials`` trials."""
     start = time.perf_counter()
     name, seed = model_name(model), runtime.seed
-    injector = NoiseInjector(model, op)
+    injector = NoiseInjector(model, op, spec.on)
     names = [n for n, _ in injector.layers]
     try:
         with eval_mode(model):
@@ -360,7 +374,7 @@ class NoiseStudy(Study):
     def check(self, models, data, spec):
         for m in models:  # bad layer choices fail before anything is written
             if spec.sigma:
-                resolve_layers(spec, [n for n, _ in conv_layers(m)], model_name(m))
+                resolve_layers(spec, [n for n, _ in conv_layers(m, spec.on)], model_name(m))
 
     def run(self, model, data, spec, runtime):
         return run_noise(model, data, spec, runtime)
