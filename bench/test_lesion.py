@@ -7,6 +7,7 @@ the pixels or on training, so the models keep their seeded initial weights.
 
 Run: python -m pytest bench/test_lesion.py --benchmark-only --benchmark-json=lesion.json
 """
+import importlib.util
 import os
 from pathlib import Path
 
@@ -20,7 +21,10 @@ from fastablate.models import build_model
 from fastablate.units import units
 
 # (model, images): ResNet-56 on 2,000 images; the others on fewer, to keep the naive loop's run short.
-CASES = [("resnet56", 2000), ("resnet20", 500), ("resnet110", 200), ("resnet18", 200)]
+# ViT-Tiny (timm, patch 4 on 32x32 images: 65 tokens): 24 discovered units, attention and MLP of each block.
+VIT_TINY = "timm:vit_tiny_patch16_224,patch_size=4"
+CASES = [("resnet56", 2000), ("resnet20", 500), ("resnet110", 200), ("resnet18", 200)] + \
+    ([(VIT_TINY, 200)] if importlib.util.find_spec("timm") else [])
 BATCH = 128
 
 
@@ -58,7 +62,7 @@ def _peak_rss_mib():
 
 
 @pytest.mark.parametrize("impl", ["naive", "fastablate"])
-@pytest.mark.parametrize("name, n", CASES, ids=[f"{m}-{n}" for m, n in CASES])
+@pytest.mark.parametrize("name, n", CASES, ids=[f"{'vit-tiny' if m == VIT_TINY else m}-{n}" for m, n in CASES])
 def test_lesion_all_single(benchmark, name, n, impl):
     torch.manual_seed(0)
     ds = _images(int(os.environ.get("FASTABLATE_BENCH_IMAGES", n)))

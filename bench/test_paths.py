@@ -5,6 +5,7 @@ explicitly, on the same images.
 
 Run: python -m pytest bench/test_paths.py --benchmark-only --benchmark-columns=median,iqr,rounds
 """
+import importlib.util
 import random
 from contextlib import nullcontext
 
@@ -17,11 +18,15 @@ from fastablate.modes import affine_batchnorm
 from fastablate.units import units
 
 # model, unit sets per pass, images per set; the first three at the paths defaults (--sets 64 --images 8)
-CASES = [("resnet20", 64, 8), ("resnet56", 64, 8), ("resnet110", 64, 8), ("resnet56", 16, 8), ("resnet56", 16, 16)]
+# ViT-Tiny (timm, patch 4: 65 tokens): 24 discovered units, attention and MLP of each block.
+VIT_TINY = "timm:vit_tiny_patch16_224,patch_size=4"
+CASES = [("resnet20", 64, 8), ("resnet56", 64, 8), ("resnet110", 64, 8), ("resnet56", 16, 8), ("resnet56", 16, 16)] + \
+    ([(VIT_TINY, 64, 8)] if importlib.util.find_spec("timm") else [])
 
 
 @pytest.mark.parametrize("impl", ["naive", "fastablate"])
-@pytest.mark.parametrize("name, samples, images", CASES, ids=[f"{m}-{s}x{i}" for m, s, i in CASES])
+@pytest.mark.parametrize("name, samples, images", CASES,
+                         ids=[f"{'vit-tiny' if m == VIT_TINY else m}-{s}x{i}" for m, s, i in CASES])
 def test_path_gradients(benchmark, name, samples, images, impl):
     torch.manual_seed(0)
     model = build_model(name).eval()

@@ -22,6 +22,9 @@ def click_option(opt, default) -> click.Option:
     decls = [opt.flag, opt.key]
     if isinstance(opt.type, Flag):
         return click.Option(decls, is_flag=True, default=False, help=opt.help)
+    if opt.flag_value is not None:  # the flag alone stands for flag_value
+        return click.Option(decls, type=click.UNPROCESSED, default=None, is_flag=False, flag_value=opt.flag_value,
+                            metavar=f"[{opt.metavar or opt.type.metavar}]", help=opt.help + shown)
     return click.Option(decls, type=click.UNPROCESSED, default=() if opt.multiple else None, multiple=opt.multiple,
                         metavar=opt.metavar or opt.type.metavar, help=opt.help + shown)
 

@@ -80,10 +80,10 @@ def write_csv(path: Path, rows: Iterable[dict]) -> Path:
 RUN_FILE = "run.json"
 # What runs write into their directory; replacing a run removes these and nothing else.
 OUTPUTS = ("run.json", "results.json", "results.csv", "metrics.csv", "model.pt", "last.pt", "plots", "adversarial*.pt",
-           "trajectory*.pt")
-# Options that do not change what a run computes, only where it writes and how fast: a rerun
-# with others is the same run, a sweep point with others the same point.
-VOLATILE = ("out", "workers", "device", "force")
+           "trajectory*.pt", "tensorboard")
+# Options that do not change what a run computes, only where it writes (and logs) and how fast:
+# a rerun with others is the same run, a sweep point with others the same point.
+VOLATILE = ("out", "workers", "device", "force", "tensorboard", "mlflow")
 
 
 def read_run(folder: str | os.PathLike) -> dict | None:

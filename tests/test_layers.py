@@ -20,7 +20,8 @@ LAYERS = {"fastablate.__main__": 8, "fastablate.cli": 8, "fastablate.commands": 
 # Ranks inside a package: a module imports modules of its rank or below. Modules not listed
 # rank with the package's __init__ (0).
 RANKS = {
-    "fastablate.engines.core": {"spec": 0, "distributed": 0, "runtime": 1, "setup": 2, "protocol": 3, "runner": 4},
+    "fastablate.engines.core": {"spec": 0, "distributed": 0, "tracking": 0, "runtime": 1, "setup": 2, "protocol": 3,
+                                "runner": 4},
     "fastablate.engines.studies": {"feature_plots": 0, "evaluate": 1, "attacks": 2, "noise": 2, "lesion": 2,
                                    "paths": 2, "features": 3, "trainer": 3, "train": 4},
     "fastablate.engines.workflows": {"report": 0, "compare": 0, "sweep": 1, "study": 2, "robust": 3},

@@ -61,6 +61,7 @@ def run_study(study: Study, setup: Setup, spec: Spec, *, progress: bool = False)
     models = study.load_models(setup, spec, data, runtime)
     study.check(models, data, spec)
     config = run_config(study, setup, spec)
+    tracker = setup.tracker() if rank == 0 else None  # an unreachable tracking store fails before any file
     out = Path(dist.broadcast(str(setup.out or default_out(study.command))))  # one folder, named by process 0
     run = RunDir(out, study.command, config, device=str(runtime.device), seed=setup.seed,
                  info={**study.run_info(models, data, spec), **({"world_size": world} if world > 1 else {})})
@@ -73,16 +74,22 @@ def run_study(study: Study, setup: Setup, spec: Spec, *, progress: bool = False)
     refused = dist.broadcast(refused)
     if refused:
         raise error if error is not None else FastablateError(refused)
+    if tracker:
+        tracker.start(out, out.name, config)
     try:
-        results = execute(study, models, data, spec, runtime.with_(out=out), run.timings)
+        results = execute(study, models, data, spec, runtime.with_(out=out, tracker=tracker or None), run.timings)
         document = write_outputs(run, study, results, spec, runtime.with_(out=out)) if rank == 0 else \
             study.document(results, spec)
     except BaseException as e:
         if rank == 0:
             run.finish(error=f"{type(e).__name__}: {e}")
+            if tracker:
+                tracker.finish(status="FAILED")
         raise
     if rank == 0:
         run.finish()
+        if tracker:
+            tracker.finish(study.metrics(document))
     return Outcome(run.path, results, document, study.report(results, spec))
 
 

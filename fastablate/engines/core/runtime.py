@@ -7,7 +7,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence, TypeVar
+from typing import Any, Iterable, Iterator, Sequence, TypeVar
 
 import torch
 from torch import Tensor, nn
@@ -30,6 +30,7 @@ class Runtime:
     out: Path | None = None  # the run directory, for files a study writes as it goes
     suffix: str = ""  # appended to the names of those files ("" for the first model of a run)
     model_index: int = 0  # which model of the run: 0 the first, i the i-th --compare model
+    tracker: Any = None  # where a run logs as it goes (engines.core.tracking.Tracker), on process 0
 
     def with_(self, **changes) -> "Runtime":
         return replace(self, **changes)

@@ -15,6 +15,7 @@ import torch
 from fastablate.data import ImageSet, build_dataset
 from fastablate.engines.core.runtime import Runtime, check_finite
 from fastablate.engines.core.spec import Choice, Float, Int, List, ModelFile, Spec, Text, option
+from fastablate.engines.core.tracking import LOCAL_MLFLOW, Tracker
 from fastablate.errors import FastablateError
 from fastablate.models import NormalizedModel, build_model
 from fastablate.models.checkpoint import FORMAT, model_from_checkpoint, read_checkpoint
@@ -46,6 +47,11 @@ class Setup(Spec):
     out: Optional[str] = option(None, "Output directory [default: runs/<command>-<timestamp>].", type=Text("DIR"))
     force: bool = option(False, "Replace what --out holds (another run, other files) instead of refusing.")
     download: bool = option(False, "Let torchvision download CIFAR when absent.")
+    tensorboard: bool = option(False, "Log to TensorBoard: event files in the run directory's tensorboard/ "
+                                      "(scalars per epoch and step, the plots, the config as hparams).")
+    mlflow: Optional[str] = option(None, "Log to MLflow at URI (a tracking server, or a local store; the flag "
+                                         f"alone: {LOCAL_MLFLOW}): params, metrics per epoch, the run directory.",
+                                   type=Text("URI"), flag_value=LOCAL_MLFLOW)
     compare: tuple[str, ...] = option((), "A checkpoint run through the same study on the same images and drawn "
                                           "on the same plots (repeatable); MODEL=FILE names the model of a "
                                           "foreign state_dict, e.g. resnet32=peer.th.", type=ModelFile(),
@@ -56,6 +62,10 @@ class Setup(Spec):
             raise FastablateError("--mean and --std go together: give both or neither")
         if self.mean is not None and len(self.mean) != len(self.std):
             raise FastablateError(f"--mean has {len(self.mean)} values and --std {len(self.std)}: give one per channel")
+
+    def tracker(self) -> Tracker:
+        """The tracking backends the options ask for (checked now: an unreachable store fails here)."""
+        return Tracker(self.tensorboard, self.mlflow)
 
     def runtime(self, progress: bool = False) -> Runtime:
         return Runtime(device=resolve_device(self.device), batch_size=self.batch_size, workers=self.workers,

@@ -277,6 +277,7 @@ class Option:
     metavar: str | None = None
     cli: bool = True  # exposed as a command-line option
     role: str | None = None  # "input" or "output" for file paths: a run never writes over an input
+    flag_value: Any = None  # the value of the flag given without one (``--mlflow`` alone)
 
     @property
     def key(self) -> str:
@@ -285,14 +286,14 @@ class Option:
 
 
 def option(default: Any, help: str, *, type: Value | None = None, flag: str | None = None, multiple: bool = False,
-           metavar: str | None = None, cli: bool = True, role: str | None = None) -> Any:
+           metavar: str | None = None, cli: bool = True, role: str | None = None, flag_value: Any = None) -> Any:
     """A spec field: its default, help text, value type (inferred from the default when
     omitted) and flag (``--`` plus the field name with dashes, unless given)."""
     if type is None:
         type = Flag() if isinstance(default, bool) else Int() if isinstance(default, int) else \
             Float() if isinstance(default, float) else Text()
     meta = {"help": help, "type": type, "flag": flag, "multiple": multiple, "metavar": metavar, "cli": cli,
-            "role": role}
+            "role": role, "flag_value": flag_value}
     return field(default=default, metadata={"option": meta})
 
 
@@ -304,7 +305,7 @@ def spec_options(cls) -> list[tuple[str, Option, Any]]:
         if meta is None:
             continue
         opt = Option(meta["help"], meta["type"], meta["flag"] or "--" + f.name.replace("_", "-"), meta["multiple"],
-                     meta["metavar"], meta["cli"], meta["role"])
+                     meta["metavar"], meta["cli"], meta["role"], meta["flag_value"])
         out.append((f.name, opt, f.default if f.default is not MISSING else None))
     return out
 

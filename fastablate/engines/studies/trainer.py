@@ -147,6 +147,8 @@ def train(model: nn.Module, data, spec, runtime: Runtime):
         improved = keeper.update(row, trained)
         if not main:
             continue
+        if runtime.tracker:
+            runtime.tracker.epoch(row, epoch + 1)
         if not warned and divergence_warning(history):
             note(divergence_warning(history))
             warned = True
@@ -279,6 +281,8 @@ def train_one_epoch(model: nn.Module, forward: nn.Module, opt: torch.optim.Optim
         opt.step()
         if average is not None:
             average.update(model)
+        if runtime.tracker:
+            runtime.tracker.step({"train_loss": value, "lr": lr}, epoch * steps_per_epoch + i + 1)
         loss_sum += value * y.numel()
         correct += (logits.argmax(1) == y).sum().item()
         seen += y.numel()

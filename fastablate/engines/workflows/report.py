@@ -83,7 +83,7 @@ def noise_finding(doc: dict, figures: Path) -> Finding:
         for g in m["grid"]:
             if g["kind"] == "activation":
                 by_n.setdefault(g["layers"], []).append(clean - g["accuracy_mean"])
-                rows.append({"model": m["model"], "n": g["layers"], "sigma": g["sigma"], "clean": clean,
+                rows.append({"model": m["model"], "n": g["layers"], "p": g["p"], "sigma": g["sigma"], "clean": clean,
                              "accuracy": g["accuracy_mean"],
                              "ci95": f"{g['ci95'][0]:.3f}-{g['ci95'][1]:.3f}" if g["ci95"] else ""})
         drops[m["model"]] = {n: sum(v) / len(v) for n, v in by_n.items()}

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Optional
 
 from fastablate.engines.core.setup import Setup
+from fastablate.engines.core.tracking import tracked
 from fastablate.engines.core.spec import Choice, Float, Int, List, ModelFile, Spec, Text, one_of, option, spec_options
 from fastablate.errors import FastablateError, note
 from fastablate.results import RunDir, default_out, finished, read_run
@@ -119,10 +120,12 @@ def run_full_study(setup: Setup, spec: StudySpec, echo=print) -> tuple[Path, dic
         raise FastablateError("--only train: with --weights the models are given, there is nothing to train")
     parts: dict[str, Part] = {}
     base = replace(setup, compare=(), out=None, force=True)
-    config = {"setup": setup.to_dict(), "study": spec.to_dict()}
+    config = {"setup": {k: v for k, v in setup.to_dict().items() if k not in ("tensorboard", "mlflow")},
+              "study": spec.to_dict()}
     run = RunDir(out, "study", config, device=setup.device, seed=setup.seed)
     resume = (read_run(out) or {}).get("command") == "study"
-    with run.start(resume=resume, force=setup.force):
+    tracker = setup.tracker()  # the study's run; each part logs as its child
+    with run.start(resume=resume, force=setup.force), tracked(tracker, out, config):
         # The models: trained here (train-<model>/model.pt) or given.
         if given:
             checkpoints = [setup.weights, *setup.compare]

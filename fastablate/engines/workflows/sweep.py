@@ -30,6 +30,7 @@ from typing import Optional, Sequence
 
 from fastablate.engines.core.runtime import table
 from fastablate.engines.core.spec import Choice, Float, Int, List, NamedFiles, Spec, Text, applies, option, parse_value
+from fastablate.engines.core.tracking import Tracker, parent, tracked
 from fastablate.errors import FastablateError
 from fastablate.plots import pyplot, save
 from fastablate.results import VOLATILE, RunDir, default_out, finished, jsonable, read_run
@@ -134,7 +135,8 @@ def run_point(point: dict, out: str) -> dict:
         study, setup, spec = build(point)
         from dataclasses import replace
 
-        outcome = run_study(study, replace(setup, out=str(path)), spec)
+        with parent(point.get("parent") or {}):  # the sweep's tracking run, if any
+            outcome = run_study(study, replace(setup, out=str(path)), spec)
         return {**row, "status": "complete", "seconds": _seconds(path), **study.metrics(outcome.document)}
     except Exception as e:  # a failing point is recorded, the others go on
         if isinstance(e, FastablateError):
@@ -177,7 +179,10 @@ def run_sweep(study_name: str, setup: dict, spec: dict, axes: Sequence[Axis], sw
               "grid": {a.flag.lstrip("-"): list(a.values) for a in axes}, **sweep.to_dict()}
     resume = (read_run(out) or {}).get("command") == "sweep"
     rows: dict[str, dict] = {}
-    with RunDir(out, "sweep", config, device="-", seed=setup.get("seed", 0)).start(resume=resume) as run:
+    tracker = Tracker(setup.get("tensorboard", False), setup.get("mlflow"))  # the sweep's run; points its children
+    with RunDir(out, "sweep", config, device="-", seed=setup.get("seed", 0)).start(resume=resume) as run, \
+            tracked(tracker, out, config):
+        parent_ids = tracker.ids
         todo = []
         for pt in points:
             document = finished(out / "points" / pt["key"])
@@ -185,7 +190,7 @@ def run_sweep(study_name: str, setup: dict, spec: dict, axes: Sequence[Axis], sw
                 rows[pt["key"]] = {**_row(pt), "status": "complete", "seconds": _seconds(out / "points" / pt["key"]),
                                    **study.metrics(document)}
             else:
-                todo.append(pt)
+                todo.append({**pt, "parent": parent_ids})
         echo(f"sweep: {len(points)} points ({len(points) - len(todo)} complete already), {len(todo)} to run on "
              f"{sweep.backend}")
         if sweep.backend == "ray":
