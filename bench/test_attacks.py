@@ -22,11 +22,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from fastablate.data import batches, build_dataset
 from fastablate.engines.studies.attacks import RUNNERS, AttackSpec
-from fastablate.models.checkpoint import load_model
 
-IMAGES = int(os.environ.get("FASTABLATE_BENCH_IMAGES", 100))
 BUDGETS = (1, 5, 10, 24)
 
 
@@ -37,22 +34,6 @@ def _peer(name, model, k):
             "pixle": lambda: ta.Pixle(model, x_dimensions=(1, k), y_dimensions=(1, 1), restarts=20, max_iterations=10),
             "jsma": lambda: ta.JSMA(model, theta=1.0, gamma=k * 3 / (3 * h * w)),
             "sparsefool": lambda: ta.SparseFool(model, steps=10, lam=3, overshoot=0.02)}[name]()
-
-
-@pytest.fixture(scope="module")
-def setup():
-    weights = os.environ.get("FASTABLATE_BENCH_WEIGHTS")
-    root = Path(os.environ.get("FASTABLATE_BENCH_CIFAR", Path.home() / "data" / "cifar10-jpg"))
-    if not weights or not Path(weights).is_file() or not (root / "test").is_dir():
-        pytest.skip("set FASTABLATE_BENCH_WEIGHTS to a CIFAR-10 checkpoint and have the CIFAR-10 test set")
-    model = load_model(weights).eval()
-    for p in model.parameters():
-        p.requires_grad_(False)
-    ds = build_dataset("imagefolder", str(root), "test", limit=IMAGES)
-    x, y = next(batches(ds, len(ds)))
-    with torch.no_grad():
-        ok = model(x).argmax(1) == y
-    return model, x[ok], y[ok], len(ds)
 
 
 OURS = {"fastablate": dict(attack="sparse"),  # the CLI's defaults
@@ -74,8 +55,8 @@ def _verified(model, x, y, adv, k):
 
 @pytest.mark.parametrize("k", BUDGETS)
 @pytest.mark.parametrize("impl", [*OURS, "onepixel", "pixle", "jsma", "sparsefool"])
-def test_sparse_attacks(benchmark, setup, impl, k):
-    model, x, y, n = setup
+def test_sparse_attacks(benchmark, cifar_attack, impl, k):
+    model, x, y, n = cifar_attack
     if impl == "sparsefool" and k != BUDGETS[0]:
         pytest.skip("SparseFool takes no budget: one run, scored at every k by the report")
     benchmark.group = f"sparse attack {k} pixels cifar10 ({x.shape[0]} of {n} images correctly classified)"
@@ -101,10 +82,10 @@ def test_sparse_attacks(benchmark, setup, impl, k):
     benchmark.extra_info.update(info)
 
 
-def test_success_against_queries(setup):
+def test_success_against_queries(cifar_attack):
     """Success within q queries for sparse-rs (1,000) and the default's finish run to 10,000
     queries (its default budget is 300), k = 5."""
-    model, x, y, _ = setup
+    model, x, y, _ = cifar_attack
     curves = {}
     for impl, budget in (("fastablate-sparse-rs", 1000), ("fastablate", 10_000)):
         adv, steps, queries = _ours(model, x, y, impl, 5, queries=budget)

@@ -228,9 +228,9 @@ def _name(g: _Graph, names: list[str], prefix: str) -> str:
 
 def discover(net: nn.Module) -> ModelParts:
     """The stem, residual units and head of ``net``, found in its traced graph (cached per
-    model, device and dtype)."""
-    p = next(net.parameters(), None)
-    key = (p.device, p.dtype) if p is not None else None
+    model, device, dtype and set of submodules)."""
+    p = next(net.parameters(), None)  # moved, cast or rebuilt since: discovered again
+    key = (p.device, p.dtype) if p is not None else None, tuple(id(m) for m in net.modules())
     hit = _CACHE.get(net)
     if hit is not None and hit[0] == key:
         return hit[1]

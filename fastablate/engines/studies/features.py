@@ -128,7 +128,10 @@ def default_layers(model: nn.Module, shapes: dict[str, tuple]) -> list[str]:
 
     net = getattr(model, "net", model)
     first_conv = next((n for n, m in net.named_modules() if isinstance(m, nn.Conv2d)), None)
-    view = units(model).units
+    try:
+        view = units(model).units
+    except FastablateError:  # no units (a plain net without an adapter): the first conv alone
+        view = []
     stages = []
     for i, u in enumerate(view):
         top = u.name.split(".")[0]
