@@ -81,3 +81,33 @@ def test_untargeted(benchmark, cifar_attack, impl, queries):
 def test_targeted(benchmark, cifar_attack, impl, queries):
     benchmark.group = f"sparse-rs k={K} targeted {queries} queries ({cifar_attack[1].shape[0]} images)"
     _run(benchmark, cifar_attack, impl, queries, lambda y: (y + 1) % 10)
+
+
+class Timed(torch.nn.Module):
+    """The model, with the wall time of its forward passes summed."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model, self.seconds, self.calls = model, 0.0, 0
+
+    def forward(self, x):
+        start = time.perf_counter()
+        out = self.model(x)
+        self.seconds += time.perf_counter() - start
+        self.calls += 1
+        return out
+
+
+@pytest.mark.parametrize("impl", ["reference", "fastablate"])
+def test_time_outside_the_forward_pass(benchmark, cifar_attack, impl):
+    """The share of an attack's time spent outside the model's forward passes (candidate
+    sampling, the pixel write, the margin, acceptance, bookkeeping), 1,000 queries."""
+    model, x, y, _ = cifar_attack
+    timed = Timed(model)
+    fn = _reference if impl == "reference" else _ours
+    benchmark.group = f"sparse-rs k={K} 1000 queries: time outside the forward pass"
+    start = time.perf_counter()
+    benchmark.pedantic(fn, args=(timed, x, y, 1000, None), rounds=1, iterations=1)
+    total = time.perf_counter() - start
+    benchmark.extra_info.update(outside_share=round(1 - timed.seconds / total, 4), forward_s=round(timed.seconds, 3),
+                                total_s=round(total, 3), forward_calls=timed.calls)

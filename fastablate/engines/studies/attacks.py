@@ -350,12 +350,18 @@ def _rs_replaced(i: int, queries: int, k: int) -> int:
     return max(1, round(RS_SHARE / divisor * k))
 
 
-def set_pixels(x: Tensor, pix: Tensor, col: Tensor) -> Tensor:
-    """``x`` (n, C, H, W) with the pixels ``pix`` (n, k; flat indices) set to ``col`` (n, k, C)."""
+def set_pixels(x: Tensor, pix: Tensor, col: Tensor, *, owned: bool = False) -> Tensor:
+    """``x`` (n, C, H, W) with the pixels ``pix`` (n, k; flat indices) set to ``col`` (n, k, C);
+    ``owned``: ``x`` is a copy of the caller's own, written in place."""
     n, c, h, w = x.shape
-    out = x.reshape(n, c, h * w).clone()
+    out = x.reshape(n, c, h * w) if owned else x.reshape(n, c, h * w).clone()
     out.scatter_(2, pix[:, None, :].expand(n, c, pix.shape[1]), col.transpose(1, 2).to(x.dtype))
     return out.view(n, c, h, w)
+
+
+def _smallest(values: Tensor, m: int) -> Tensor:
+    """Indices of the ``m`` smallest values of each row, smallest first (``argsort()[:, :m]``)."""
+    return values.topk(m, dim=1, largest=False).indices
 
 
 def random_search(model: nn.Module, x: Tensor, y: Tensor, k: int, queries: int, target: Tensor | None,
@@ -378,7 +384,7 @@ def random_search(model: nn.Module, x: Tensor, y: Tensor, k: int, queries: int, 
     area, dev = h * w, x.device
     rows = torch.arange(n)
     if guide is None:
-        pix = torch.rand(n, area, generator=generator).argsort(1)[:, :k]
+        pix = _smallest(torch.rand(n, area, generator=generator), k)
         col = torch.randint(0, 2, (n, k, c), generator=generator).to(x.dtype)
         favour = corner = None
     else:
@@ -391,7 +397,7 @@ def random_search(model: nn.Module, x: Tensor, y: Tensor, k: int, queries: int, 
         if pool > 0:
             favour[rows[:, None], order[:, k:k + pool]] = pool * (1 - RS_GUIDED) / (RS_GUIDED * (area - pool))
     used = torch.ones(n, dtype=torch.long)
-    with torch.no_grad():
+    with torch.no_grad():  # cur is updated in place below: not an inference tensor
         cur = margin(model(set_pixels(x, pix.to(dev), col.to(dev))), y, target).cpu()
     live = cur <= 0
     for i in range(queries - 1):
@@ -404,17 +410,18 @@ def random_search(model: nn.Module, x: Tensor, y: Tensor, k: int, queries: int, 
         if favour is not None:
             draw *= favour[idx]
         draw[torch.arange(b)[:, None], p] = 2.0  # never a pixel of the set
-        new = draw.argsort(1)[:, :m]
-        where = torch.rand(b, k, generator=generator).argsort(1)[:, :m]
+        new = _smallest(draw, m)
+        where = _smallest(torch.rand(b, k, generator=generator), m)
         colours = torch.randint(0, 2, (b, m, c), generator=generator).to(x.dtype)
         if corner is not None:
             keep = torch.rand(b, m, 1, generator=generator) < RS_GUIDED
             colours = torch.where(keep, corner[idx[:, None], new], colours)
         r = torch.arange(b)[:, None]
         p[r, where], q[r, where] = new, colours
-        with torch.no_grad():
-            trial = margin(model(set_pixels(x[idx.to(dev)], p.to(dev), q.to(dev))), y[idx.to(dev)],
-                           None if target is None else target[idx.to(dev)]).cpu()
+        on = idx.to(dev)
+        with torch.inference_mode():  # trial is only read
+            trial = margin(model(set_pixels(x[on], p.to(dev), q.to(dev), owned=True)), y[on],
+                           None if target is None else target[on]).cpu()
         used[idx] += 1
         better = trial >= cur[idx]
         pix[idx[better]], col[idx[better]], cur[idx[better]] = p[better], q[better], trial[better]
