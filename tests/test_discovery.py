@@ -237,3 +237,31 @@ def test_models_lists_discovered_units():
     assert r.exit_code == 0 and "layer2.0  projection-skip  relu" in r.output and "9 units, 9 lesionable" in r.output
     r = run("models", "--units", "vgg11")  # the adapter's plain units
     assert r.exit_code == 0 and "features.0   plain" in r.output and "vgg11: 8 units, 1 lesionable" in r.output
+
+
+@needs_timm
+def test_timm_pretrained_weights_from_the_hugging_face_cache(tmp_path, monkeypatch):
+    """--init imagenet on a timm model reads timm's weights from the Hugging Face cache (here a
+    stand-in file), the head excepted; a missing file is one error naming where it belongs."""
+    import timm
+    from huggingface_hub import constants
+    from safetensors.torch import save_file
+
+    from fastablate.models.transfer import init_imagenet
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
+    model = build_model("timm:resnet10t", 10)
+    repo = timm.models.get_pretrained_cfg("resnet10t").hf_hub_id
+    with pytest.raises(FastablateError, match=f"models--{repo.replace('/', '--')}/snapshots/<revision>/"
+                                              "model.safetensors is missing; nothing is downloaded"):
+        init_imagenet(model)
+    folder = tmp_path / f"models--{repo.replace('/', '--')}"
+    (folder / "refs").mkdir(parents=True)
+    (folder / "refs" / "main").write_text("abc")
+    (folder / "snapshots" / "abc").mkdir(parents=True)
+    stand_in = {k: v.clone() for k, v in timm.create_model("resnet10t", num_classes=1000).state_dict().items()}
+    save_file(stand_in, folder / "snapshots" / "abc" / "model.safetensors")
+    head = model.net.fc.weight.clone()
+    init_imagenet(model)
+    assert torch.equal(model.net.state_dict()["conv1.0.weight"], stand_in["conv1.0.weight"])
+    assert torch.equal(model.net.fc.weight, head)  # 1,000 ImageNet classes do not fit 10

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fastablate.errors import FastablateError, note
+from fastablate.models.external import TIMM, timm_pretrained
 
 HEAD_ATTRS = ("fc", "classifier")
 # Registry name -> torchvision weights enum with IMAGENET1K_V1.
@@ -223,7 +224,12 @@ def load_fitting(net: nn.Module, state: dict, source: str) -> list[str]:
 
 
 def init_imagenet(model: nn.Module) -> Path:
-    """Load torchvision's ImageNet weights for ``model.arch`` from the hub cache."""
+    """Load torchvision's ImageNet weights for ``model.arch`` from the hub cache (a timm model:
+    timm's pretrained weights from the Hugging Face cache)."""
+    if model.arch.startswith(TIMM):
+        state, path = timm_pretrained(model.arch)
+        load_fitting(model.net, state, f"timm weights {path.name}")
+        return path
     path, url = imagenet_file(model.arch)
     if not path.is_file():
         raise FastablateError(f"--init imagenet: {path} is missing; nothing is downloaded: put torchvision's "
