@@ -16,7 +16,8 @@ from click.testing import CliRunner
 from fastablate.cli import cli
 from fastablate.engines.core import tracking
 
-TRAIN = ["train", "--model", "resnet8", "--dataset", "synthetic", "--limit", "40", "--batch-size", "20", "--epochs", "2"]
+TRAIN = ["train", "--model", "resnet8", "--dataset", "synthetic", "--limit", "40", "--batch-size", "20",
+         "--epochs", "2"]
 needs_mlflow = pytest.mark.skipif(not importlib.util.find_spec("mlflow"), reason="the mlflow extra is not installed")
 
 

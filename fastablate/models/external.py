@@ -26,8 +26,8 @@ from torch import nn
 
 from fastablate.errors import FastablateError
 from fastablate.models.registry import ModelSpec, is_external, register_model_pattern
+from fastablate.models.transfer import TIMM
 
-TIMM = "timm:"
 
 
 def _value(text: str):
@@ -67,29 +67,6 @@ def _timm(name: str) -> ModelSpec:
             raise FastablateError(f"--model {name}: timm.create_model raised {type(e).__name__}: "
                                   f"{str(e).splitlines()[0] if str(e) else ''}") from None
     return ModelSpec(name, "timm", build, f"timm {arch}" + (f" with {kwargs}" if kwargs else ""))
-
-
-def timm_pretrained(arch: str) -> tuple[dict, Path]:
-    """The state_dict of timm's pretrained weights for ``timm:NAME`` from the Hugging Face cache
-    (``$HF_HUB_CACHE``), and its file; nothing is downloaded: a missing file is an error naming it."""
-    import timm
-    from huggingface_hub import constants, try_to_load_from_cache
-    from safetensors.torch import load_file
-
-    name = arch[len(TIMM):].split(",")[0]
-    cfg = timm.models.get_pretrained_cfg(name)
-    repo = getattr(cfg, "hf_hub_id", None) if cfg is not None else None
-    if not repo:
-        raise FastablateError(f"--init imagenet: timm has no pretrained weights on the Hugging Face hub for {name}")
-    found = try_to_load_from_cache(repo, "model.safetensors")
-    if not isinstance(found, str):
-        where = Path(constants.HF_HUB_CACHE) / f"models--{repo.replace('/', '--')}" / "snapshots" / "<revision>"
-        raise FastablateError(f"--init imagenet: {where / 'model.safetensors'} is missing; nothing is downloaded: "
-                              f"fetch {repo} into the Hugging Face cache (or set HF_HUB_CACHE)")
-    try:
-        return load_file(found), Path(found)
-    except Exception as e:
-        raise FastablateError(f"--init imagenet: cannot read {found}: {str(e).splitlines()[0]}") from None
 
 
 def _module(where: str):

@@ -21,8 +21,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fastablate.errors import FastablateError, note
-from fastablate.models.external import TIMM, timm_pretrained
 
+TIMM = "timm:"  # the prefix of a timm model's spec (fastablate.models.external)
 HEAD_ATTRS = ("fc", "classifier")
 # Registry name -> torchvision weights enum with IMAGENET1K_V1.
 IMAGENET = {"resnet18": "ResNet18_Weights", "resnet34": "ResNet34_Weights", "resnet50": "ResNet50_Weights",
@@ -221,6 +221,29 @@ def load_fitting(net: nn.Module, state: dict, source: str) -> list[str]:
         note(f"{source}: {len(fits)} tensors loaded; {len(left)} keep their fresh initialization "
              f"(no tensor of that name and shape): {shown}")
     return left
+
+
+def timm_pretrained(arch: str) -> tuple[dict, Path]:
+    """The state_dict of timm's pretrained weights for ``timm:NAME`` from the Hugging Face cache
+    (``$HF_HUB_CACHE``), and its file; nothing is downloaded: a missing file is an error naming it."""
+    import timm
+    from huggingface_hub import constants, try_to_load_from_cache
+    from safetensors.torch import load_file
+
+    name = arch[len(TIMM):].split(",")[0]
+    cfg = timm.models.get_pretrained_cfg(name)
+    repo = getattr(cfg, "hf_hub_id", None) if cfg is not None else None
+    if not repo:
+        raise FastablateError(f"--init imagenet: timm has no pretrained weights on the Hugging Face hub for {name}")
+    found = try_to_load_from_cache(repo, "model.safetensors")
+    if not isinstance(found, str):
+        where = Path(constants.HF_HUB_CACHE) / f"models--{repo.replace('/', '--')}" / "snapshots" / "<revision>"
+        raise FastablateError(f"--init imagenet: {where / 'model.safetensors'} is missing; nothing is downloaded: "
+                              f"fetch {repo} into the Hugging Face cache (or set HF_HUB_CACHE)")
+    try:
+        return load_file(found), Path(found)
+    except Exception as e:
+        raise FastablateError(f"--init imagenet: cannot read {found}: {str(e).splitlines()[0]}") from None
 
 
 def init_imagenet(model: nn.Module) -> Path:
