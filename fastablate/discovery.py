@@ -22,7 +22,7 @@ import torch.fx as fx
 from torch import nn
 from torch.nn import functional as F
 
-from fastablate.errors import FastablateError
+from fastablate.errors import FastablateError, first_line
 from fastablate.modes import eval_mode
 from fastablate.unitparts import BlockParts, ModelParts
 
@@ -75,7 +75,7 @@ def trace(net: nn.Module) -> fx.GraphModule:
                 graph = tracer.trace(net, concrete_args=concrete or None)
             except Exception as e:
                 if not tracer.failed or tracer.failed in opaque:
-                    reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+                    reason = first_line(e) or type(e).__name__
                     raise FastablateError(f"cannot trace {type(net).__name__} with torch.fx: {reason}") from None
                 opaque.add(tracer.failed)
                 continue
@@ -213,14 +213,11 @@ def _name(g: _Graph, names: list[str], prefix: str) -> str:
     """The child of ``prefix`` holding most parameters among ``names``."""
     weight: dict[str, int] = {}
     depth = len(prefix.split(".")) if prefix else 0
+    modules, tensors = dict(g.gm.named_modules()), dict(g.gm.named_parameters())
     for n in names:
         parts = n.split(".")
         if len(parts) > depth:
-            try:
-                obj = g.gm.get_submodule(n) if n in dict(g.gm.named_modules()) else g.gm.get_parameter(n)
-                size = _params(obj) if isinstance(obj, nn.Module) else obj.numel()
-            except AttributeError:
-                size = 0
+            size = _params(modules[n]) if n in modules else tensors[n].numel() if n in tensors else 0
             weight[parts[depth]] = weight.get(parts[depth], 0) + size
     child = max(weight, key=weight.get) if weight else ""
     return f"{prefix}.{child}" if prefix and child else prefix or child

@@ -10,6 +10,11 @@ class FastablateError(ValueError):
     """
 
 
+def first_line(e: BaseException) -> str:
+    """The first line of an exception's message ("" when it has none), for one-line errors."""
+    return str(e).splitlines()[0] if str(e) else ""
+
+
 def note(message: str) -> None:
     """One line ``note: ...`` on stderr."""
     print(f"note: {message}", file=sys.stderr)

@@ -83,7 +83,8 @@ OUTPUTS = ("run.json", "results.json", "results.csv", "metrics.csv", "model.pt",
            "trajectory*.pt", "tensorboard")
 # Options that do not change what a run computes, only where it writes (and logs) and how fast:
 # a rerun with others is the same run, a sweep point with others the same point.
-VOLATILE = ("out", "workers", "device", "force", "tensorboard", "mlflow")
+TRACKING = ("tensorboard", "mlflow")  # where a run is logged
+VOLATILE = ("out", "workers", "device", "force", *TRACKING)
 
 
 def read_run(folder: str | os.PathLike) -> dict | None:

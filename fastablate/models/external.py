@@ -24,7 +24,7 @@ from typing import Callable
 
 from torch import nn
 
-from fastablate.errors import FastablateError
+from fastablate.errors import FastablateError, first_line
 from fastablate.models.registry import ModelSpec, is_external, register_model_pattern
 from fastablate.models.transfer import TIMM
 
@@ -65,7 +65,7 @@ def _timm(name: str) -> ModelSpec:
                 return timm.create_model(arch, pretrained=False, **extra, **kwargs)
         except Exception as e:
             raise FastablateError(f"--model {name}: timm.create_model raised {type(e).__name__}: "
-                                  f"{str(e).splitlines()[0] if str(e) else ''}") from None
+                                  f"{first_line(e)}") from None
     return ModelSpec(name, "timm", build, f"timm {arch}" + (f" with {kwargs}" if kwargs else ""))
 
 
@@ -85,13 +85,13 @@ def _module(where: str):
         except BaseException as e:
             del sys.modules[unique]
             raise FastablateError(f"importing {where} raised {type(e).__name__}: "
-                                  f"{str(e).splitlines()[0] if str(e) else ''}") from None
+                                  f"{first_line(e)}") from None
         return module
     try:
         return importlib.import_module(where)
     except BaseException as e:
         raise FastablateError(f"cannot import {where}: {type(e).__name__}: "
-                              f"{str(e).splitlines()[0] if str(e) else ''}") from None
+                              f"{first_line(e)}") from None
 
 
 def _factory(name: str) -> ModelSpec:
@@ -100,8 +100,9 @@ def _factory(name: str) -> ModelSpec:
             p.isidentifier() for p in where.split("."))):
         raise FastablateError("expected timm:NAME, path/to/file.py:FACTORY or package.module:FACTORY")
     if where.endswith(".py"):
-        name = f"{Path(where).resolve()}:{attr}"  # the spec a checkpoint records
-    module = _module(str(Path(where).resolve()) if where.endswith(".py") else where)
+        where = str(Path(where).resolve())
+        name = f"{where}:{attr}"  # the spec a checkpoint records
+    module = _module(where)
     factory = getattr(module, attr, None)
     if not callable(factory):
         found = [k for k, v in vars(module).items() if callable(v) and not k.startswith("_")
@@ -120,7 +121,7 @@ def _factory(name: str) -> ModelSpec:
             net = factory(**kwargs)
         except Exception as e:
             raise FastablateError(f"--model {name}: {attr}({', '.join(f'{k}={v}' for k, v in kwargs.items())}) "
-                                  f"raised {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
+                                  f"raised {type(e).__name__}: {first_line(e)}") from None
         if not isinstance(net, nn.Module):
             raise FastablateError(f"--model {name}: {attr}() returned {type(net).__name__}, not a torch.nn.Module")
         return net

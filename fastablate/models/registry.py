@@ -12,7 +12,8 @@ from typing import Callable, Sequence
 import torch
 from torch import Tensor, nn
 
-from fastablate.errors import FastablateError
+from fastablate.errors import FastablateError, first_line
+from fastablate.modes import eval_mode
 from fastablate.units import ModelParts, model_parts, register_model_adapter
 
 
@@ -64,18 +65,13 @@ def short_name(arch: str) -> str:
 
 def outputs(net: nn.Module, image_size: int, channels: int = 3) -> int:
     """The number of outputs of ``net`` for one image (its class count)."""
-    was = net.training
-    net.eval()
+    p = next(net.parameters(), None)
     try:
-        p = next(net.parameters(), None)
-        with torch.no_grad():
-            out = net(torch.zeros(1, channels, image_size, image_size,
-                                  device=p.device if p is not None else "cpu"))
+        with eval_mode(net), torch.no_grad():
+            out = net(torch.zeros(1, channels, image_size, image_size, device=p.device if p is not None else "cpu"))
     except Exception as e:
         raise FastablateError(f"the model cannot take a {image_size}x{image_size} image: {type(e).__name__}: "
-                              f"{str(e).splitlines()[0] if str(e) else ''}") from None
-    finally:
-        net.train(was)
+                              f"{first_line(e)}") from None
     if not isinstance(out, torch.Tensor) or out.dim() != 2:
         raise FastablateError(f"the model returns {type(out).__name__}"
                               f"{' of shape ' + str(tuple(out.shape)) if isinstance(out, torch.Tensor) else ''}; "

@@ -15,11 +15,12 @@ from __future__ import annotations
 import contextvars
 import math
 import os
+import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-from fastablate.errors import FastablateError, note
+from fastablate.errors import FastablateError, first_line, note
 
 LOCAL_MLFLOW = "./mlruns"  # --mlflow without a URI: a local store (SQLite, artifacts beside) in this folder
 EXPERIMENT = "fastablate"
@@ -96,7 +97,7 @@ class _MLflow:
                 self.client.create_experiment(EXPERIMENT, artifact_location=artifacts)
         except Exception as e:
             raise FastablateError(f"--mlflow {uri}: cannot reach the tracking store: "
-                                  f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+                                  f"{first_line(e) or type(e).__name__}") from None
         self.run_id = None
 
     def start(self, run_dir: Path, name: str, config: dict) -> None:
@@ -110,8 +111,6 @@ class _MLflow:
             self.client.log_batch(self.run_id, params=params[i:i + 100])
 
     def scalars(self, metrics: dict[str, float], step: int, prefix: str) -> None:
-        import time
-
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
@@ -142,7 +141,7 @@ class Tracker:
             except Exception as e:
                 self.backends.remove(b)
                 where = f"; the run directory {self.run_dir} is complete" if self.run_dir else ""
-                note(f"{b.name}: logging stopped ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
+                note(f"{b.name}: logging stopped ({type(e).__name__}: {first_line(e)})"
                      f"{where}; nothing more is logged there")
 
     def start(self, run_dir: Path, name: str, config: dict) -> None:

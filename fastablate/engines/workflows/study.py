@@ -20,7 +20,7 @@ from fastablate.engines.core.setup import Setup
 from fastablate.engines.core.tracking import tracked
 from fastablate.engines.core.spec import Choice, Float, Int, List, ModelFile, Spec, Text, one_of, option, spec_options
 from fastablate.errors import FastablateError, note
-from fastablate.results import RunDir, default_out, finished, read_run
+from fastablate.results import TRACKING, RunDir, default_out, finished, read_run
 
 PARTS = ("train", "eval", "lesion", "noise", "attack", "paths", "features")
 
@@ -120,7 +120,7 @@ def run_full_study(setup: Setup, spec: StudySpec, echo=print) -> tuple[Path, dic
         raise FastablateError("--only train: with --weights the models are given, there is nothing to train")
     parts: dict[str, Part] = {}
     base = replace(setup, compare=(), out=None, force=True)
-    config = {"setup": {k: v for k, v in setup.to_dict().items() if k not in ("tensorboard", "mlflow")},
+    config = {"setup": {k: v for k, v in setup.to_dict().items() if k not in TRACKING},
               "study": spec.to_dict()}
     run = RunDir(out, "study", config, device=setup.device, seed=setup.seed)
     resume = (read_run(out) or {}).get("command") == "study"
