@@ -91,4 +91,6 @@ def test_bad_option_under_torchrun_every_process_exits_2(tmp_path):
     assert out.returncode == 1, out.stderr[-3000:]
     errors = [ln for ln in out.stderr.splitlines() if ln.startswith("Error: ")]
     assert errors == ["Error: --batch-size '0': must be in [1, 1048576]"], out.stderr[-2000:]
-    assert out.stderr.count("exitcode  : 2") == 2 and "SIGTERM" not in out.stderr and not (tmp_path / "o").exists()
+    # Each process exited 2 itself (one stopped by torchrun would show exitcode -15). torchrun may
+    # still log a SIGTERM to the second, sent while that one was already exiting: not checked.
+    assert out.stderr.count("exitcode  : 2") == 2 and not (tmp_path / "o").exists()
