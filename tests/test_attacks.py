@@ -8,10 +8,12 @@ from click.testing import CliRunner
 from fastablate.cli import cli
 from fastablate.data import batches, build_dataset
 from fastablate.engines.core.runtime import Runtime
-from fastablate.engines.studies.attacks import (AttackSpec, margin, random_search, run_attack, set_pixels,
-                                                sparse_attack, sparse_rs_attack)
+from fastablate.engines.studies.attacks import (AttackSpec, ensemble_attack, margin, random_search, run_attack,
+                                                set_pixels, sparse_attack, sparse_rs_attack)
 from fastablate.errors import FastablateError
+from fastablate.models import build_model
 from fastablate.models.checkpoint import load_model
+from fastablate.modes import inference_copy
 
 RT = Runtime()
 
@@ -24,6 +26,50 @@ def model(trained_resnet8):
 @pytest.fixture(scope="module")
 def ds():
     return build_dataset("synthetic", None, "test", limit=40)
+
+
+class Branchy(torch.nn.Module):
+    """A model fx cannot trace: its path depends on the values of its input."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn, self.head = torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.Linear(4, 10)
+
+    def forward(self, x):
+        h = self.bn(self.conv(x))
+        if h.mean() > 0:
+            h = h.relu()
+        return self.head(h.mean((2, 3)))
+
+
+@pytest.mark.numerics
+@pytest.mark.parametrize("name", ["resnet8", "preresnet20", "vgg11_bn", "branchy"])
+def test_inference_copy_is_the_same_function(name):
+    torch.manual_seed(0)
+    model = Branchy() if name == "branchy" else build_model(name, 10)
+    for m in model.modules():  # statistics far from the identity, so folding them is checked
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+            m.weight.data.uniform_(0.5, 1.5)
+            m.bias.data.uniform_(-0.2, 0.2)
+    model.train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    copy = inference_copy(model)
+    assert model.training and all(p.requires_grad for p in model.parameters())  # the model is as it was
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    assert not any(p.requires_grad for p in copy.parameters())
+    if name in ("resnet8", "vgg11_bn"):  # folded: every BatchNorm follows a convolution (pre-activation: none)
+        assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in copy.modules())
+    x = torch.rand(6, 3, 32, 32, requires_grad=True)
+    model.eval()
+    want = model(x)
+    (g_want,) = torch.autograd.grad(want[:, 3].sum(), x)
+    got = copy(x)
+    (g_got,) = torch.autograd.grad(got[:, 3].sum(), x)
+    scale = want.abs().max().item()
+    assert torch.allclose(got, want, rtol=1e-4, atol=1e-5 * scale)
+    assert torch.allclose(g_got, g_want, rtol=1e-3, atol=1e-4 * g_want.abs().max().item())
 
 
 def test_margin():
@@ -59,6 +105,46 @@ def test_sparse_rs_is_black_box_within_budget_and_seeded(model, ds, k):
     assert (queries[~fooled] == 50).all()  # only a fooled image stops early
     again, _, _ = sparse_rs_attack(model, x, y, spec, None, torch.Generator().manual_seed(3))
     assert torch.equal(adv, again)
+
+
+def _correct(model, ds):
+    x, y = next(batches(ds, 40))
+    with torch.no_grad():
+        ok = model(x).argmax(1) == y
+    return x[ok], y[ok]
+
+
+def test_sparse_ensemble_starts_with_sparse(model, ds):
+    x, y = _correct(model, ds)
+    spec = AttackSpec(attack="sparse-ensemble", k=2, steps=3, queries=40).resolved(32)
+    who = torch.full_like(y, -1)
+    adv, steps, queries = ensemble_attack(model, x, y, spec, None, torch.Generator().manual_seed(5), fooled_by=who)
+    # The same seed: the first attack is sparse with the ensemble's gradient options and its own finish.
+    alone, alone_steps, _ = sparse_attack(model, x, y, AttackSpec(k=2, steps=3), None,
+                                          torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        fooled, fooled_alone = (model(a).argmax(1) != y for a in (adv, alone))
+    assert fooled_alone.any() and torch.equal(who == 0, fooled_alone) and torch.equal(steps, alone_steps)
+    assert torch.equal(fooled, who >= 0) and (fooled | ~fooled_alone).all()  # robust: the minimum over both
+    assert (queries[~fooled] == 300 + 40).all()  # sparse's finish, then sparse-rs's 40 queries
+    assert ((adv != x).any(1).flatten(1).sum(1) <= 2).all() and torch.equal(adv[~fooled], x[~fooled])
+
+
+def test_sparse_ensemble_runs_sparse_rs_on_what_sparse_leaves(model, ds, monkeypatch):
+    """With a first attack that fools nothing, the ensemble is sparse-rs on every image."""
+    from fastablate.engines.studies import attacks
+
+    x, y = _correct(model, ds)
+    monkeypatch.setitem(attacks.RUNNERS, "sparse", lambda m, x, *a: (x.clone(), *torch.zeros(2, len(x), dtype=int)))
+    who = torch.full_like(y, -1)
+    adv, _, queries = ensemble_attack(model, x, y, AttackSpec(attack="sparse-ensemble", k=5, queries=60).resolved(),
+                                      None, torch.Generator().manual_seed(2), fooled_by=who)
+    alone, _, alone_queries = sparse_rs_attack(model, x, y, AttackSpec(attack="sparse-rs", k=5, queries=60), None,
+                                               torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        fooled = model(adv).argmax(1) != y
+    assert fooled.any() and torch.equal(who == 1, fooled) and not (who == 0).any()
+    assert torch.equal(adv, alone) and torch.equal(queries, alone_queries)
 
 
 def test_random_search_keeps_what_it_fooled_and_sets_pixels(model, ds):
@@ -141,6 +227,24 @@ def test_queries_mean_counts_what_the_budget_counts(attack, queries, trained_res
         assert res["queries_mean"] >= 1
 
 
+def test_cli_sparse_ensemble_names_each_attacks_share(trained_resnet8, tmp_path):
+    out = tmp_path / "e"
+    r = CliRunner().invoke(cli, ["attack", "--weights", str(trained_resnet8), "--dataset", "synthetic", "--limit", "30",
+                                 "--attack", "sparse-ensemble", "--k", "1", "--steps", "3", "--queries", "20",
+                                 "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    res = json.loads((out / "results.json").read_text())
+    parts = res["parts"]
+    assert list(parts) == ["sparse", "sparse-rs"] and res["attacked"] > 0
+    assert sum(p["fooled"] for p in parts.values()) == round(res["success_rate"] * res["attacked"])
+    assert sum(p["share"] for p in parts.values()) == pytest.approx(res["success_rate"])
+    assert res["spec"]["queries"] == 20 and res["spec"]["steps"] == 3 and res["k"] == 1
+    assert "fooled by: sparse " in r.output and ", then sparse-rs " in r.output
+    r = CliRunner().invoke(cli, ["attack", "--weights", str(trained_resnet8), "--dataset", "synthetic", "--limit", "30",
+                                 "--attack", "sparse-rs", "--k", "1", "--queries", "2", "--out", str(tmp_path / "rs")])
+    assert r.exit_code == 0 and "parts" not in json.loads((tmp_path / "rs" / "results.json").read_text())
+
+
 def test_cli_attack_outputs(trained_resnet8, tmp_path):
     out, data = tmp_path / "run", tmp_path / "adv.pt"
     r = CliRunner().invoke(cli, ["attack", "--weights", str(trained_resnet8), "--dataset", "synthetic", "--limit", "30",
@@ -189,8 +293,13 @@ ATTACK_BAD = [
     (["--k", "2000"], "--k 2000 is more than the 1024 pixels of an image"),
     (["--pixels", "1.5"], "--pixels '1.5': must be in (0, 1]"),
     (["--pixels", "0.01", "--k", "3"], "--pixels and --k both set the pixel budget"),
-    (["--attack", "onepixel"], "--attack 'onepixel': is not one of: sparse, sparse-rs, noise, fgsm, pgd, pgd-l2"),
-    (["--attack", "pgd", "--queries", "10"], "--queries does not apply to --attack pgd (it is for sparse, sparse-rs)"),
+    (["--attack", "onepixel"],
+     "--attack 'onepixel': is not one of: sparse, sparse-rs, sparse-ensemble, noise, fgsm, pgd, pgd-l2"),
+    (["--attack", "pgd", "--queries", "10"],
+     "--queries does not apply to --attack pgd (it is for sparse, sparse-rs, sparse-ensemble)"),
+    (["--attack", "sparse-ensemble", "--queries", "0"],
+     "--queries 0: the random search of sparse-ensemble needs at least 1 query"),
+    (["--attack", "sparse-ensemble", "--eps", "0.1"], "--eps does not apply to --attack sparse-ensemble"),
     (["--attack", "sparse-rs", "--queries", "-1"], "--queries '-1': must be in [0, 10000000]"),
     (["--attack", "sparse-rs", "--steps", "3"], "--steps does not apply to --attack sparse-rs"),
     (["--target", "10"], "--target 10 is not a class of synthetic (0..9)"),
@@ -201,7 +310,8 @@ ATTACK_BAD = [
     (["--attack", "noise", "--lam", "nan"], "--lam 'nan': is not a finite number"),
     (["--save-dataset", "{tmp}/d.pt", "--compare", "{weights}"], "--save-dataset writes one model's adversarial set"),
     (["--save-dataset", "{weights}"], "--save-dataset {weights} is the --weights input; choose another file"),
-    (["--attack", "pgd", "--restarts", "3"], "--restarts does not apply to --attack pgd (it is for sparse)"),
+    (["--attack", "pgd", "--restarts", "3"],
+     "--restarts does not apply to --attack pgd (it is for sparse, sparse-ensemble)"),
     (["--attack", "fgsm", "--steps", "3"], "--steps does not apply to --attack fgsm"),
     (["--lam", "0.1"], "--lam does not apply to --attack sparse (it is for noise)"),
 ]
@@ -220,7 +330,7 @@ def test_cli_bad_attack_input(args, message, trained_resnet8, tmp_path):
     assert not out.exists()
 
 
-@pytest.mark.parametrize("attack", ["noise", "sparse", "sparse-rs", "pgd"])
+@pytest.mark.parametrize("attack", ["noise", "sparse", "sparse-rs", "sparse-ensemble", "pgd"])
 def test_save_trajectory_records_the_attack_update_by_update(attack, trained_resnet8, tmp_path):
     out = tmp_path / attack
     r = CliRunner().invoke(cli, ["attack", "--weights", str(trained_resnet8), "--dataset", "synthetic", "--limit", "30",
@@ -234,6 +344,6 @@ def test_save_trajectory_records_the_attack_update_by_update(attack, trained_res
     assert (pred[0] == t["y"]).all()  # correctly classified ones
     moved = (frames[1:] != frames[0]).flatten(2).any(2)
     assert moved.any()  # the attack changed them on the way
-    if attack in ("sparse", "sparse-rs"):  # every recorded candidate within the pixel budget
+    if attack.startswith("sparse"):  # every recorded candidate within the pixel budget
         assert ((frames - frames[0]).abs().amax(2).flatten(2) > 0).sum(2).max() <= 5
     assert (out / "plots" / "trajectory.png").stat().st_size > 5000

@@ -178,7 +178,8 @@ def test_config_that_is_not_a_small_regular_file(tmp_path):
     (["--attack", "noise", "--lam", "-1"], "--lam '-1': must be in [0, 1e+06]"),
     (["--attack", "pgd", "--eps", "inf"], "--eps 'inf': is not a finite number"),
     (["--restarts", "0"], "--restarts '0': must be in [1, 10000]"),
-    (["--attack", "sparse-rs", "--queries", "0"], "--queries 0: sparse-rs is its random search, which needs at least"),
+    (["--attack", "sparse-rs", "--queries", "0"],
+     "--queries 0: the random search of sparse-rs needs at least 1 query per image"),
 ])
 def test_bad_attack_values(args, message, ckpt, tmp_path):
     refused(["attack", "--weights", ckpt, *SYN, *args, "--out", tmp_path / "o"], message, protect=[ckpt],

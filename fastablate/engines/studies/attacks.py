@@ -16,6 +16,10 @@ as the target).
   at most ``queries`` per image. k pixels set to corners of the colour cube; each iteration
   replaces a decaying fraction of them by random pixels with random corners and keeps the
   change when the margin does not get worse.
+- ``sparse-ensemble``: the robust-accuracy evaluation of an L0 budget, in the spirit of
+  sparse-AutoAttack: ``sparse`` (with its default finish), then ``sparse-rs`` with ``queries``
+  on the images it leaves; an image counts as robust only when both fail, and the result
+  names the share each attack fooled.
 - ``noise``: the optimized-noise attack of robust-training studies: a perturbation found by
   Adam that raises the log-probability of a wrong class (the target, or the most likely
   wrong class) while penalizing ``lam * ||delta||_2^2``; the norm it needed is reported.
@@ -41,20 +45,25 @@ from fastablate.engines.core.runtime import Runtime, check_finite, hash_seed, mo
 from fastablate.engines.core.spec import Choice, Float, Int, Spec, Text, one_of, option
 from fastablate.errors import FastablateError, note
 from fastablate.models.checkpoint import atomic_save
-from fastablate.modes import eval_mode
+from fastablate.modes import eval_mode, inference_copy
 from fastablate.ops import sparse_pixel_update
 from fastablate.plots import pyplot, save
 
-ATTACKS = ("sparse", "sparse-rs", "noise", "fgsm", "pgd", "pgd-l2")
+ATTACKS = ("sparse", "sparse-rs", "sparse-ensemble", "noise", "fgsm", "pgd", "pgd-l2")
+# Attacks made of others, run in turn, each on the images the ones before it left.
+ENSEMBLES = {"sparse-ensemble": ("sparse", "sparse-rs")}
 DEFAULT_PIXELS = 0.005  # sparse budget: a fraction of the H*W pixels (5 of 32x32)
-DEFAULT_STEPS = {"sparse": 30, "noise": 100, "pgd": 20, "pgd-l2": 20}
-DEFAULT_QUERIES = {"sparse": 300, "sparse-rs": 1000}  # forward passes per image of the random search
+DEFAULT_STEPS = {"sparse": 30, "sparse-ensemble": 30, "noise": 100, "pgd": 20, "pgd-l2": 20}
+# Forward passes per image of the random search (sparse-ensemble: of its sparse-rs).
+DEFAULT_QUERIES = {"sparse": 300, "sparse-rs": 1000, "sparse-ensemble": 1000}
 DEFAULT_EPS = {"pgd-l2": 0.5}  # others: 8/255 (L-inf)
+SPARSE = ("sparse", "sparse-rs", "sparse-ensemble")
+WHITE_BOX_SPARSE = ("sparse", "sparse-ensemble")  # the gradient steps of sparse
 # The attacks each option means something to; giving it to another attack is an error.
-APPLIES = {"pixels": ("sparse", "sparse-rs"), "k": ("sparse", "sparse-rs"), "queries": ("sparse", "sparse-rs"),
-           "restarts": ("sparse",), "lam": ("noise",), "lr": ("noise",),
-           "eps": ("fgsm", "pgd", "pgd-l2"), "step": ("sparse", "pgd", "pgd-l2"),
-           "steps": ("sparse", "noise", "pgd", "pgd-l2")}
+APPLIES = {"pixels": SPARSE, "k": SPARSE, "queries": SPARSE,
+           "restarts": WHITE_BOX_SPARSE, "lam": ("noise",), "lr": ("noise",),
+           "eps": ("fgsm", "pgd", "pgd-l2"), "step": (*WHITE_BOX_SPARSE, "pgd", "pgd-l2"),
+           "steps": (*WHITE_BOX_SPARSE, "noise", "pgd", "pgd-l2")}
 
 
 @dataclass(frozen=True)
@@ -66,16 +75,17 @@ class AttackSpec(Spec):
                                            f"(5 of 32x32) [default: {DEFAULT_PIXELS}].",
                                      type=Float(0, 1, min_open=True))
     k: Optional[int] = option(None, "sparse, sparse-rs: budget in pixels (instead of --pixels).", type=Int(min=1))
-    queries: Optional[int] = option(None, "Forward passes per image of the random search: sparse-rs [default: "
+    queries: Optional[int] = option(None, "Forward passes per image of the random search: sparse-rs and "
+                                          "sparse-ensemble's sparse-rs [default: "
                                           f"{DEFAULT_QUERIES['sparse-rs']}], sparse's finish for the images the "
                                           f"gradient steps leave [default: {DEFAULT_QUERIES['sparse']}; 0: none].",
                                     type=Int(min=0, max=10_000_000))
-    steps: Optional[int] = option(None, "Gradient steps: per restart (sparse) [default: 30], in all (noise [100], "
-                                        "pgd, pgd-l2 [20]).", type=Int(min=1, max=1_000_000))
-    restarts: int = option(1, "sparse: starts of the pixel score per image (later ones random).",
+    steps: Optional[int] = option(None, "Gradient steps: per restart (sparse, sparse-ensemble) [default: 30], in "
+                                        "all (noise [100], pgd, pgd-l2 [20]).", type=Int(min=1, max=1_000_000))
+    restarts: int = option(1, "sparse, sparse-ensemble: starts of the pixel score per image (later ones random).",
                            type=Int(min=1, max=10_000))
-    step: Optional[float] = option(None, "Step size [default: 1 (sparse: to the corners of [0, 1]), eps/4 "
-                                         "(pgd, pgd-l2)].", type=Float(0, 1e6, min_open=True))
+    step: Optional[float] = option(None, "Step size [default: 1 (sparse, sparse-ensemble: to the corners of "
+                                         "[0, 1]), eps/4 (pgd, pgd-l2)].", type=Float(0, 1e6, min_open=True))
     eps: Optional[float] = option(None, "fgsm, pgd: L-inf radius [default: 8/255]; pgd-l2: L2 radius "
                                         "[default: 0.5].", type=Float(0, 1e6, min_open=True))
     lam: float = option(0.01, "noise: weight of the squared L2 norm.", type=Float(0, 1e6))
@@ -94,8 +104,8 @@ class AttackSpec(Spec):
 
     def validate(self) -> None:
         one_of(self, ("pixels", "k"), "set the pixel budget")
-        if self.attack == "sparse-rs" and self.queries == 0:
-            raise FastablateError("--queries 0: sparse-rs is its random search, which needs at least 1 query per "
+        if self.attack in ("sparse-rs", "sparse-ensemble") and self.queries == 0:
+            raise FastablateError(f"--queries 0: the random search of {self.attack} needs at least 1 query per "
                                   "image (sparse takes 0: gradient steps only)")
         for name in self.given():
             attacks = APPLIES.get(name)
@@ -111,7 +121,7 @@ class AttackSpec(Spec):
         """Every default of this attack filled in: budget, steps, eps and step."""
         a = self.attack
         changes: dict = {"steps": self.steps or DEFAULT_STEPS[a]} if a in APPLIES["steps"] else {}
-        if a == "sparse":
+        if a in WHITE_BOX_SPARSE:
             changes.update(step=self.step or 1.0)
         if a in APPLIES["k"]:
             changes.update(k=self.budget(image_size), pixels=None,
@@ -166,6 +176,30 @@ class Trajectory:
             _TRACE.reset(token)
 
 
+class _Rows:
+    """A recording seen through some rows of its images: what an attack on those rows reports
+    as its image i lands in row ``rows[i]``."""
+
+    def __init__(self, rec, rows: Tensor):
+        self.rec, self.rows = rec, rows
+
+    def add(self, images: Tensor, which: Tensor | None) -> None:
+        self.rec.add(images, self.rows if which is None else self.rows[which.to(self.rows.device)])
+
+
+def _on_rows(rows: Tensor, fn, *args):
+    """``fn(*args)``, an attack on the images ``rows`` of the caller's, its updates recorded in
+    those rows when the caller's are recorded."""
+    rec = _TRACE.get()
+    if rec is None:
+        return fn(*args)
+    token = _TRACE.set(_Rows(rec, rows))
+    try:
+        return fn(*args)
+    finally:
+        _TRACE.reset(token)
+
+
 def margin(logits: Tensor, y: Tensor, target: Tensor | None) -> Tensor:
     """What the attack ascends, per image: untargeted, the best wrong logit minus the true one;
     targeted, the target's logit minus the best other one. Success is margin > 0."""
@@ -173,6 +207,16 @@ def margin(logits: Tensor, y: Tensor, target: Tensor | None) -> Tensor:
     own = logits.gather(1, cls[:, None]).squeeze(1)
     other = logits.scatter(1, cls[:, None], float("-inf")).amax(1)
     return other - own if target is None else own - other
+
+
+def _search_score(logits: Tensor, y: Tensor, target: Tensor | None) -> tuple[Tensor, Tensor]:
+    """The random search's (score to raise, fooled) per image: untargeted, the margin;
+    targeted, minus the cross-entropy of the target (Sparse-RS's targeted loss), which moves
+    every other class, not only the best one."""
+    m = margin(logits, y, target)
+    if target is None:
+        return m, m > 0
+    return -F.cross_entropy(logits, target, reduction="none"), m > 0
 
 
 def _succeeded(logits: Tensor, y: Tensor, target: Tensor | None) -> Tensor:
@@ -239,7 +283,8 @@ def sparse_attack(model: nn.Module, x: Tensor, y: Tensor, spec: AttackSpec, targ
     if spec.queries and todo.numel():  # random search for the rest, guided by the last score
         ta = None if target is None else target[todo]
         guide = u.abs().sum(1).flatten(1), (u > 0).to(x.dtype).flatten(2).transpose(1, 2)
-        adv, queries[todo] = random_search(model, x[todo], y[todo], spec.k, spec.queries, ta, generator, guide, todo)
+        adv, queries[todo] = _on_rows(todo, random_search, model, x[todo], y[todo], spec.k, spec.queries, ta,
+                                      generator, guide)
         best[todo] = adv
     return _within_budget(best, x, spec), steps, queries
 
@@ -365,12 +410,14 @@ def _smallest(values: Tensor, m: int) -> Tensor:
 
 
 def random_search(model: nn.Module, x: Tensor, y: Tensor, k: int, queries: int, target: Tensor | None,
-                  generator: torch.Generator | None, guide: tuple[Tensor, Tensor] | None = None,
-                  rows_of: Tensor | None = None) -> tuple[Tensor, Tensor]:
+                  generator: torch.Generator | None,
+                  guide: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor]:
     """Sparse-RS for L0 (Croce et al. 2022), forward passes only: k distinct pixels, each set to
     a corner of the colour cube; each iteration replaces a decaying number of them
-    (:data:`RS_SCHEDULE`) by pixels outside the set with random corners, and keeps the change
-    when the margin does not decrease. At most ``queries`` forward passes per image; an image
+    (:data:`RS_SCHEDULE`) by pixels outside the set with random corners (never the colour the
+    pixel has: a pixel whose own colour is a corner gets one of the others), and keeps the
+    change when the score (:func:`_search_score`: the margin, targeted the target's
+    cross-entropy) does not get worse. At most ``queries`` forward passes per image; an image
     leaves the search when it is fooled. Returns the images (an image not fooled: its
     original) and the queries each used.
 
@@ -378,8 +425,7 @@ def random_search(model: nn.Module, x: Tensor, y: Tensor, k: int, queries: int, 
     the k pixels of largest score at their corners, and a replacement comes from the next
     pixels of the score (a pool of max(64, 8k)) with probability :data:`RS_GUIDED`, at the
     corner the guide gives. Random numbers come from ``generator`` on the CPU, so a seed
-    gives the same search on every device. ``rows_of``: the caller's rows of these images (for a
-    :class:`Trajectory`; default: the same)."""
+    gives the same search on every device."""
     n, c, h, w = x.shape
     area, dev = h * w, x.device
     rows = torch.arange(n)
@@ -396,10 +442,12 @@ def random_search(model: nn.Module, x: Tensor, y: Tensor, k: int, queries: int, 
         favour = torch.ones(n, area)  # pool pixels come first with probability RS_GUIDED
         if pool > 0:
             favour[rows[:, None], order[:, k:k + pool]] = pool * (1 - RS_GUIDED) / (RS_GUIDED * (area - pool))
+    own = x.detach().reshape(n, c, area).transpose(1, 2).cpu()  # (n, H*W, C): each pixel's colour
+    bits = 1 << torch.arange(c)
     used = torch.ones(n, dtype=torch.long)
     with torch.no_grad():  # cur is updated in place below: not an inference tensor
-        cur = margin(model(set_pixels(x, pix.to(dev), col.to(dev))), y, target).cpu()
-    live = cur <= 0
+        cur, fooled = (t.cpu() for t in _search_score(model(set_pixels(x, pix.to(dev), col.to(dev))), y, target))
+    live = ~fooled
     for i in range(queries - 1):
         idx = live.nonzero().squeeze(1)
         if idx.numel() == 0:
@@ -416,18 +464,21 @@ def random_search(model: nn.Module, x: Tensor, y: Tensor, k: int, queries: int, 
         if corner is not None:
             keep = torch.rand(b, m, 1, generator=generator) < RS_GUIDED
             colours = torch.where(keep, corner[idx[:, None], new], colours)
+        flip = (torch.randint(1, 1 << c, (b, m, 1), generator=generator) & bits) > 0  # another corner
+        same = (colours == own[idx[:, None], new]).all(2, keepdim=True)
+        colours = torch.where(same & flip, 1 - colours, colours)
         r = torch.arange(b)[:, None]
         p[r, where], q[r, where] = new, colours
         on = idx.to(dev)
         with torch.inference_mode():  # trial is only read
-            trial = margin(model(set_pixels(x[on], p.to(dev), q.to(dev), owned=True)), y[on],
-                           None if target is None else target[on]).cpu()
+            trial, won = (t.cpu() for t in _search_score(model(set_pixels(x[on], p.to(dev), q.to(dev), owned=True)),
+                                                         y[on], None if target is None else target[on]))
         used[idx] += 1
-        better = trial >= cur[idx]
+        better = (trial >= cur[idx]) | won
         pix[idx[better]], col[idx[better]], cur[idx[better]] = p[better], q[better], trial[better]
-        _trace(lambda: set_pixels(x[idx.to(dev)], pix[idx].to(dev), col[idx].to(dev)),
-               idx if rows_of is None else rows_of[idx.to(rows_of.device)])
-        live = cur <= 0
+        fooled[idx[better]] = won[better]
+        _trace(lambda: set_pixels(x[idx.to(dev)], pix[idx].to(dev), col[idx].to(dev)), idx)
+        live = ~fooled
     adv = set_pixels(x, pix.to(dev), col.to(dev))
     return torch.where(live.to(dev).view(-1, 1, 1, 1), x, adv), used.to(dev)
 
@@ -441,10 +492,45 @@ def sparse_rs_attack(model: nn.Module, x: Tensor, y: Tensor, spec: AttackSpec, t
     return _within_budget(best, x, spec), torch.zeros_like(queries), queries
 
 
+def _part(spec: AttackSpec, attack: str) -> AttackSpec:
+    """The spec of ``attack`` within the ensemble ``spec``: the options that apply to it, the
+    rest at their defaults; the ensemble's queries go to its last attack."""
+    last = attack == ENSEMBLES[spec.attack][-1]
+    given = {n: getattr(spec, n) for n, attacks in APPLIES.items()
+             if attack in attacks and spec.attack in attacks and (n != "queries" or last)}
+    return AttackSpec(attack=attack, target=spec.target, **given)
+
+
+def ensemble_attack(model: nn.Module, x: Tensor, y: Tensor, spec: AttackSpec, target: Tensor | None = None,
+                    generator: torch.Generator | None = None,
+                    fooled_by: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """The attacks of :data:`ENSEMBLES` in turn, each on the images the ones before it did not
+    fool: an image resists only when every attack fails (robust accuracy is the minimum over
+    them, per image). Steps and queries are summed over the attacks; ``fooled_by`` (n,), when
+    given, gets the index of the attack that fooled each image (-1: none)."""
+    best = x.clone()
+    steps, queries = (torch.zeros(x.shape[0], dtype=torch.long, device=x.device) for _ in range(2))
+    left = torch.arange(x.shape[0], device=x.device)
+    for i, attack in enumerate(ENSEMBLES[spec.attack]):
+        if left.numel() == 0:
+            break
+        t = None if target is None else target[left]
+        adv, s, q = _on_rows(left, RUNNERS[attack], model, x[left], y[left], _part(spec, attack), t, generator)
+        steps[left] += s
+        queries[left] += q
+        with torch.no_grad():
+            won = _succeeded(model(adv), y[left], t)
+        best[left[won]] = adv[won]
+        if fooled_by is not None:
+            fooled_by[left[won]] = i
+        left = left[~won]
+    return best, steps, queries
+
+
 MOMENTUM = 0.9  # sparse: weight of the past in the pixel score
 
-RUNNERS = {"sparse": sparse_attack, "sparse-rs": sparse_rs_attack, "noise": noise_attack, "fgsm": gradient_attack,
-           "pgd": gradient_attack, "pgd-l2": gradient_attack}
+RUNNERS = {"sparse": sparse_attack, "sparse-rs": sparse_rs_attack, "sparse-ensemble": ensemble_attack,
+           "noise": noise_attack, "fgsm": gradient_attack, "pgd": gradient_attack, "pgd-l2": gradient_attack}
 
 
 EXAMPLE_KEYS = ("x", "x_adv", "y", "pred_adv", "attacked", "success", "index")
@@ -465,19 +551,21 @@ class AttackResult:
     steps_mean: float
     seconds_per_image: float
     skipped_target_class: int
-    queries_mean: float | None = None  # sparse, sparse-rs: forward passes of the random search per attacked image
+    queries_mean: float | None = None  # sparse attacks: forward passes of the random search per attacked image
     k: int | None = None  # the sparse budget
+    # An ensemble: per attack, the images it fooled ("fooled") and their share of the attacked ("share").
+    parts: dict | None = None
     spec: dict = field(default_factory=dict)  # the resolved options
     examples: dict | None = field(default=None, repr=False)  # EXAMPLE_KEYS -> tensors, when kept
     trajectory: dict | None = field(default=None, repr=False)  # --save-trajectory (see trajectory())
 
     def summary(self) -> dict:
         """The figures of the result (results.csv's row)."""
-        return {k: v for k, v in self.__dict__.items() if k not in ("k", "spec", "examples", "trajectory")
+        return {k: v for k, v in self.__dict__.items() if k not in ("k", "parts", "spec", "examples", "trajectory")
                 and not (k == "queries_mean" and v is None)}
 
     def to_dict(self) -> dict:
-        return {**self.summary(), "k": self.k, "spec": self.spec}
+        return {**self.summary(), "k": self.k, **({"parts": self.parts} if self.parts else {}), "spec": self.spec}
 
     def rows(self) -> list[dict]:
         return [self.summary()]
@@ -507,12 +595,16 @@ class Tally:
     l2s: list = field(default_factory=list)
     steps: list = field(default_factory=list)  # per attacked image
     queries: list = field(default_factory=list)
+    parts: list = field(default_factory=list)  # an ensemble: images fooled by each of its attacks
 
 
 def attack_batch(model: nn.Module, x: Tensor, y: Tensor, spec: AttackSpec, gen: torch.Generator,
-                 tally: Tally) -> tuple[Tensor, Tensor, Tensor]:
+                 tally: Tally, copy: nn.Module | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """Attack the correctly classified images of one batch (``spec`` resolved) and count them
-    into ``tally``: (the batch with each fooled image replaced, attacked mask, fooled mask)."""
+    into ``tally``: (the batch with each fooled image replaced, attacked mask, fooled mask).
+    The attack runs on ``copy`` (an :func:`~fastablate.modes.inference_copy` of ``model``;
+    default ``model`` itself); which images are correct and which are fooled is ``model``'s
+    answer."""
     with torch.no_grad():
         logits = model(x)
     check_finite(model, logits, x)
@@ -526,8 +618,10 @@ def attack_batch(model: nn.Module, x: Tensor, y: Tensor, spec: AttackSpec, gen: 
     if sel.numel():
         xs, ys = x[sel], y[sel]
         ts = None if spec.target is None else torch.full_like(ys, spec.target)
+        parts = ENSEMBLES.get(spec.attack)
+        extra = {} if parts is None else {"fooled_by": torch.full_like(ys, -1)}
         start = time.perf_counter()
-        adv, steps, queries = RUNNERS[spec.attack](model, xs, ys, spec, ts, gen)
+        adv, steps, queries = RUNNERS[spec.attack](model if copy is None else copy, xs, ys, spec, ts, gen, **extra)
         if x.device.type == "cuda":
             torch.cuda.synchronize()
         tally.seconds += time.perf_counter() - start
@@ -541,6 +635,8 @@ def attack_batch(model: nn.Module, x: Tensor, y: Tensor, spec: AttackSpec, gen: 
         tally.l2s += diff.flatten(1).norm(dim=1).tolist()
         tally.steps += steps.tolist()
         tally.queries += queries.tolist()
+        if parts is not None:
+            tally.parts = [a + int((extra["fooled_by"][won] == i).sum()) for i, a in enumerate(tally.parts)]
         x_adv[sel], success[sel] = adv, won
     return x_adv, ok, success
 
@@ -559,7 +655,7 @@ def run_attack(model: nn.Module, ds: ImageSet, spec: AttackSpec, runtime: Runtim
     if spec.target is not None and not 0 <= spec.target < ds.num_classes:
         raise FastablateError(f"--target {spec.target} is not a class of {ds.name} (0..{ds.num_classes - 1})")
     spec = spec.resolved(ds.image_size)
-    t = Tally()
+    t = Tally(parts=[0] * len(ENSEMBLES.get(spec.attack, ())))
     kept: list[tuple[int, dict[str, Tensor]]] = []  # (batch index, examples)
     name = model_name(model)
     source = torch.arange(len(ds))
@@ -568,11 +664,14 @@ def run_attack(model: nn.Module, ds: ImageSet, spec: AttackSpec, runtime: Runtim
         ds = ds.subset(source)
     seen = 0
     with eval_mode(model, frozen=True):
+        start = time.perf_counter()
+        copy = inference_copy(model)
+        t.seconds += time.perf_counter() - start  # part of the attack's time
         for i, x, y in my_batches(ds, runtime, f"{spec.attack} attack {name}"):
             # Each batch draws its own random numbers: the result of a batch does not depend on
             # the batches before it (or on which process runs it).
             gen = torch.Generator().manual_seed(hash_seed(runtime.seed, "attack", i))
-            x_adv, ok, success = attack_batch(model, x, y, spec, gen, t)
+            x_adv, ok, success = attack_batch(model, x, y, spec, gen, t, copy)
             index = source[i * runtime.batch_size:i * runtime.batch_size + x.shape[0]]  # i: the global batch
             seen += x.shape[0]
             if keep:
@@ -588,6 +687,11 @@ def run_attack(model: nn.Module, ds: ImageSet, spec: AttackSpec, runtime: Runtim
     correct, fooled, attacked, skipped = all_sum(torch.tensor([t.correct, t.fooled, t.attacked, t.skipped],
                                                               dtype=torch.int64)).tolist()
     seconds = all_sum(torch.tensor([t.seconds], dtype=torch.float64)).item()
+    parts = None
+    if spec.attack in ENSEMBLES:
+        counts = all_sum(torch.tensor(t.parts, dtype=torch.int64)).tolist()
+        parts = {a: {"fooled": c, "share": c / attacked if attacked else 0.0}
+                 for a, c in zip(ENSEMBLES[spec.attack], counts)}
     l0s, l2s, steps_all, queries_all = ([v for part in gather(values) for v in part]
                                         for values in (t.l0s, t.l2s, t.steps, t.queries))
     examples = None
@@ -604,7 +708,8 @@ def run_attack(model: nn.Module, ds: ImageSet, spec: AttackSpec, runtime: Runtim
                         seconds_per_image=seconds / attacked if attacked else 0.0, skipped_target_class=skipped,
                         queries_mean=(sum(queries_all) / len(queries_all) if queries_all else 0.0)
                         if spec.attack in APPLIES["queries"] else None,
-                        k=spec.k if spec.attack in APPLIES["k"] else None, spec=spec.record(runtime.seed),
+                        k=spec.k if spec.attack in APPLIES["k"] else None, parts=parts,
+                        spec=spec.record(runtime.seed),
                         examples=examples)
 
 
@@ -691,8 +796,8 @@ def save_grid(examples: dict, path: Path, count: int = 8) -> Path:
 
 
 class AttackStudy(Study):
-    """Attack a checkpoint: sparse pixels (L0; white-box or black-box sparse-rs), optimized noise
-    (L2), FGSM or PGD. Only images
+    """Attack a checkpoint: sparse pixels (L0; white-box, black-box sparse-rs, or both in turn),
+    optimized noise (L2), FGSM or PGD. Only images
     the model classifies correctly are attacked; success_rate is the fraction of them it fools."""
 
     name = "attack"
@@ -757,4 +862,7 @@ class AttackStudy(Study):
             budget = f" at {r.k} pixels" if r.k is not None else ""
             out.append(f"{r.model}: {r.attack}{budget} fooled {r.success_rate:.4f} of {r.attacked} correctly "
                        f"classified images; robust accuracy {r.robust_accuracy:.4f} (clean {r.clean_accuracy:.4f})")
+            if r.parts:
+                out.append("  fooled by: " + ", then ".join(f"{a} {p['fooled']} ({p['share']:.4f})"
+                                                           for a, p in r.parts.items()))
         return "\n".join(out)
