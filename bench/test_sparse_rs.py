@@ -12,8 +12,9 @@ $FASTABLATE_BENCH_CIFAR (default ~/data/cifar10-jpg) and the reference at
 $FASTABLATE_BENCH_SPARSE_RS (default ../shared/peers/sparse-rs beside the repository). Skips otherwise.
 
 Run: python -m pytest bench/test_sparse_rs.py --benchmark-only --benchmark-json=sparse-rs.json
-Plot: python bench/test_sparse_rs.py sparse-rs.json bench/sparse-rs.png   (success against
-queries from the untargeted runs at the largest budget, and against seconds per image)
+Plot: python bench/test_sparse_rs.py bench/sparse-rs.png sparse-rs.json [more.json ...]   (success
+against queries from the untargeted runs at the largest budget, and against seconds per image;
+a run in a later file replaces the same run in an earlier one)
 """
 import os
 import sys
@@ -149,15 +150,15 @@ def test_time_outside_the_forward_pass(benchmark, cifar_attack, impl):
                                 total_s=round(total, 3), forward_calls=timed.calls)
 
 
-def plot(path: str, out: str) -> None:
+def plot(out: str, *paths: str) -> None:
     """Success against queries (the untargeted runs at the largest budget, per seed) and
-    against seconds per image (every untargeted run) from a benchmark JSON file."""
+    against seconds per image (every untargeted run) from benchmark JSON files."""
     import json
 
     from fastablate.plots import pyplot, save
 
-    runs = [b for b in json.load(open(path))["benchmarks"]
-            if b["name"].startswith(("test_untargeted", "test_ensemble"))]
+    named = {b["name"]: b for path in paths for b in json.load(open(path))["benchmarks"]}
+    runs = [b for name, b in named.items() if name.startswith(("test_untargeted", "test_ensemble"))]
     top = max(b["extra_info"]["queries"] for b in runs)
     names = {"reference": "reference Sparse-RS", "fastablate": "sparse-rs", "fastablate-sparse": "sparse (white-box)",
              "fastablate-ensemble": "sparse-ensemble"}
@@ -186,4 +187,4 @@ def plot(path: str, out: str) -> None:
 
 
 if __name__ == "__main__":
-    plot(*sys.argv[1:3])
+    plot(*sys.argv[1:])

@@ -71,10 +71,10 @@ class AttackSpec(Spec):
     """An attack's options; a None is the attack's default (:meth:`resolved` fills it in)."""
 
     attack: str = option("sparse", "The attack.", type=Choice(*ATTACKS))
-    pixels: Optional[float] = option(None, f"sparse, sparse-rs: budget as a fraction of the H*W pixels, e.g. 0.005 "
+    pixels: Optional[float] = option(None, f"sparse attacks: budget as a fraction of the H*W pixels, e.g. 0.005 "
                                            f"(5 of 32x32) [default: {DEFAULT_PIXELS}].",
                                      type=Float(0, 1, min_open=True))
-    k: Optional[int] = option(None, "sparse, sparse-rs: budget in pixels (instead of --pixels).", type=Int(min=1))
+    k: Optional[int] = option(None, "sparse attacks: budget in pixels (instead of --pixels).", type=Int(min=1))
     queries: Optional[int] = option(None, "Forward passes per image of the random search: sparse-rs and "
                                           "sparse-ensemble's sparse-rs [default: "
                                           f"{DEFAULT_QUERIES['sparse-rs']}], sparse's finish for the images the "
