@@ -231,7 +231,7 @@ def test_cli_sparse_ensemble_names_each_attacks_share(trained_resnet8, tmp_path)
     out = tmp_path / "e"
     r = CliRunner().invoke(cli, ["attack", "--weights", str(trained_resnet8), "--dataset", "synthetic", "--limit", "30",
                                  "--attack", "sparse-ensemble", "--k", "1", "--steps", "3", "--queries", "20",
-                                 "--out", str(out)])
+                                 "--save-examples", "--out", str(out)])
     assert r.exit_code == 0, r.output
     res = json.loads((out / "results.json").read_text())
     parts = res["parts"]
@@ -240,6 +240,8 @@ def test_cli_sparse_ensemble_names_each_attacks_share(trained_resnet8, tmp_path)
     assert sum(p["share"] for p in parts.values()) == pytest.approx(res["success_rate"])
     assert res["spec"]["queries"] == 20 and res["spec"]["steps"] == 3 and res["k"] == 1
     assert "fooled by: sparse " in r.output and ", then sparse-rs " in r.output
+    adv = torch.load(out / "adversarial.pt", weights_only=True)
+    assert int(adv["success"].sum()) == sum(p["fooled"] for p in parts.values())
     r = CliRunner().invoke(cli, ["attack", "--weights", str(trained_resnet8), "--dataset", "synthetic", "--limit", "30",
                                  "--attack", "sparse-rs", "--k", "1", "--queries", "2", "--out", str(tmp_path / "rs")])
     assert r.exit_code == 0 and "parts" not in json.loads((tmp_path / "rs" / "results.json").read_text())

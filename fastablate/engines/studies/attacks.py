@@ -687,11 +687,11 @@ def run_attack(model: nn.Module, ds: ImageSet, spec: AttackSpec, runtime: Runtim
     correct, fooled, attacked, skipped = all_sum(torch.tensor([t.correct, t.fooled, t.attacked, t.skipped],
                                                               dtype=torch.int64)).tolist()
     seconds = all_sum(torch.tensor([t.seconds], dtype=torch.float64)).item()
-    parts = None
+    by_attack = None
     if spec.attack in ENSEMBLES:
         counts = all_sum(torch.tensor(t.parts, dtype=torch.int64)).tolist()
-        parts = {a: {"fooled": c, "share": c / attacked if attacked else 0.0}
-                 for a, c in zip(ENSEMBLES[spec.attack], counts)}
+        by_attack = {a: {"fooled": c, "share": c / attacked if attacked else 0.0}
+                     for a, c in zip(ENSEMBLES[spec.attack], counts)}
     l0s, l2s, steps_all, queries_all = ([v for part in gather(values) for v in part]
                                         for values in (t.l0s, t.l2s, t.steps, t.queries))
     examples = None
@@ -708,7 +708,7 @@ def run_attack(model: nn.Module, ds: ImageSet, spec: AttackSpec, runtime: Runtim
                         seconds_per_image=seconds / attacked if attacked else 0.0, skipped_target_class=skipped,
                         queries_mean=(sum(queries_all) / len(queries_all) if queries_all else 0.0)
                         if spec.attack in APPLIES["queries"] else None,
-                        k=spec.k if spec.attack in APPLIES["k"] else None, parts=parts,
+                        k=spec.k if spec.attack in APPLIES["k"] else None, parts=by_attack,
                         spec=spec.record(runtime.seed),
                         examples=examples)
 
