@@ -78,8 +78,8 @@ def inference_copy(model: nn.Module) -> nn.Module:
     forward passes on it and differentiate only with respect to the input: each BatchNorm that
     follows a convolution folded into it (``torch.fx``'s ``fuse``; a model fx cannot trace is
     copied as it is), and its 4-d tensors and inputs in channels-last. The same function as
-    ``model`` within float rounding (a few 1e-6 on logits of size 10), 0.7-0.8x its time per
-    forward pass on a CIFAR ResNet-20 on CPU (bench/README.md). ``model`` is not changed."""
+    ``model`` within float rounding (a few 1e-6 on logits of size 10), less time per
+    forward pass (bench/README.md). ``model`` is not changed."""
     import copy
 
     from torch.fx.experimental.optimization import fuse
