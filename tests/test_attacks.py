@@ -8,7 +8,7 @@ from click.testing import CliRunner
 from fastablate.cli import cli
 from fastablate.data import batches, build_dataset
 from fastablate.engines.core.runtime import Runtime
-from fastablate.engines.studies.attacks import (AttackSpec, ensemble_attack, margin, random_search, run_attack,
+from fastablate.engines.studies.attacks import (AttackSpec, _rs_replaced, ensemble_attack, margin, random_search, run_attack,
                                                 set_pixels, sparse_attack, sparse_rs_attack)
 from fastablate.errors import FastablateError
 from fastablate.models import build_model
@@ -158,6 +158,18 @@ def test_random_search_keeps_what_it_fooled_and_sets_pixels(model, ds):
     pix = torch.tensor([[0, 5]])
     out = set_pixels(torch.zeros(1, 3, 2, 3), pix, torch.tensor([[[1.0, 0.0, 1.0], [0.0, 1.0, 1.0]]]))
     assert out[0, :, 0, 0].tolist() == [1, 0, 1] and out[0, :, 1, 2].tolist() == [0, 1, 1] and out.sum() == 4
+
+
+@pytest.mark.parametrize("queries, k, replaced", [
+    (10_000, 100, {0: 15, 49: 15, 50: 7, 199: 7, 200: 6, 999: 5, 1999: 3, 3999: 3, 5999: 2, 7999: 2, 9998: 1}),
+    (300, 5, {i: 1 for i in range(299)}),  # k = 5: one pixel from the first trial on
+    (1000, 40, {0: 6, 4: 6, 5: 3, 19: 3, 20: 2, 99: 1}),  # rescaled to the budget
+    (20_000, 10, {0: 3, 1: 1}),  # past 10,000 queries, the first trial keeps the initial share
+])
+def test_replaced_pixels_follow_sparse_rs_schedule(queries, k, replaced):
+    """Sparse-RS's rule: iteration it = i + 1 rescaled to 10,000 queries, the share 0.3 divided
+    by the schedule's divisor, times k, rounded down, at least 1."""
+    assert {i: _rs_replaced(i, queries, k) for i in replaced} == replaced
 
 
 def test_random_search_finish_fools_more(model, ds):

@@ -15,7 +15,7 @@ as the target).
 - ``sparse-rs``: black-box, score-based (Sparse-RS, Croce et al. 2022): forward passes only,
   at most ``queries`` per image. k pixels set to corners of the colour cube; each iteration
   replaces a decaying fraction of them by random pixels with random corners and keeps the
-  change when the margin does not get worse.
+  change when the margin improves (Sparse-RS's schedule and acceptance).
 - ``sparse-ensemble``: the robust-accuracy evaluation of an L0 budget, in the spirit of
   sparse-AutoAttack: ``sparse`` (with its default finish), then ``sparse-rs`` with ``queries``
   on the images it leaves; an image counts as robust only when both fail, and the result
@@ -382,17 +382,19 @@ def gradient_attack(model: nn.Module, x: Tensor, y: Tensor, spec: AttackSpec, ta
 
 
 # Sparse-RS's schedule of the share of the k pixels replaced per iteration, written for
-# 10,000 queries: (iteration bound, divisor of the initial share).
-RS_SCHEDULE = ((10, 1), (50, 2), (200, 4), (500, 5), (1000, 6), (2000, 8), (4000, 10), (6000, 12), (8000, 15))
+# 10,000 queries: (iteration bound, divisor of the initial share); past the last bound, 20.
+RS_SCHEDULE = ((0, 1), (50, 2), (200, 4), (500, 5), (1000, 6), (2000, 8), (4000, 10), (6000, 12), (8000, 15))
 RS_SHARE = 0.3  # the initial share
 RS_GUIDED = 0.7  # guided search: the chance that a replacement comes from the score's pool
 
 
 def _rs_replaced(i: int, queries: int, k: int) -> int:
-    """Pixels replaced at iteration ``i`` of a search of ``queries`` queries."""
-    t = i * 10_000 // max(queries, 1)
+    """Pixels replaced by the ``i``-th trial (from 0; query ``i + 2`` of the image, after the
+    start) of a search of ``queries`` queries: Sparse-RS's rule, the schedule rescaled to the
+    budget and the share of k rounded down, at least one pixel."""
+    t = int((i + 1) / max(queries, 1) * 10_000)
     divisor = next((d for bound, d in RS_SCHEDULE if t <= bound), 20)
-    return max(1, round(RS_SHARE / divisor * k))
+    return max(1, int(RS_SHARE / divisor * k))
 
 
 def set_pixels(x: Tensor, pix: Tensor, col: Tensor, *, owned: bool = False) -> Tensor:
@@ -417,7 +419,7 @@ def random_search(model: nn.Module, x: Tensor, y: Tensor, k: int, queries: int, 
     (:data:`RS_SCHEDULE`) by pixels outside the set with random corners (never the colour the
     pixel has: a pixel whose own colour is a corner gets one of the others), and keeps the
     change when the score (:func:`_search_score`: the margin, targeted the target's
-    cross-entropy) does not get worse. At most ``queries`` forward passes per image; an image
+    cross-entropy) improves or the image is fooled. At most ``queries`` forward passes per image; an image
     leaves the search when it is fooled. Returns the images (an image not fooled: its
     original) and the queries each used.
 
@@ -474,7 +476,7 @@ def random_search(model: nn.Module, x: Tensor, y: Tensor, k: int, queries: int, 
             trial, won = (t.cpu() for t in _search_score(model(set_pixels(x[on], p.to(dev), q.to(dev), owned=True)),
                                                          y[on], None if target is None else target[on]))
         used[idx] += 1
-        better = (trial >= cur[idx]) | won
+        better = (trial > cur[idx]) | won
         pix[idx[better]], col[idx[better]], cur[idx[better]] = p[better], q[better], trial[better]
         fooled[idx[better]] = won[better]
         _trace(lambda: set_pixels(x[idx.to(dev)], pix[idx].to(dev), col[idx].to(dev)), idx)
