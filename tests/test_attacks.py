@@ -8,8 +8,8 @@ from click.testing import CliRunner
 from fastablate.cli import cli
 from fastablate.data import batches, build_dataset
 from fastablate.engines.core.runtime import Runtime
-from fastablate.engines.studies.attacks import (AttackSpec, _rs_replaced, ensemble_attack, margin, random_search, run_attack,
-                                                set_pixels, sparse_attack, sparse_rs_attack)
+from fastablate.engines.studies.attacks import (AttackSpec, _rs_replaced, ensemble_attack, margin, random_search,
+                                                run_attack, set_pixels, sparse_attack, sparse_rs_attack)
 from fastablate.errors import FastablateError
 from fastablate.models import build_model
 from fastablate.models.checkpoint import load_model
