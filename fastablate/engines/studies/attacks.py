@@ -419,8 +419,8 @@ def random_search(model: nn.Module, x: Tensor, y: Tensor, k: int, queries: int, 
     (:data:`RS_SCHEDULE`) by pixels outside the set with random corners (never the colour the
     pixel has: a pixel whose own colour is a corner gets one of the others), and keeps the
     change when the score (:func:`_search_score`: the margin, targeted the target's
-    cross-entropy) improves or the image is fooled. At most ``queries`` forward passes per image; an image
-    leaves the search when it is fooled. Returns the images (an image not fooled: its
+    cross-entropy) improves or the image is fooled. At most ``queries`` forward passes per
+    image; an image leaves the search when it is fooled. Returns the images (an image not fooled: its
     original) and the queries each used.
 
     ``guide`` (score (n, H*W), corner (n, H*W, C)) makes it guided: the search starts from
