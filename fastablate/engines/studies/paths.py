@@ -100,8 +100,8 @@ def shared_gradients(view: UnitView, x: Tensor, y: Tensor, sets: Sequence[frozen
         h = torch.relu(z) if relu else z
         saved.append((vjp_sc, vjp_res, z > 0 if relu else None))
     logits, vjp_head = vjp(view.head, h)
-    p = torch.softmax(logits.float(), 1)
-    (g,) = vjp_head((p - F.one_hot(y, p.shape[1]).float()).to(logits.dtype))  # the summed cross-entropy's
+    p = torch.softmax(_loss_precision(logits), 1)
+    (g,) = vjp_head((p - F.one_hot(y, p.shape[1]).to(p.dtype)).to(logits.dtype))  # the summed cross-entropy's
     member = torch.tensor([[j in s for s in sets] for j in range(len(view.units))])
     row = torch.zeros(len(sets), dtype=torch.long)  # each sample's row of the stacked gradient
     g = g.unsqueeze(0)
@@ -138,6 +138,11 @@ def shared_gradients(view: UnitView, x: Tensor, y: Tensor, sets: Sequence[frozen
     return g.flatten(2).norm(dim=2).mean(1)[row.to(g.device)]
 
 
+def _loss_precision(logits: Tensor) -> Tensor:
+    """Logits for the loss: float32 from half precision, float64 kept (a float64 run is the tests' oracle)."""
+    return logits.to(torch.promote_types(logits.dtype, torch.float32))
+
+
 def _through(fn, g: Tensor) -> Tensor:
     """The vector-Jacobian product ``fn`` of one forward pass applied to each row of ``g``."""
     from torch.func import vmap
@@ -155,7 +160,7 @@ def naive_gradients(view: UnitView, x: Tensor, y: Tensor, sets: Sequence[frozens
         for j, u in enumerate(view.units):
             sc, res = u.parts.shortcut(h), u.parts.residual(h)
             h = u.parts.apply_post(sc.detach() + res if j in s else sc + res.detach())
-        loss = F.cross_entropy(view.head(h).float(), yi, reduction="sum")
+        loss = F.cross_entropy(_loss_precision(view.head(h)), yi, reduction="sum")
         (g,) = torch.autograd.grad(loss, xi)
         out.append(g.flatten(1).norm(dim=1).mean())
     return torch.stack(out)
