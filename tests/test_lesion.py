@@ -9,7 +9,7 @@ import pytest
 import torch
 import torchvision
 from click.testing import CliRunner
-from conftest import assert_same_predictions, randomize_bn
+from conftest import assert_same_predictions, decided, float64, oracle_bound, randomize_bn
 from torch import nn
 
 from fastablate.cli import cli
@@ -22,6 +22,7 @@ from fastablate.models import NormalizedModel, build_model, load_model, save_che
 from fastablate.units import units
 
 MODEL_FILES = Path(__file__).parent / "models"
+DEEP = ("resnet110", "preresnet164", "vgg19")  # the slow tier's: the deepest
 
 
 def _models():
@@ -46,13 +47,15 @@ def _models():
 
 
 @pytest.mark.numerics
-@pytest.mark.parametrize("name, model, plans", list(_models()), ids=lambda v: v if isinstance(v, str) else "")
+@pytest.mark.parametrize("name, model, plans", [pytest.param(*m, marks=pytest.mark.slow) if m[0] in DEEP else m
+                                               for m in _models()], ids=lambda v: v if isinstance(v, str) else "")
 def test_executor_equals_naive_loop(name, model, plans, device):
     model = randomize_bn(model).to(device)
     view = units(model)
     variants = build_variants(view, plans, samples=3, seed=1)
     x = torch.rand(3, 3, 32, 32, device=device)
     ref = naive_logits(view, variants, x)
+    exact = naive_logits(units(float64(model)), variants, float64(x))
     # One chunk, stacked, stacked up to a byte limit, or one segment per variant group; one
     # variant per chunk.
     for max_memory, stack_rows, stack_bytes in ((1 << 40, 256, 1 << 40), (1 << 40, 256, 150_000),
@@ -61,8 +64,8 @@ def test_executor_equals_naive_loop(name, model, plans, device):
                             stack_rows=stack_rows, stack_bytes=stack_bytes)
         slot = {s: i for i, s in enumerate(ex.unique)}
         got = ex(x)[[slot[v.steps] for v in variants]]
-        # Stacked rows run at other batch sizes than the naive loop's: within float32's tolerance.
-        assert_same_predictions(got, ref, msg=f"{name} {max_memory} {stack_rows} {stack_bytes}")
+        # Stacked rows run at other batch sizes than the naive loop's: judged by float64.
+        assert_same_predictions(got, ref, exact, msg=f"{name} {max_memory} {stack_rows} {stack_bytes}")
     assert len(LesionExecutor(view, [v.steps for v in variants], batch_size=3, max_memory=1).chunks) == len(ex.unique)
 
 
@@ -151,22 +154,28 @@ def test_bad_plans(plans, kw, message):
 
 @pytest.mark.numerics
 def test_run_lesion_metrics_match_naive_logits(trained_resnet8):
-    """Per-variant accuracies equal the naive loop's on a trained model and real-sized batches;
-    losses and confidences within float32's tolerance (DESIGN.md, Numerics)."""
+    """Per-variant accuracies equal float64's on every image whose margin float32's error bound
+    cannot close, on a trained model and real-sized batches; losses and confidences within
+    float32's tolerance of float64's (DESIGN.md, Numerics)."""
     model = load_model(trained_resnet8).eval()
-    ds = build_dataset("synthetic", None, "test", limit=256)
+    ds = build_dataset("synthetic", None, "test", limit=128)
     view = units(model)
     variants = build_variants(view, ["all-single", "k-random"], ks=[1, 2], samples=3)
     res = run_lesion(model, ds, variants, Runtime(batch_size=64), view=view, max_memory=1 << 30)
     x = ds.load(torch.arange(len(ds))).float() / 255
     y = ds.labels
     logits = naive_logits(view, variants, x)
+    exact = naive_logits(units(float64(model)), variants, float64(x))
     accuracies = set()
     for v, row in zip(variants, [res.intact] + res.variants):
-        lg = logits[variants.index(v)]
-        assert row["accuracy"] == (lg.argmax(1) == y).double().mean().item(), v.deleted
-        assert row["loss"] == pytest.approx(nn.functional.cross_entropy(lg, y).item(), rel=1e-5)
-        assert row["mean_confidence"] == pytest.approx(lg.softmax(1).max(1).values.mean().item(), rel=1e-5)
+        i = variants.index(v)
+        sure = decided(exact[i], oracle_bound(logits[i], exact[i]))
+        correct = exact[i].argmax(1) == y
+        assert sure.float().mean() > 0.9, v.deleted  # the check below decides most images
+        # Decided images count as float64 counts them; an undecided one may go either way.
+        assert (correct & sure).sum() <= round(row["accuracy"] * len(y)) <= (correct | ~sure).sum(), v.deleted
+        assert row["loss"] == pytest.approx(nn.functional.cross_entropy(exact[i], y).item(), rel=1e-5)
+        assert row["mean_confidence"] == pytest.approx(exact[i].softmax(1).max(1).values.mean().item(), rel=1e-5)
         accuracies.add(row["accuracy"])
     assert len(accuracies) > 3  # the variants differ: the comparison is not between constants
     assert res.variants[0]["delta"] == pytest.approx(res.variants[0]["accuracy"] - res.intact["accuracy"])
