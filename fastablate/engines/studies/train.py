@@ -95,6 +95,9 @@ class _Recipe(Spec):
     ema: float = option(0.0, "Decay per step of an average of the weights, which is evaluated and saved "
                              "(0: off; e.g. 0.999).", type=Float(0, 1, max_open=True))
     tta: bool = option(False, "Also evaluate on the mean prediction of each image and its flip (test_tta).")
+    precision: str = option("fp32", "Arithmetic of the forward and backward passes: fp32, or autocast to bf16 or "
+                                    "fp16 (fp16 with a gradient scaler); weights and optimizer stay float32.",
+                            type=Choice("fp32", "bf16", "fp16"))
     memory_format: str = option("channels-last", "Memory layout of images and activations (channels-last is "
                                                  "faster on CPUs).", type=Choice("channels-last", "contiguous"))
     augment: Optional[str] = option(None, "Augmentations, e.g. crop,flip,rotation:15,cutout:8 [default: crop,flip; "
@@ -424,7 +427,8 @@ class TrainStudy(Study):
             r.checkpoint = runtime.artifact(MODEL_FILE)
             save_checkpoint(r.trained, r.checkpoint, {"dataset": r.dataset, "epoch": len(r.history),
                                                       "test_accuracy": r.final.accuracy, "test_loss": r.final.loss,
-                                                      "seed": runtime.seed, "world_size": 1})
+                                                      "seed": runtime.seed, "world_size": 1,
+                                                      "precision": spec.precision})
             write_csv(runtime.artifact("metrics.csv"), r.history)
 
     def report(self, results: Sequence[TrainResult], spec) -> str:

@@ -33,6 +33,7 @@ from fastablate.modes import eval_mode
 from fastablate.plots import pyplot, save
 from fastablate.results import write_csv
 
+AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}  # --precision: the dtype autocast computes in
 STATE_FILE = "last.pt"  # optimizer, schedule, averaged weights and RNG state for --resume
 MODEL_FILE = "model.pt"  # the model in our checkpoint format
 
@@ -112,6 +113,8 @@ def train(model: nn.Module, data, spec, runtime: Runtime):
     opt = optimizer(spec, [{"params": decay, "weight_decay": spec.weight_decay},
                            {"params": no_decay, "weight_decay": 0.0}])
     average = WeightAverage(model, spec.ema) if spec.ema > 0 else None
+    # fp16's narrow range underflows small gradients: the loss is scaled up, the step down (a no-op otherwise).
+    scaler = torch.amp.GradScaler(device.type, enabled=spec.precision == "fp16")
     per_process = len(data.train) // world  # every process the same number of images (and steps)
     steps_per_epoch = -(-per_process // bs)
     total = spec.epochs * steps_per_epoch
@@ -126,6 +129,8 @@ def train(model: nn.Module, data, spec, runtime: Runtime):
             average.model.net.load_state_dict(state["average"])
             average.steps = state["average_steps"]
         torch.set_rng_state(state["torch_rng"])
+        if state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
         history, first_epoch = state["history"], state["epoch"] + 1
         keeper.restore(state.get("best"))
     eval_rt = runtime.with_(batch_size=max(bs, 256), progress=False)
@@ -134,7 +139,7 @@ def train(model: nn.Module, data, spec, runtime: Runtime):
     for epoch in range(first_epoch, spec.epochs):
         t0 = time.perf_counter()
         lr, loss_sum, correct, seen = train_one_epoch(model, forward, opt, average, data, spec, runtime, epoch,
-                                                      steps_per_epoch, total, fmt)
+                                                      steps_per_epoch, total, fmt, scaler)
         trained = average.model if average is not None else model
         dist.sync_buffers(trained)  # process 0's BatchNorm statistics: what is evaluated is what is saved
         final = evaluate_all(trained, data, spec, eval_rt, fmt, test=data.val is None or epoch + 1 == spec.epochs)
@@ -154,12 +159,13 @@ def train(model: nn.Module, data, spec, runtime: Runtime):
             warned = True
         if runtime.out is not None:
             if improved or spec.keep == "last":
-                save_checkpoint(trained, runtime.out / MODEL_FILE, _meta(data, row, runtime, world))
+                save_checkpoint(trained, runtime.out / MODEL_FILE, _meta(data, row, runtime, world, spec))
             atomic_save({"arch": model.arch, "epoch": epoch, "state_dict": model.net.state_dict(),
                          "optimizer": opt.state_dict(), "fingerprint": data.fingerprint,
                          "average": average.model.net.state_dict() if average else None,
                          "average_steps": average.steps if average else 0, "best": keeper.state(),
-                         "torch_rng": torch.get_rng_state(), "history": history}, runtime.out / STATE_FILE)
+                         "torch_rng": torch.get_rng_state(), "scaler": scaler.state_dict(), "history": history},
+                        runtime.out / STATE_FILE)
             write_csv(runtime.out / "metrics.csv", history)
         shown = "".join(f" | {n} loss {r.loss:.4f} acc {r.accuracy:.4f}" for n, r in final.items()
                         if n in ("val", "test"))
@@ -171,7 +177,7 @@ def train(model: nn.Module, data, spec, runtime: Runtime):
         trained.net.load_state_dict(keeper.weights)
         final = evaluate_all(trained, data, spec, eval_rt, fmt)
         if main and runtime.out is not None:  # the kept model's test figures into its checkpoint
-            save_checkpoint(trained, runtime.out / MODEL_FILE, _meta(data, keeper.row, runtime, world, final))
+            save_checkpoint(trained, runtime.out / MODEL_FILE, _meta(data, keeper.row, runtime, world, spec, final))
     elif "test" not in final:  # resumed a finished run: report the saved model
         final = evaluate_all(trained, data, spec, eval_rt, fmt)
     diverging = divergence_warning(history)
@@ -191,8 +197,9 @@ def optimizer(spec, groups: list[dict]) -> torch.optim.Optimizer:
     return cls(groups, lr=spec.base_lr(), betas=betas)
 
 
-def _meta(data, row: dict, runtime: Runtime, world: int, final: dict | None = None) -> dict:
-    meta = {"dataset": data.train.name, "epoch": row["epoch"], "seed": runtime.seed, "world_size": world}
+def _meta(data, row: dict, runtime: Runtime, world: int, spec, final: dict | None = None) -> dict:
+    meta = {"dataset": data.train.name, "epoch": row["epoch"], "seed": runtime.seed, "world_size": world,
+            "precision": spec.precision}
     for split in ("val", "test"):
         if final is not None and split in final:
             meta[f"{split}_accuracy"], meta[f"{split}_loss"] = final[split].accuracy, final[split].loss
@@ -235,7 +242,7 @@ class Keeper:
 
 def train_one_epoch(model: nn.Module, forward: nn.Module, opt: torch.optim.Optimizer, average: WeightAverage | None,
                     data, spec, runtime: Runtime, epoch: int, steps_per_epoch: int, total: int,
-                    fmt: torch.memory_format) -> tuple[float, float, int, int]:
+                    fmt: torch.memory_format, scaler: torch.amp.GradScaler) -> tuple[float, float, int, int]:
     """One epoch of this process's share of ``data.train``: (the last step's learning rate,
     the summed loss, correct predictions and images seen)."""
     from fastablate.engines.studies.attacks import RUNNERS
@@ -270,15 +277,17 @@ def train_one_epoch(model: nn.Module, forward: nn.Module, opt: torch.optim.Optim
             keep_frozen_bn(model)
             x = torch.cat([xa, x[k:]])
         x = x.contiguous(memory_format=fmt)
-        logits = forward(x)
-        loss = F.cross_entropy(logits, y, label_smoothing=spec.label_smoothing)
+        with torch.autocast(device.type, dtype=AUTOCAST.get(spec.precision), enabled=spec.precision in AUTOCAST):
+            logits = forward(x)
+        loss = F.cross_entropy(logits.float(), y, label_smoothing=spec.label_smoothing)
         value = loss.item()
         if not math.isfinite(value):
             raise FastablateError(f"training diverged: the loss is {value} at epoch {epoch + 1}, step {i + 1}; "
                                   f"lower --lr (the step's learning rate was {lr:.4g})")
         opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
         if average is not None:
             average.update(model)
         if runtime.tracker:
