@@ -315,8 +315,12 @@ def study_command() -> click.Command:
     from fastablate.engines.workflows.study import StudySpec, run_full_study
 
     def run(values: dict) -> None:
+        from fastablate.engines.core.distributed import is_main
+
         out, parts = run_full_study(Setup(**values.get(Setup, {})), StudySpec(**values.get(StudySpec, {})),
                                     echo=click.echo)
+        if not is_main():  # under torchrun: process 0 wrote the report and says where
+            return
         click.echo((out / "report.md").read_text().split("## Models, data, runs")[0].strip())
         click.echo(f"\nreport: {out / 'report.html'}")
     return SpecCommand("study", [Setup, StudySpec], run, skip={(Setup, "model"), (Setup, "split")},

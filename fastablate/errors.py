@@ -1,5 +1,6 @@
 """The one exception type for bad input (the CLI prints its message as one line, exit 2),
 and notes: one line on stderr about something a user should know but need not fix."""
+import os
 import sys
 
 
@@ -16,5 +17,6 @@ def first_line(e: BaseException) -> str:
 
 
 def note(message: str) -> None:
-    """One line ``note: ...`` on stderr."""
-    print(f"note: {message}", file=sys.stderr)
+    """One line ``note: ...`` on stderr (under torchrun, from process 0 alone: the others say the same)."""
+    if os.environ.get("RANK", "0") == "0":
+        print(f"note: {message}", file=sys.stderr)

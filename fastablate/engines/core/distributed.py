@@ -90,6 +90,12 @@ def broadcast(obj: Any) -> Any:
     return box[0]
 
 
+def barrier() -> None:
+    """Wait until every process is here (a no-op alone)."""
+    if world() > 1:
+        dist.barrier()
+
+
 def sync_buffers(module: torch.nn.Module) -> None:
     """Process 0's buffers (BatchNorm running statistics) on every process."""
     if world() > 1:

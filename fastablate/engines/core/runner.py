@@ -65,15 +65,7 @@ def run_study(study: Study, setup: Setup, spec: Spec, *, progress: bool = False)
     out = Path(dist.broadcast(str(setup.out or default_out(study.command))))  # one folder, named by process 0
     run = RunDir(out, study.command, config, device=str(runtime.device), seed=setup.seed,
                  info={**study.run_info(models, data, spec), **({"world_size": world} if world > 1 else {})})
-    refused, error = None, None
-    if rank == 0:
-        try:
-            run.start(resume=study.resumes(spec), force=setup.force, inputs=inputs)
-        except Exception as e:  # every process stops, process 0 with the error itself
-            refused, error = str(e), e
-    refused = dist.broadcast(refused)
-    if refused:
-        raise error if error is not None else FastablateError(refused)
+    start_on_main(run, resume=study.resumes(spec), force=setup.force, inputs=inputs)
     if tracker:
         tracker.start(out, out.name, config)
     try:
@@ -91,6 +83,20 @@ def run_study(study: Study, setup: Setup, spec: Spec, *, progress: bool = False)
         if tracker:
             tracker.finish(study.metrics(document))
     return Outcome(run.path, results, document, study.report(results, spec))
+
+
+def start_on_main(run: RunDir, **options) -> None:
+    """``run.start(**options)`` on process 0, the one that writes; a refusal there stops every
+    process (process 0 with the error itself)."""
+    refused, error = None, None
+    if dist.is_main():
+        try:
+            run.start(**options)
+        except Exception as e:
+            refused, error = str(e), e
+    refused = dist.broadcast(refused)
+    if refused:
+        raise error if error is not None else FastablateError(refused)
 
 
 def execute(study: Study, models, data: Any, spec: Spec, runtime, timings: dict | None = None) -> list[Result]:

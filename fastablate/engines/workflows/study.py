@@ -11,6 +11,7 @@ report.html, with one verdict per finding computed from the numbers
 """
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -80,6 +81,7 @@ class Part:
 
 def run_part(part: Part, setup: Setup, spec: Spec, echo) -> Part:
     from fastablate.engines import get_study
+    from fastablate.engines.core import distributed as dist
     from fastablate.engines.core.runner import run_config, run_study
 
     study = get_study(part.study)
@@ -94,6 +96,7 @@ def run_part(part: Part, setup: Setup, spec: Spec, echo) -> Part:
     echo(f"study: {part.name} ...")
     start = time.perf_counter()
     part.document = run_study(study, replace(setup, force=True), spec).document
+    dist.barrier()  # under torchrun: what process 0 wrote is there before any process reads on
     part.seconds = time.perf_counter() - start
     echo(f"study: {part.name} done in {part.seconds:.1f}s")
     return part
@@ -108,9 +111,14 @@ def run_full_study(setup: Setup, spec: StudySpec, echo=print) -> tuple[Path, dic
     from fastablate.engines.studies.noise import NoiseSpec
     from fastablate.engines.studies.paths import PathsSpec
     from fastablate.engines.studies.train import TrainSpec
+    from fastablate.engines.core import distributed as dist
+    from fastablate.engines.core.runner import start_on_main
     from fastablate.engines.workflows.report import write_reports
 
-    out = Path(setup.out or default_out("study"))
+    # Under torchrun every process runs each part (which shards its work); process 0 writes.
+    main = dist.init(setup.device)[0] == 0
+    echo = echo if main else (lambda *args, **kwargs: None)
+    out = Path(dist.broadcast(str(setup.out or default_out("study"))))
     parts_wanted = spec.parts()
     given = setup.weights is not None
     if given and ("models" in spec.given() or spec.stochastic_depth is not None):
@@ -124,8 +132,9 @@ def run_full_study(setup: Setup, spec: StudySpec, echo=print) -> tuple[Path, dic
               "study": spec.to_dict()}
     run = RunDir(out, "study", config, device=setup.device, seed=setup.seed)
     resume = (read_run(out) or {}).get("command") == "study"
-    tracker = setup.tracker()  # the study's run; each part logs as its child
-    with run.start(resume=resume, force=setup.force), tracked(tracker, out, config):
+    tracker = setup.tracker() if main else None  # the study's run; each part logs as its child
+    start_on_main(run, resume=resume, force=setup.force)
+    with run if main else contextlib.nullcontext(), tracked(tracker, out, config):
         # The models: trained here (train-<model>/model.pt) or given.
         if given:
             checkpoints = [setup.weights, *setup.compare]
@@ -186,6 +195,8 @@ def run_full_study(setup: Setup, spec: StudySpec, echo=print) -> tuple[Path, dic
             else:
                 view = {}
             part("features", "features", FeaturesSpec(images=spec.images, **view))
+        if not main:
+            return out, parts
         write_reports(out, setup, spec, parts, entries)
         run.write_json("results.json", {"parts": {n: {"path": str(p.path), "reused": p.reused,
                                                       "seconds": round(p.seconds, 3)} for n, p in parts.items()},
