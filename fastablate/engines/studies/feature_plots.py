@@ -73,26 +73,34 @@ def plot_heatmaps(results: Sequence, i: int, path: Path) -> Path:
 
 
 def plot_channels(result, layer: str, path: Path) -> Path:
-    """Every channel of the first image at ``layer``; dead channels (zero on every evaluated
-    image) framed in red."""
-    acts = result.drawn["channels"][layer]
+    """Every channel of the first image at ``layer``, each on its own colour scale (viridis, its
+    minimum to its maximum), tiled into one image; dead channels (zero on every evaluated image)
+    framed in red. One image, not an axes per channel: a 512-channel layer draws in a second."""
+    import numpy as np
+    from matplotlib import colormaps
+
+    acts = result.drawn["channels"][layer].float()
     dead = set(result.drawn["dead"][layer])
-    c = acts.shape[0]
+    c, h, w = acts.shape
     cols = math.ceil(math.sqrt(c * 1.5))
     rows = math.ceil(c / cols)
-    fig, axes = pyplot().subplots(rows, cols, figsize=(0.9 * cols, 0.9 * rows + 0.5), squeeze=False)
-    for k in range(rows * cols):
-        ax = axes[k // cols][k % cols]
-        ax.set_xticks([])
-        ax.set_yticks([])
-        if k >= c:
-            ax.axis("off")
-            continue
-        ax.imshow(acts[k].numpy(), cmap="viridis", interpolation="nearest")
+    flat = acts.flatten(1)
+    lo, hi = flat.min(1).values[:, None, None], flat.max(1).values[:, None, None]
+    colours = colormaps["viridis"](((acts - lo) / (hi - lo).clamp_min(1e-12)).numpy())[..., :3]
+    scale = max(1, 16 // h)  # small maps (2x2 at the top of a VGG) drawn as blocks of at least 16 pixels
+    colours = colours.repeat(scale, axis=1).repeat(scale, axis=2)
+    h, w = h * scale, w * scale
+    pad = max(1, h // 10)
+    cell_h, cell_w = h + 2 * pad, w + 2 * pad
+    mosaic = np.ones((rows * cell_h, cols * cell_w, 3))
+    for k in range(c):
+        y, x = (k // cols) * cell_h, (k % cols) * cell_w
         if k in dead:
-            for spine in ax.spines.values():
-                spine.set_edgecolor("red")
-                spine.set_linewidth(2)
+            mosaic[y:y + cell_h, x:x + cell_w] = (1.0, 0.0, 0.0)
+        mosaic[y + pad:y + pad + h, x + pad:x + pad + w] = colours[k]
+    fig, ax = pyplot().subplots(figsize=(max(6.0, 0.9 * cols), 0.9 * rows + 0.5))  # room for the title
+    ax.imshow(mosaic, interpolation="nearest")
+    ax.axis("off")
     fig.suptitle(f"{result.model} {layer}: {c} channels of image {result.images[0]}; {len(dead)} dead (red) "
                  f"over the evaluated images", fontsize=8)
     return save(fig, path, dpi=100)
