@@ -105,7 +105,7 @@ setup(
         "matplotlib",
         "scikit-learn",
     ],
-    extras_require={"test": ["pytest", "pytest-benchmark", "ray", "timm", "tensorboard", "mlflow"], "ray": ["ray"],
+    extras_require={"test": ["pytest", "pytest-benchmark", "pytest-timeout", "ray", "timm", "tensorboard", "mlflow"], "ray": ["ray"],
                     "timm": ["timm"], "tensorboard": ["tensorboard"], "mlflow": ["mlflow"],
                     "bench": ["pytest-benchmark", "torchattacks==3.5.1", "kornia", "timm"]},
     entry_points={"console_scripts": ["fastablate=fastablate.cli:main"]},

@@ -40,7 +40,8 @@ CASES = {
 }
 
 
-@pytest.mark.parametrize("study", list(CASES))
+@pytest.mark.parametrize("study", [s if s in ("evaluate", "lesion") else pytest.param(s, marks=pytest.mark.slow)
+                                   for s in CASES])
 def test_the_api_and_the_cli_give_the_same_results(study, trained_resnet8, tmp_path):
     args, kw = CASES[study]
     r = CliRunner().invoke(cli, [*args, "--weights", str(trained_resnet8), *DATA, "--out", str(tmp_path / "cli")])
@@ -141,12 +142,14 @@ def test_bad_options_and_data_raise_the_cli_s_messages(call, message):
     assert message in str(e.value) and isinstance(e.value, ValueError)
 
 
+@pytest.mark.slow
 def test_import_is_light():
     code = "import sys, fastablate; print('torch' in sys.modules, callable(fastablate.lesion), 'torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.stdout.split() == ["False", "True", "True"], out.stderr
 
 
+@pytest.mark.slow
 def test_the_example_runs_and_writes_nothing(tmp_path):
     out = subprocess.run([sys.executable, str(EXAMPLE)], capture_output=True, text=True, timeout=600, cwd=tmp_path,
                          env={**os.environ, "MPLBACKEND": "Agg"})

@@ -50,6 +50,8 @@ def test_models_listing(monkeypatch):
     assert "0.27M" in line and " 9 " in line
     vgg = next(ln for ln in r.output.splitlines() if ln.startswith("vgg19 "))
     assert "20.03M" in vgg and " 16 " in vgg and "resnet50 " in r.output
+    assert "and by name: resnetN, plainN, preresnetN, preplainN for any N = 6n+2" in r.output
+    assert "preresnet164" in r.output and "cifar-preresnet" in r.output
 
 
 def test_each_command_s_own_defaults(tmp_path):
@@ -96,6 +98,7 @@ def test_eval_reproduces_training_accuracy(trained, tmp_path):
     assert f"accuracy {res['accuracy']:.4f}" in r.output
 
 
+@pytest.mark.slow
 def test_resume_after_interruption_matches_uninterrupted(trained, tmp_path, monkeypatch):
     import fastablate.engines.studies.trainer as train_mod
 

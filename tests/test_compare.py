@@ -44,7 +44,7 @@ STUDIES = {
 }
 
 
-@pytest.mark.parametrize("study", list(STUDIES))
+@pytest.mark.parametrize("study", [s if s == "lesion" else pytest.param(s, marks=pytest.mark.slow) for s in STUDIES])
 def test_every_study_compares_across_architectures(study, ckpts, tmp_path):
     out = tmp_path / study
     run(*STUDIES[study], *compare_args(ckpts), *DATA, "--out", out)
@@ -57,6 +57,7 @@ def test_every_study_compares_across_architectures(study, ckpts, tmp_path):
         assert doc["model"] == "resnet8" and [c["model"] for c in doc["compare"]] == ["vgg11", "plain8", "resnet14"]
 
 
+@pytest.mark.slow
 def test_features_draws_each_model_with_its_own_layers(ckpts, tmp_path):
     out = tmp_path / "f"
     run("features", "--images", "1", "--weights", ckpts / "resnet8.pt", "--compare", ckpts / "vgg11.pt", *DATA,
@@ -67,6 +68,7 @@ def test_features_draws_each_model_with_its_own_layers(ckpts, tmp_path):
     assert (out / "plots" / "channels-features.0-vgg11.png").is_file()
 
 
+@pytest.mark.slow
 def test_features_pairs_layers_by_explicit_lists(ckpts, tmp_path):
     out = tmp_path / "f"
     run("features", "--images", "1", "--weights", ckpts / "resnet8.pt", "--compare", ckpts / "vgg11.pt", *DATA,
@@ -76,6 +78,7 @@ def test_features_pairs_layers_by_explicit_lists(ckpts, tmp_path):
     assert doc["compare"]["layers"] == ["features.0", "features.4", "features.18"]
 
 
+@pytest.mark.slow
 def test_features_noise_view_resnet_beside_vgg(ckpts, tmp_path):
     """The noise experiment's activation views: clean vs noisy at the same layers, with the
     per-layer change, and no change above the first perturbed layer."""
@@ -123,6 +126,7 @@ def test_paths_leaves_out_compared_plain_nets_with_a_note(ckpts, tmp_path):
     assert not (tmp_path / "q").exists()
 
 
+@pytest.mark.slow
 def test_study_with_given_models_across_architectures(ckpts, tmp_path):
     out = tmp_path / "s"
     run("study", "--weights", ckpts / "resnet8.pt", "--compare", ckpts / "vgg11.pt", "--compare",

@@ -175,6 +175,7 @@ def lambda_run(tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
 def test_every_study_runs_on_a_discovered_model(lambda_run, tmp_path):
     weights = lambda_run / "model.pt"
     r = run("eval", "--weights", weights, "--limit", 40, "--lesion", "all-single", "--lesion", "k-random",
@@ -193,6 +194,7 @@ def test_every_study_runs_on_a_discovered_model(lambda_run, tmp_path):
     assert r.exit_code == 0, r.output
 
 
+@pytest.mark.slow
 @needs_timm
 def test_vit_studies_on_tokens(tmp_path):
     out = tmp_path / "train"

@@ -1,5 +1,6 @@
 """torchrun: 2- and 3-process gloo jobs on the CPU give the single-process results (the same batches
-at the same thread count: the same bits; counts gathered and summed in batch order);
+at the same thread count: the same bits; counts gathered and summed in batch order), the studies in
+one launch per process count;
 training is deterministic for a seed and world size; bad input stops every process."""
 import json
 import os
@@ -10,6 +11,8 @@ import pytest
 import torch
 
 from fastablate.models import load_model
+
+pytestmark = pytest.mark.slow  # every test launches processes
 
 SYN = ["--dataset", "synthetic", "--limit", "50", "--batch-size", "20", "--device", "cpu"]
 
@@ -29,29 +32,38 @@ def results(path) -> dict:
     return json.loads((path / "results.json").read_text())
 
 
-def test_studies_under_torchrun_equal_one_process(trained_resnet8, tmp_path):
-    for name, args in (("lesion", ["eval", "--lesion", "all-single", "--lesion", "k-random", "--samples", "3"]),
-                       ("noise", ["eval", "--noise-layers", "1,2", "--noise-sigma", "0.5,2", "--trials", "2",
-                                  "--input-noise", "3"]),
-                       ("attack", ["attack", "--attack", "pgd", "--eps", "0.05", "--steps", "3", "--save-examples"])):
-        fastablate(*args, "--weights", trained_resnet8, *SYN, "--out", tmp_path / f"{name}-1")
-        fastablate(*args, "--weights", trained_resnet8, *SYN, "--out", tmp_path / f"{name}-2", procs=2)
-        one, two = results(tmp_path / f"{name}-1"), results(tmp_path / f"{name}-2")
-        for doc in (one, two):
-            doc.pop("seconds", None), doc.pop("seconds_per_image", None)
-        assert one == two, name
-    adv1 = torch.load(tmp_path / "attack-1" / "adversarial.pt", weights_only=True)
-    adv2 = torch.load(tmp_path / "attack-2" / "adversarial.pt", weights_only=True)
+STUDY = ["study", "--only", "eval,lesion,noise,attack", "--samples", "3", "--trials", "2", "--eval-limit", "50",
+         "--attack-limit", "20"]
+
+
+@pytest.fixture(scope="module")
+def one_process(trained_resnet8, tmp_path_factory):
+    """The studies in one process, in one launch (`fastablate study` runs them as its parts)."""
+    out = tmp_path_factory.mktemp("one") / "study"
+    fastablate(*STUDY, "--weights", trained_resnet8, *SYN, "--out", out)
+    return out
+
+
+def _timeless(doc: dict) -> dict:
+    return {k: v for k, v in doc.items() if k not in ("seconds", "seconds_per_image")}
+
+
+def test_studies_under_torchrun_equal_one_process(one_process, trained_resnet8, tmp_path):
+    fastablate(*STUDY, "--weights", trained_resnet8, *SYN, "--out", tmp_path / "two", procs=2)
+    for part in ("eval", "lesion", "noise", "attack-sparse", "attack-noise"):
+        assert _timeless(results(tmp_path / "two" / part)) == _timeless(results(one_process / part)), part
+        info = json.loads((tmp_path / "two" / part / "run.json").read_text())
+        assert info["world_size"] == 2 and info["status"] == "complete", part
+    adv1, adv2 = (torch.load(d / "attack-sparse" / "adversarial.pt", weights_only=True)
+                  for d in (one_process, tmp_path / "two"))
     assert all(torch.equal(adv1[k], adv2[k]) for k in adv1)
-    info = json.loads((tmp_path / "lesion-2" / "run.json").read_text())
-    assert info["world_size"] == 2 and info["status"] == "complete"
+    assert (tmp_path / "two" / "report.html").is_file()
 
 
-def test_three_processes_on_a_set_they_do_not_divide(trained_resnet8, tmp_path):
+def test_three_processes_on_a_set_they_do_not_divide(one_process, trained_resnet8, tmp_path):
     # 50 images in batches of 20: 3 batches for 3 processes, the last one short.
-    fastablate("eval", "--weights", trained_resnet8, *SYN, "--out", tmp_path / "one")
     fastablate("eval", "--weights", trained_resnet8, *SYN, "--out", tmp_path / "three", procs=3)
-    one, three = results(tmp_path / "one"), results(tmp_path / "three")
+    one, three = results(one_process / "eval"), results(tmp_path / "three")
     assert one["confusion"] == three["confusion"] and sum(map(sum, three["confusion"])) == 50
     assert one["loss"] == pytest.approx(three["loss"], rel=1e-12)
 

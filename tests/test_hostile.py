@@ -435,6 +435,7 @@ def test_full_disk_while_saving_keeps_the_previous_checkpoints(tmp_path, monkeyp
     assert "epoch 2/2" in r.output and torch.load(out / "model.pt", weights_only=True)["meta"]["epoch"] == 2
 
 
+@pytest.mark.slow
 def test_file_size_limit_is_one_error_line(tmp_path):
     """ulimit -f below the checkpoint's size: the write fails with EFBIG (Python ignores SIGXFSZ)."""
     import resource
@@ -452,6 +453,7 @@ def test_file_size_limit_is_one_error_line(tmp_path):
     assert resource.getrlimit(resource.RLIMIT_FSIZE)  # the limit applied to the child only
 
 
+@pytest.mark.slow
 def test_diverging_training_is_said_once_and_recorded(tmp_path):
     out = tmp_path / "d"
     r = ok(["train", "--model", "resnet8", "--dataset", "synthetic", "--limit", "100", "--device", "cpu",

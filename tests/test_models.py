@@ -129,12 +129,6 @@ def test_bad_depths(name, message):
     assert r.exit_code == 2 and message in r.stderr
 
 
-def test_models_lists_the_depth_pattern():
-    out = CliRunner().invoke(cli, ["models"]).output
-    assert "and by name: resnetN, plainN, preresnetN, preplainN for any N = 6n+2" in out
-    assert "preresnet164" in out and "cifar-preresnet" in out
-
-
 def test_stochastic_depth_drops_in_training_scales_at_test_and_travels_with_the_checkpoint(tmp_path):
     from fastablate.units import units as unit_view
     torch.manual_seed(0)

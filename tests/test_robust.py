@@ -2,6 +2,7 @@
 five-set table; disjoint sets; bad input."""
 import json
 
+import pytest
 import torch
 from click.testing import CliRunner
 
@@ -12,6 +13,7 @@ ARGS = ["--model", "resnet8", "--dataset", "synthetic", "--limit", "100", "--epo
         "--perturbed", "6", "--retrain-epochs", "1", "--retrain-inits", "baseline,none", "--device", "cpu"]
 
 
+@pytest.mark.slow
 def test_the_protocol_end_to_end_and_reused_on_rerun(tmp_path, trained_resnet8):
     out = tmp_path / "r"
     args = [*ARGS, "--init", str(trained_resnet8)]  # a baseline the attacks can fool

@@ -25,6 +25,7 @@ def study(tmp_path_factory):
     return out, r.output
 
 
+@pytest.mark.slow
 def test_every_part_is_a_complete_run(study):
     out, output = study
     for part in ("train-resnet14", "train-plain14", "eval", "lesion", "noise", "attack-sparse", "attack-noise",
@@ -35,6 +36,7 @@ def test_every_part_is_a_complete_run(study):
     assert "report: " in output and "## Lesion" in output
 
 
+@pytest.mark.slow
 def test_report_refers_only_to_existing_files(study):
     out, _ = study
     md = (out / "report.md").read_text()
@@ -44,6 +46,7 @@ def test_report_refers_only_to_existing_files(study):
     assert html.count("data:image/png;base64,") == len(links) and "src=\"/" not in html and "http" not in html
 
 
+@pytest.mark.slow
 def test_verdicts_match_the_numbers(study):
     out, _ = study
     lesion = json.loads((out / "lesion" / "results.json").read_text())
@@ -63,6 +66,7 @@ def test_verdicts_match_the_numbers(study):
     assert f"fools {attack['success_rate']:.2f} of resnet14's {attack['attacked']} correctly classified" in md
 
 
+@pytest.mark.slow
 def test_rerun_reuses_finished_parts(study, tmp_path):
     out, _ = study
     r = CliRunner().invoke(cli, ["study", *TINY, "--out", str(out), "--only", "eval,lesion"])
@@ -71,6 +75,7 @@ def test_rerun_reuses_finished_parts(study, tmp_path):
     assert "noise" not in r.output.split("## ")[0]  # --only: the other parts are not run
 
 
+@pytest.mark.slow
 def test_shared_options_a_part_does_not_take(study):
     out, _ = study
     # paths stacks --sets, not batches: a study's --batch-size does not reach it (nor change its run).
@@ -95,6 +100,7 @@ def chromium() -> str | None:
     return shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(chromium() is None, reason="Chromium is not installed (apt-get install chromium)")
 def test_report_renders_in_a_headless_browser(study, tmp_path):
     out, _ = study
@@ -111,10 +117,12 @@ def test_report_renders_in_a_headless_browser(study, tmp_path):
     Path(out / "report-screenshot.png").write_bytes(shot.read_bytes())
 
 
+SMALLER = {"resnet34": "resnet8", "vgg19": "vgg11"}
 STUDY_CONFIGS = sorted(p for p in (Path(__file__).parent.parent / "configs").glob("*.yaml")
                        if "fastablate study --config" in p.read_text())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("path", STUDY_CONFIGS, ids=lambda p: p.name)
 def test_experiment_configs_run(path, tmp_path):
     """Each experiment's config runs as `fastablate study --config`, here on tiny data, one epoch."""
@@ -122,9 +130,10 @@ def test_experiment_configs_run(path, tmp_path):
     out = tmp_path / "s"
     conf = yaml.safe_load(path.read_text())
     models = conf["models"].split(",")
-    # A 110-layer pre-activation net after one step on 40 images still has its initial BatchNorm
-    # statistics, which its grown activations overflow at test time: the same family at depth 20.
-    models = [m.replace("110", "20") for m in models]
+    # The plumbing, with small models of each family: a 110-layer pre-activation net after one step
+    # on 40 images still has its initial BatchNorm statistics, which its grown activations overflow
+    # at test time (the same family at depth 20), and ResNet-34 and VGG19 take a minute here.
+    models = [SMALLER.get(m, m.replace("110", "20")) for m in models]
     r = CliRunner().invoke(cli, ["study", "--config", str(path), "--dataset", "synthetic", "--limit", "40",
                                  "--epochs", "1", "--eval-limit", "20", "--samples", "1", "--trials", "2",
                                  "--images", "1", "--models", ",".join(models), "--out", str(out)])

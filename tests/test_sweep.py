@@ -33,6 +33,7 @@ def test_points_keys_and_seeds():
     assert not {p["key"] for p in one} & {p["key"] for p in pts} and one[0]["threads"] == 1
 
 
+@pytest.mark.slow
 def test_sweep_grid_resume_extend_and_plots(tmp_path):
     out = tmp_path / "s"
     r = sweep("--grid", "lr=0.05,0.2", "--grid", "batch-size=10,20", "--out", out, *BASE)
@@ -51,6 +52,7 @@ def test_sweep_grid_resume_extend_and_plots(tmp_path):
     assert res2["points"][:2] == res["points"][:2]  # finished points are not rerun
 
 
+@pytest.mark.slow
 def test_sweep_repeat_line_plot_log_axis(tmp_path):
     out = tmp_path / "r"
     sweep("--grid", "lr=0.001,0.01,0.1", "--repeat", "2", "--out", out, *BASE)
@@ -59,6 +61,7 @@ def test_sweep_repeat_line_plot_log_axis(tmp_path):
     assert (out / "plots" / "line-accuracy-lr.png").is_file()
 
 
+@pytest.mark.slow
 def test_init_axis_categories_bars_and_grouped_lines(tmp_path, trained_resnet8):
     """One axis holds a checkpoint and a fresh start; augment is categorical: bars, and lines
     of each option grouped by the other; the train metrics are in the points."""
@@ -110,6 +113,7 @@ def test_sweep_needs_a_base_command():
     assert "needs a base command" in sweep("--grid", "lr=0.1", code=2).stderr
 
 
+@pytest.mark.slow
 def test_ray_backend_equals_local(tmp_path):
     """The same defaults on both backends: the same points, keys and numbers."""
     pytest.importorskip("ray")

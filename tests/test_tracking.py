@@ -41,6 +41,7 @@ def _runs(uri):
     return client, client.search_runs([experiment.experiment_id], order_by=["attributes.start_time ASC"])
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not importlib.util.find_spec("tensorboard"), reason="the tensorboard extra is not installed")
 def test_tensorboard_event_files(tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -56,6 +57,7 @@ def test_tensorboard_event_files(tmp_path):
     assert {"_hparams_/experiment", "_hparams_/session_start_info"} <= set(events.PluginTagToContent("hparams"))
 
 
+@pytest.mark.slow
 @needs_mlflow
 def test_mlflow_local_store_and_sweep_children(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
@@ -111,6 +113,7 @@ def server(tmp_path):
     proc.wait(timeout=30)
 
 
+@pytest.mark.slow
 @needs_mlflow
 def test_mlflow_server(server, tmp_path, monkeypatch):
     uri, proc = server
@@ -139,6 +142,7 @@ def test_mlflow_server(server, tmp_path, monkeypatch):
     assert r.output.startswith(f"Error: --mlflow {uri}: cannot reach the tracking store") and not gone.exists()
 
 
+@pytest.mark.slow
 @needs_mlflow
 def test_study_parts_are_child_runs(tmp_path):
     tiny = ["--dataset", "synthetic", "--limit", "60", "--models", "resnet8,plain8", "--epochs", "1", "--samples", "2"]

@@ -59,6 +59,7 @@ def test_init_imagenet_loads_what_fits(hub, tmp_path):
     assert info["frozen_parameters"] > 0 and info["trainable_parameters"] > 0
 
 
+@pytest.mark.slow
 def test_imagenet_stem_takes_every_imagenet_weight_and_the_size_is_recorded(hub, tmp_path):
     path, state = hub
     out = tmp_path / "o"
@@ -114,6 +115,22 @@ def test_foreign_pre_041_checkpoint_loads_by_position(tmp_path):
                                                  *SYN, "--mean", "0.5,0.5,0.5", "--std", "0.5,0.5,0.5")
 
 
+@pytest.mark.parametrize("precision", ["bf16", pytest.param("fp16", marks=pytest.mark.slow)])
+def test_mixed_precision_trains_and_the_studies_read_its_checkpoint(precision, tmp_path):
+    out = tmp_path / precision
+    run("train", "--model", "resnet8", "--dataset", "synthetic", "--limit", "120", "--batch-size", "20",
+        "--epochs", "2", "--precision", precision, "--out", out)
+    history = results(out)["history"]
+    assert history[-1]["train_loss"] < history[0]["train_loss"]  # it learns
+    assert json.loads((out / "run.json").read_text())["config"]["precision"] == precision
+    model = load_model(out / "model.pt")
+    assert model.meta["precision"] == precision and next(model.parameters()).dtype == torch.float32
+    state = torch.load(out / "last.pt", weights_only=True)
+    assert bool(state["scaler"]) == (precision == "fp16")  # fp16's gradient scale, for --resume
+    run("eval", "--weights", out / "model.pt", *SYN, "--lesion", "all-single", "--out", tmp_path / "lesion")
+    assert len(results(tmp_path / "lesion")["variants"]) == 3
+
+
 def test_weights_of_other_classes_reinitialize_the_head(tmp_path, capsys):
     torch.manual_seed(0)
     src = build_model("resnet8", 4)
@@ -148,7 +165,7 @@ def test_freeze_keeps_weights_and_batchnorm_statistics(tmp_path):
     assert "freezes every parameter" in error("train", *SYN, "--freeze", "7")
 
 
-@pytest.mark.parametrize("model", ["resnet8", "vgg11"])
+@pytest.mark.parametrize("model", ["resnet8", pytest.param("vgg11", marks=pytest.mark.slow)])
 def test_mlp_head_with_dropout_trains_and_reloads(model, tmp_path):
     out = tmp_path / model
     run("train", "--model", model, *SYN, "--epochs", "1", "--head", "mlp:32,16", "--dropout", "0.3", "--out", out)
@@ -161,6 +178,7 @@ def test_mlp_head_with_dropout_trains_and_reloads(model, tmp_path):
     assert results(tmp_path / f"e-{model}")["accuracy"] == results(out)["accuracy"]
 
 
+@pytest.mark.slow
 def test_heads_exactly_as_written_and_dropout_in_the_body(tmp_path):
     out = tmp_path / "h"
     run("train", "--model", "resnet8", *SYN, "--epochs", "1", "--head", "linear:256,relu,dropout:0.2,linear:128,relu,"
@@ -237,6 +255,7 @@ def saved_sets(tmp_path_factory, trained_resnet8):
     return d
 
 
+@pytest.mark.slow
 def test_augmentations_curves_eval_sets_and_adversarial_data(saved_sets, tmp_path):
     out = tmp_path / "a"
     run("train", "--model", "resnet8", *SYN, "--epochs", "2", "--augment", "crop,rotation:10,color-jitter,cutout:6,"
@@ -253,6 +272,7 @@ def test_augmentations_curves_eval_sets_and_adversarial_data(saved_sets, tmp_pat
     assert json.loads((out / "run.json").read_text())["augment"][1] == "rotation:10"
 
 
+@pytest.mark.slow
 def test_adversarial_training_on_the_fly_and_recipe_options(tmp_path):
     out = tmp_path / "adv"
     run("train", "--model", "resnet8", *SYN, "--epochs", "2", "--adv-train", "pgd", "--adv-eps", "0.05",
@@ -268,6 +288,7 @@ def test_adversarial_training_on_the_fly_and_recipe_options(tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.slow
 def test_resume_with_weight_average_matches_uninterrupted(tmp_path, monkeypatch):
     args = ["train", "--model", "resnet8", *SYN, "--epochs", "2", "--ema", "0.9", "--schedule", "onecycle"]
     run(*args, "--out", tmp_path / "full")
@@ -333,6 +354,7 @@ def test_bad_training_input(args, message, saved_sets, tmp_path):
 
 
 # --- comparing runs -----------------------------------------------------------------------
+@pytest.mark.slow
 def test_compare_overlays_runs_and_tabulates_final_and_best(tmp_path):
     a, b = tmp_path / "plain", tmp_path / "val"
     run("train", "--model", "resnet8", *SYN, "--epochs", "2", "--out", a)
@@ -369,18 +391,51 @@ def test_compare_overlays_runs_and_tabulates_final_and_best(tmp_path):
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 
 
-@pytest.mark.parametrize("name, points", [("transfer", 2), ("heads", 2), ("augment", 9), ("dropout", 6)])
-def test_experiment_configs_run(name, points, hub, tmp_path):
-    out = tmp_path / name
-    r = run("sweep", "--config", CONFIGS / f"resnet18-cifar10-{name}.yaml", "--out", out, "--", "--dataset",
-            "synthetic", "--limit", "20", "--epochs", "1", "--batch-size", "10", "--device", "cpu")
-    assert f"{points} to run" in r.output
-    res = results(out)
-    assert len(res["points"]) == points and all(p["status"] == "complete" for p in res["points"])
-    config = json.loads((out / "points" / res["points"][-1]["key"] / "run.json").read_text())["config"]
+CONFIG_GRIDS = [("transfer", 2), ("heads", 2), ("augment", 9), ("dropout", 6)]
+
+
+def config_points(name: str) -> list[dict]:
+    """The points of ``configs/resnet18-cifar10-<name>.yaml``'s sweep on tiny synthetic data, each
+    point's options read and checked as `fastablate sweep --config` does, nothing run."""
+    import yaml
+
+    from fastablate.commands import StudyCommand
+    from fastablate.engines.workflows.sweep import build, grid_axes, make_points
+
+    conf = yaml.safe_load((CONFIGS / f"resnet18-cifar10-{name}.yaml").read_text())
+    base = [str(a) for a in conf["base"]]
+    command = StudyCommand(base[0])
+    tiny = ["--dataset", "synthetic", "--limit", "20", "--epochs", "1", "--batch-size", "10", "--device", "cpu"]
+    study, setup, spec = command.values(command.make_context(base[0], base[1:] + tiny))
+    points = make_points(study.name, setup, spec, grid_axes(conf["grid"], command.field, study), 1,
+                         torch.get_num_threads())
+    for point in points:
+        build(point)
+    return points
+
+
+@pytest.mark.parametrize("name, count", CONFIG_GRIDS)
+def test_experiment_configs_make_their_grids(name, count):
+    points = config_points(name)
+    assert len(points) == count and len({p["key"] for p in points}) == count
+    assert all(p["setup"]["model"] == "resnet18" and p["spec"]["stem"] == "imagenet" and
+               p["spec"]["val_fraction"] == 0.1 for p in points)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", [n for n, _ in CONFIG_GRIDS])
+def test_experiment_configs_run(name, hub, tmp_path):
+    """The first point of each config's grid runs as its sweep runs it; compare reads it."""
+    from fastablate.engines.workflows.sweep import run_point
+
+    point = config_points(name)[0]
+    row = run_point(point, str(tmp_path / name))
+    assert row["status"] == "complete", row
+    folder = tmp_path / name / "points" / point["key"]
+    config = json.loads((folder / "run.json").read_text())["config"]
     assert config["model"] == "resnet18" and config["stem"] == "imagenet" and config["val_fraction"] == 0.1
-    run("compare", *sorted((out / "points").iterdir()), "--out", tmp_path / f"{name}-compare")
-    assert len(results(tmp_path / f"{name}-compare")["runs"]) == points
+    run("compare", folder, "--out", tmp_path / f"{name}-compare")
+    assert len(results(tmp_path / f"{name}-compare")["runs"]) == 1
 
 
 def test_the_first_saved_layout_is_read_as_its_successful_examples(tmp_path):
@@ -395,6 +450,7 @@ def test_the_first_saved_layout_is_read_as_its_successful_examples(tmp_path):
 
 
 # --- the robust-training protocol's pieces --------------------------------------------------
+@pytest.mark.slow
 def test_appended_adversarial_data_split_sets_and_scored_checkpoints(saved_sets, tmp_path):
     adv = saved_sets / "adv-train.pt"
     n_adv = len(torch.load(adv, weights_only=True)["labels"])
