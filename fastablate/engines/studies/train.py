@@ -257,7 +257,7 @@ def _preview(ds: ImageSet, augments: list[tuple], seed: int, count: int = 6) -> 
 
     from fastablate.data.augment import augment
 
-    x = ds.floats(torch.arange(min(count, len(ds))))
+    x = ds.floats(torch.arange(min(count, len(ds)))).cpu()  # for the figures, wherever the images are held
     out = {"original": x}
     for item in augments:
         out[label(item)] = augment(x, [(*item[:2], 1.0)], torch.Generator().manual_seed(seed))
@@ -273,7 +273,7 @@ def _samples(ds: ImageSet, seed: int, classes: int = 10, per_class: int = 8) -> 
     for c, name in list(enumerate(ds.classes))[:classes]:
         idx = (ds.labels == c).nonzero().flatten()
         if idx.numel():
-            out[name] = ds.floats(idx[torch.randperm(idx.numel(), generator=g)[:per_class]].sort().values)
+            out[name] = ds.floats(idx[torch.randperm(idx.numel(), generator=g)[:per_class]].sort().values).cpu()
     return out
 
 
