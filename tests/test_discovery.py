@@ -152,7 +152,7 @@ def test_checkpoint_records_the_spec_and_foreign_weights_load(tmp_path):
     src.write_text(Path(LAMBDA).read_text())
     model = build_model(f"{src}:resnet8", 10)
     save_checkpoint(model, tmp_path / "ours.pt")
-    again = load_model(tmp_path / "ours.pt")
+    again = load_model(tmp_path / "ours.pt", f"{src}:resnet8")  # the factory named again: a checkpoint runs no code
     assert again.arch == f"{src.resolve()}:resnet8"
     theirs = {f"module.{k}": v for k, v in model.net.state_dict().items() if not k.endswith("num_batches_tracked")}
     torch.save(theirs, tmp_path / "theirs.pt")
@@ -163,7 +163,7 @@ def test_checkpoint_records_the_spec_and_foreign_weights_load(tmp_path):
     src.rename(tmp_path / "moved.py")
     with pytest.raises(FastablateError, match="was saved from model .*net.py:resnet8: .*does not exist; if its file "
                                               "moved, give --model NEWPATH:FACTORY"):
-        load_model(tmp_path / "ours.pt")
+        load_model(tmp_path / "ours.pt", f"{src}:resnet8")
     assert load_model(tmp_path / "ours.pt", f"{tmp_path / 'moved.py'}:resnet8").num_classes == 10
 
 
@@ -177,20 +177,20 @@ def lambda_run(tmp_path_factory):
 
 @pytest.mark.slow
 def test_every_study_runs_on_a_discovered_model(lambda_run, tmp_path):
-    weights = lambda_run / "model.pt"
-    r = run("eval", "--weights", weights, "--limit", 40, "--lesion", "all-single", "--lesion", "k-random",
+    weights = ["--weights", lambda_run / "model.pt", "--model", f"{LAMBDA}:resnet8"]
+    r = run("eval", *weights, "--limit", 40, "--lesion", "all-single", "--lesion", "k-random",
             "--samples", 2, "--out", tmp_path / "lesion")
     assert r.exit_code == 0, r.output
     doc = json.loads((tmp_path / "lesion" / "results.json").read_text())
     assert doc["model"] == "cifar_resnet_lambda.py:resnet8"
-    r = run("paths", "--weights", weights, "--limit", 20, "--out", tmp_path / "paths")
+    r = run("paths", *weights, "--limit", 20, "--out", tmp_path / "paths")
     assert r.exit_code == 0 and "3 residual units, 2^3 paths" in r.output, r.output
-    r = run("eval", "--weights", weights, "--limit", 40, "--noise-layers", 1, "--noise-sigma", 0.5, "--trials", 2,
+    r = run("eval", *weights, "--limit", 40, "--noise-layers", 1, "--noise-sigma", 0.5, "--trials", 2,
             "--out", tmp_path / "noise")
     assert r.exit_code == 0, r.output
-    r = run("attack", "--weights", weights, "--limit", 10, "--queries", 20, "--out", tmp_path / "attack")
+    r = run("attack", *weights, "--limit", 10, "--queries", 20, "--out", tmp_path / "attack")
     assert r.exit_code == 0, r.output
-    r = run("features", "--weights", weights, "--images", 1, "--stats-images", 8, "--out", tmp_path / "features")
+    r = run("features", *weights, "--images", 1, "--stats-images", 8, "--out", tmp_path / "features")
     assert r.exit_code == 0, r.output
 
 
@@ -215,12 +215,12 @@ def test_vit_studies_on_tokens(tmp_path):
 
 
 def test_bad_any_model_input(tmp_path):
-    mlp = tmp_path / "mlp.pt"
-    save_checkpoint(build_model(f"{LAMBDA}:mlp", 10), mlp)
+    mlp = ["--weights", tmp_path / "mlp.pt", "--model", f"{LAMBDA}:mlp"]
+    save_checkpoint(build_model(f"{LAMBDA}:mlp", 10), mlp[1])
     for args, message in [
-        (["eval", "--weights", mlp, "--lesion", "all-single"], "no residual units found in Sequential"),
-        (["paths", "--weights", mlp], "no residual units found in Sequential"),
-        (["eval", "--weights", mlp, "--noise-layers", 1, "--noise-sigma", 1],
+        (["eval", *mlp, "--lesion", "all-single"], "no residual units found in Sequential"),
+        (["paths", *mlp], "no residual units found in Sequential"),
+        (["eval", *mlp, "--noise-layers", 1, "--noise-sigma", 1],
          "has no conv layer to perturb; --noise-on linear or all perturbs linear layers"),
         (["train", "--model", f"{LAMBDA}:broken"], "raised RuntimeError: out of ideas"),
         (["train", "--model", "no_such_package.nets:f"], "cannot import no_such_package.nets"),
@@ -267,3 +267,33 @@ def test_timm_pretrained_weights_from_the_hugging_face_cache(tmp_path, monkeypat
     init_imagenet(model)
     assert torch.equal(model.net.state_dict()["conv1.0.weight"], stand_in["conv1.0.weight"])
     assert torch.equal(model.net.fc.weight, head)  # 1,000 ImageNet classes do not fit 10
+
+
+def test_a_checkpoint_never_runs_code(tmp_path, monkeypatch):
+    """A checkpoint naming a file or a module as its model is refused unless the user names that
+    factory: loading weights (even with weights_only) must not import a file that lies beside them."""
+    payload = tmp_path / "payload.py"
+    payload.write_text("import pathlib\npathlib.Path(__file__).with_name('ran').write_text('x')\n"
+                       f"from importlib import import_module\nmake = import_module('fastablate.models').build_model\n")
+    state = build_model("resnet8").net.state_dict()
+    ckpt = torch.load(_saved(tmp_path, build_model("resnet8")), weights_only=True)
+    for arch in (f"{payload}:make", "this:x", "os.path:join"):
+        path = tmp_path / f"{arch.replace('/', '_').replace(':', '-')}.pt"
+        torch.save({**ckpt, "arch": arch, "state_dict": state}, path)
+        for args in (["eval", "--weights", path, "--dataset", "synthetic", "--limit", 10],
+                     ["train", "--weights", path, "--dataset", "synthetic", "--limit", 10, "--epochs", 1],
+                     ["eval", "--weights", _saved(tmp_path, build_model("resnet8")), "--compare", path,
+                      "--dataset", "synthetic", "--limit", 10]):
+            r = CliRunner().invoke(cli, [str(a) for a in args + ["--out", tmp_path / "o"]])
+            assert r.exit_code == 2 and "a checkpoint never runs code: name the factory to rebuild it, --model " \
+                f"{arch}" in r.stderr, (arch, args, r.output)
+        with pytest.raises(FastablateError, match="never runs code"):
+            load_model(path)
+    assert not (tmp_path / "ran").exists() and not (tmp_path / "o").exists()
+    assert "this" not in sys.modules  # the Zen of Python was not printed either
+
+
+def _saved(folder, model):
+    path = folder / "plain-resnet8.pt"
+    save_checkpoint(model, path)
+    return path

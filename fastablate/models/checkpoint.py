@@ -186,6 +186,20 @@ def load_model(path: str | os.PathLike, arch: str | None = None, *, num_classes:
                                  image_size=image_size, mean=mean, std=std)
 
 
+def checkpoint_arch(ckpt: dict, path: str | os.PathLike, arch: str | None = None) -> str | None:
+    """The model to build for checkpoint ``ckpt``: ``arch`` when the user names one, else the one
+    the checkpoint records, which may be a registry model or ``timm:NAME`` only. A checkpoint never
+    runs code: a model made by a user's factory is rebuilt when the user names that factory."""
+    from fastablate.models import runs_code
+
+    saved = ckpt.get("arch")
+    if arch is None and saved is not None and runs_code(saved):
+        raise FastablateError(f"checkpoint {str(path)!r} was saved from the model factory {saved}; a checkpoint "
+                              f"never runs code: name the factory to rebuild it, --model {saved} (or where that "
+                              "file is now)")
+    return arch or saved
+
+
 def model_from_checkpoint(ckpt: dict, path: str | os.PathLike, arch: str | None = None, *,
                           num_classes: int | None = None, image_size: int | None = None,
                           mean: Sequence[float] | None = None, std: Sequence[float] | None = None):
@@ -198,7 +212,7 @@ def model_from_checkpoint(ckpt: dict, path: str | os.PathLike, arch: str | None 
             raise FastablateError(f"checkpoint {str(path)!r} holds model {ckpt['arch']}, not {arch}")
         if arch is not None and arch != ckpt["arch"]:
             note(f"checkpoint {str(path)} was saved from {ckpt['arch']}; loading it into {arch}")
-        arch = arch or ckpt["arch"]
+        arch = checkpoint_arch(ckpt, path, arch)
         num_classes = ckpt["num_classes"]
         if not is_external(arch) and get_spec(arch).stems:  # the stem it was trained with, whatever size it sees
             stem = ckpt.get("stem") or default_stem(ckpt["image_size"])

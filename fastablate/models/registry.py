@@ -57,6 +57,12 @@ def is_external(name: str) -> bool:
     return ":" in name
 
 
+def runs_code(name: str) -> bool:
+    """A user's factory (``file.py:factory``, ``package.module:factory``): building it imports and
+    runs that code. timm's models and the registry's do not."""
+    return is_external(name) and not name.startswith("timm:")
+
+
 def short_name(arch: str) -> str:
     """How results call a model: a file spec by its file's name, anything else as it is."""
     where, _, factory = arch.rpartition(":")

@@ -27,7 +27,7 @@ from fastablate.engines.studies.attacks import ATTACKS, AttackSpec
 from fastablate.engines.studies.trainer import MODEL_FILE, STATE_FILE, TrainResult, train
 from fastablate.errors import FastablateError
 from fastablate.models import build_model, get_spec, save_checkpoint
-from fastablate.models.checkpoint import FORMAT, read_checkpoint
+from fastablate.models.checkpoint import FORMAT, checkpoint_arch, read_checkpoint
 from fastablate.models.transfer import freeze, init_from_checkpoint, init_imagenet, parse_head
 from fastablate.results import VOLATILE, jsonable, write_csv
 
@@ -63,6 +63,9 @@ class Init(Value):
         if value in INITS or Path(value).is_file():
             return None
         return "is neither none, imagenet nor a checkpoint file"
+
+    def files(self, value) -> list[str]:
+        return [] if value in INITS else [value]
 
 
 class Augment(Parsed):
@@ -112,7 +115,7 @@ class _Recipe(Spec):
                                        "used) [default: cifar up to 64 px].", type=Choice("cifar", "imagenet"))
     init: str = option("none", "Initialization: fresh (none), torchvision's ImageNet weights from the torch hub "
                                "cache (imagenet), or a checkpoint FILE (as --weights; so one sweep axis can hold "
-                               "both, e.g. --grid init=imagenet,runs/base/model.pt).", type=Init())
+                               "both, e.g. --grid init=imagenet,runs/base/model.pt).", type=Init(), role="input")
     freeze: Optional[str] = option(None, "Frozen parts: unit or module names (stem, layer1, head, ...) or N, the "
                                          "first N top-level children.", type=Text("NAMES|N"))
     head: str = option("linear", "Head: linear; mlp:W,.. (linear:W,relu per width, then linear to the classes, "
@@ -358,7 +361,7 @@ class TrainStudy(Study):
             raise FastablateError(f"--init {spec.init} and --weights both initialize the model: give one")
         weights = setup.weights or (spec.init if spec.init not in INITS else None)
         ckpt = read_checkpoint(weights) if weights else None
-        arch = setup.model or (ckpt["arch"] if ckpt and ckpt["format"] == FORMAT else None)
+        arch = checkpoint_arch(ckpt, weights, setup.model) if ckpt else setup.model
         if ckpt is not None and arch is None:
             raise FastablateError(f"checkpoint {weights!r} is a bare state_dict: name its model with --model")
         arch = arch or DEFAULT_MODEL
@@ -387,6 +390,9 @@ class TrainStudy(Study):
     def check(self, models, data: TrainData, spec):
         from fastablate.engines.core.distributed import world
 
+        if not any(p.requires_grad for p in models[0].parameters()):  # frozen before it came (--freeze says so)
+            raise FastablateError(f"every parameter of {models[0].name} is frozen (requires_grad False): nothing to "
+                                  "train")
         if spec.sync_bn and world() == 1:
             raise FastablateError("--sync-bn applies under torchrun (more than one process)")
         if data.resume is None:

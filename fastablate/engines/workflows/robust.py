@@ -82,6 +82,31 @@ class RobustSpec(Spec):
             raise FastablateError(f"--retrain-inits {bad[0]!r}: choose from baseline, imagenet, none")
 
 
+def check_steps(setup: Setup, spec: RobustSpec, model: str) -> None:
+    """What a later step would refuse, refused before the first one runs: the data (one image of
+    each split read), enough images for each attack's successes, ImageNet weights where asked."""
+    from fastablate.data import list_dataset
+    from fastablate.engines.core.setup import load_data
+    from fastablate.models.transfer import imagenet_weights
+
+    images = {}
+    for split in ("train", "test"):
+        load_data(replace(setup, limit=1), split)
+        images[split] = len(list_dataset(setup.dataset, setup.data_dir, split))  # the attacks draw from all of it
+    for flag, wanted, split in (("--train-successes", spec.train_successes, "train"),
+                                ("--val-successes", spec.val_successes, "test"),
+                                ("--ood-successes", spec.ood_successes, "test")):
+        if wanted > images[split]:
+            raise FastablateError(f"{flag} {wanted}: the {split} split of {setup.dataset} holds {images[split]} "
+                                  "images, so at most that many can be fooled")
+    if spec.init == "imagenet" or "imagenet" in spec.retrain_inits:
+        try:
+            imagenet_weights(model)
+        except FastablateError as e:
+            flag = "--init" if spec.init == "imagenet" else "--retrain-inits"
+            raise FastablateError(str(e).replace("--init imagenet", f"{flag} imagenet", 1)) from None
+
+
 def _attack(name: str, setup: Setup, out: Path, split: str, spec, echo) -> Part:
     return run_part(Part(name, "attack"), replace(setup, split=split, out=str(out / name)), spec, echo)
 
@@ -101,13 +126,10 @@ def run_robust(setup: Setup, spec: RobustSpec, echo=print) -> tuple[Path, dict]:
     from fastablate.engines.studies.features import FeaturesSpec
     from fastablate.models.checkpoint import atomic_save
 
-    from fastablate.engines.core.setup import load_data
-
     out = Path(setup.out or default_out("robust"))
     base = replace(setup, out=None, force=True, compare=())
-    for split in ("train", "test"):  # the data is there (one image of each split read) before anything is written
-        load_data(replace(setup, limit=1), split)
     model = setup.model or "resnet18"
+    check_steps(setup, spec, model)
     config = {"setup": setup.to_dict(), "robust": spec.to_dict()}
     resume = (read_run(out) or {}).get("command") == "robust"
     sweep_opts = {"cpus_per_point": None}
@@ -124,7 +146,8 @@ def run_robust(setup: Setup, spec: RobustSpec, echo=print) -> tuple[Path, dict]:
         best = _best(rows, lambda r: r["val_accuracy"])
         baseline = out / "baseline" / "points" / best["key"] / "model.pt"
         # 2. the attacks: successful examples only, each with its trajectory
-        attacked = replace(base, weights=str(baseline), model=None, limit=None)
+        # The steps name the model of each checkpoint they read (a checkpoint never names code to run).
+        attacked = replace(base, weights=str(baseline), model=model, limit=None)
         noise = AttackSpec(attack="noise", save_trajectory=True)
         _attack("attack-train", attacked, out, "train", replace(noise, successes=spec.train_successes,
                                                                   save_dataset=str(out / "adv-train.pt")), echo)
@@ -169,11 +192,11 @@ def run_robust(setup: Setup, spec: RobustSpec, echo=print) -> tuple[Path, dict]:
         # 5. the five sets before and after, the feature maps, the report
         evals = {}
         for who, ckpt in (("baseline", baseline), ("final", final)):
-            evals[who] = run_part(Part(f"eval-{who}", "evaluate"), replace(base, weights=str(ckpt), model=None,
+            evals[who] = run_part(Part(f"eval-{who}", "evaluate"), replace(base, weights=str(ckpt), model=model,
                                                                            out=str(out / f"eval-{who}"), limit=None),
                                   EvaluateSpec(eval_sets=eval_sets), echo).document
-        run_part(Part("features", "features"), replace(base, weights=str(baseline), model=None, limit=None,
-                                                       compare=(str(final),), out=str(out / "features")),
+        run_part(Part("features", "features"), replace(base, weights=str(baseline), model=model, limit=None,
+                                                       compare=(f"{model}={final}",), out=str(out / "features")),
                  FeaturesSpec(images=1, examples=str(out / "attack-val" / "adversarial.pt")), echo)
         table = _five_sets(evals)
         _report(out, setup, spec, table, final_row)

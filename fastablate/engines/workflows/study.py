@@ -82,13 +82,13 @@ class Part:
 def run_part(part: Part, setup: Setup, spec: Spec, echo) -> Part:
     from fastablate.engines import get_study
     from fastablate.engines.core import distributed as dist
-    from fastablate.engines.core.runner import run_config, run_study
+    from fastablate.engines.core.runner import run_config, run_inputs, run_study
 
     study = get_study(part.study)
     setup = replace(setup, **{n: d for n, _, d in spec_options(Setup) if n in study.setup_excludes})
     config = run_config(study, setup, spec)
     part.path = Path(setup.out)
-    done = finished(part.path, config)
+    done = finished(part.path, config, run_inputs(setup, spec))  # the same options, and inputs unchanged
     if done is not None:
         echo(f"study: {part.name}: finished already, reused")
         part.document, part.reused = done, True
@@ -138,8 +138,9 @@ def run_full_study(setup: Setup, spec: StudySpec, echo=print) -> tuple[Path, dic
         # The models: trained here (train-<model>/model.pt) or given.
         if given:
             checkpoints = [setup.weights, *setup.compare]
+            first_arch = setup.model  # --model names the architecture of a foreign --weights file
         else:
-            checkpoints = []
+            checkpoints, first_arch = [], spec.models[0]  # a checkpoint never names code to run: the parts do
             trained = [(name, f"train-{name}", 1.0) for name in spec.models]
             if spec.stochastic_depth is not None:  # Veit's contrast: the first model trained with stochastic depth
                 trained.append((spec.models[0], f"train-{spec.models[0]}-sd{spec.stochastic_depth:g}",
@@ -151,11 +152,11 @@ def run_full_study(setup: Setup, spec: StudySpec, echo=print) -> tuple[Path, dic
                                        keep=spec.keep)
                 if "train" in parts_wanted or not (out / p.name / "model.pt").is_file():
                     parts[p.name] = run_part(p, replace(base, model=name, out=str(out / p.name)), train_spec, echo)
-                checkpoints.append(str(out / p.name / "model.pt"))
+                checkpoints.append(f"{name}={out / p.name / 'model.pt'}" if checkpoints else
+                                   str(out / p.name / "model.pt"))
         first, others = checkpoints[0], tuple(checkpoints[1:])
-        # --model names the architecture of a foreign --weights file; trained models carry theirs.
-        study_setup = replace(base, model=setup.model if given else None, weights=first, compare=others,
-                              limit=spec.eval_limit, split="test")
+        study_setup = replace(base, model=first_arch, weights=first, compare=others, limit=spec.eval_limit,
+                              split="test")
         # (model, file) of each: a compared foreign file may name its model as MODEL=FILE.
         entries = [(study_setup.model, first)] + [ModelFile.split(c) for c in others]
         views = [(c, _view(*e)) for c, e in zip(checkpoints, entries)]  # None: the parts' loading says why
