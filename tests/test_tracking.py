@@ -3,6 +3,7 @@ real tracking server, child runs of a sweep, an unreachable server (an error bef
 and one that goes away mid-run (the run directory stays complete)."""
 import importlib.util
 import json
+import os
 import shutil
 import socket
 import subprocess
@@ -117,9 +118,15 @@ def server(tmp_path):
 @needs_mlflow
 def test_mlflow_server(server, tmp_path, monkeypatch):
     uri, proc = server
-    run(*TRAIN, "--mlflow", uri, "--out", tmp_path / "a")
+    for name in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):
+        monkeypatch.delenv(name, raising=False)
+    # Credentials in the URI go to MLflow's variables; nothing that is recorded holds them.
+    run(*TRAIN, "--mlflow", uri.replace("http://", "http://ada:s3cr%40t@"), "--out", tmp_path / "a")
+    assert os.environ["MLFLOW_TRACKING_USERNAME"] == "ada" and os.environ["MLFLOW_TRACKING_PASSWORD"] == "s3cr@t"
     client, (logged,) = _runs(uri)
     assert logged.info.status == "FINISHED" and logged.data.metrics["final.accuracy"] >= 0
+    assert logged.data.params["mlflow"] == uri and "s3cr" not in json.dumps(logged.data.params)
+    assert "s3cr" not in (tmp_path / "a" / "run.json").read_text()
     assert len(client.get_metric_history(logged.info.run_id, "step.train_loss")) == 4
     # The server goes away after the first epoch: the run goes on, its directory complete, with a note.
     original = tracking._MLflow.scalars
@@ -151,3 +158,17 @@ def test_study_parts_are_child_runs(tmp_path):
     (study,) = [r for r in runs if r.info.run_name == "s"]
     children = {r.info.run_name for r in runs if r.data.tags.get("mlflow.parentRunId") == study.info.run_id}
     assert children == {"train-resnet8", "train-plain8", "eval", "lesion"} and study.info.status == "FINISHED"
+
+
+@needs_mlflow
+def test_credentials_in_the_uri_never_reach_a_line_or_a_record(tmp_path, monkeypatch):
+    for name in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):
+        monkeypatch.delenv(name, raising=False)
+    port = _free_port()  # nothing listens there
+    r = run(*TRAIN, "--mlflow", f"http://ada:s3cret@127.0.0.1:{port}", "--out", tmp_path / "o", code=2)
+    assert r.output.startswith(f"Error: --mlflow http://127.0.0.1:{port}: cannot reach the tracking store")
+    assert "s3cret" not in r.output and not (tmp_path / "o").exists()
+    from fastablate.engines.core.setup import Setup
+    setup = Setup(mlflow=f"https://ada:s3cret@example.org/mlflow")
+    assert setup.mlflow == "https://example.org/mlflow" and "s3cret" not in json.dumps(setup.to_dict())
+    assert os.environ["MLFLOW_TRACKING_PASSWORD"] == "s3cret"

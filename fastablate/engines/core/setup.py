@@ -15,8 +15,8 @@ import torch
 from fastablate.data import ImageSet, build_dataset
 from fastablate.engines.core.runtime import Runtime, check_finite
 from fastablate.engines.core.spec import Choice, Float, Int, List, ModelFile, Spec, Text, option
-from fastablate.engines.core.tracking import LOCAL_MLFLOW, Tracker
-from fastablate.errors import FastablateError
+from fastablate.engines.core.tracking import LOCAL_MLFLOW, Tracker, TrackingURI
+from fastablate.errors import FastablateError, first_line
 from fastablate.models import NormalizedModel, build_model
 from fastablate.models.checkpoint import FORMAT, model_from_checkpoint, read_checkpoint
 from fastablate.modes import eval_mode
@@ -50,8 +50,10 @@ class Setup(Spec):
     tensorboard: bool = option(False, "Log to TensorBoard: event files in the run directory's tensorboard/ "
                                       "(scalars per epoch and step, the plots, the config as hparams).")
     mlflow: Optional[str] = option(None, "Log to MLflow at URI (a tracking server, or a local store; the flag "
-                                         f"alone: {LOCAL_MLFLOW}): params, metrics per epoch, the run directory.",
-                                   type=Text("URI"), flag_value=LOCAL_MLFLOW)
+                                         f"alone: {LOCAL_MLFLOW}): params, metrics per epoch, the run directory. "
+                                         "Credentials: MLFLOW_TRACKING_USERNAME/PASSWORD; a user:password@ in the "
+                                         "URI is moved there and never recorded.",
+                                   type=TrackingURI(), flag_value=LOCAL_MLFLOW)
     compare: tuple[str, ...] = option((), "A checkpoint run through the same study on the same images and drawn "
                                           "on the same plots (repeatable); MODEL=FILE names the model of a "
                                           "foreign state_dict, e.g. resnet32=peer.th.", type=ModelFile(),
@@ -145,10 +147,11 @@ def load_or_build_model(setup: Setup, ds: ImageSet, *, weights: str | None = Non
     return model
 
 
-def check_fits(model: NormalizedModel, ds: ImageSet) -> None:
+def check_fits(model: NormalizedModel, ds: ImageSet) -> int:
     """The model takes the data's images: as many normalization values as channels, and a
-    forward pass of one image works (a model too deep for the image size fails here) and gives
-    finite logits (before anything is written; the studies check every batch again)."""
+    forward pass of one image works (a model too deep for the image size, or made for other
+    inputs, fails here) and gives finite logits of shape (batch, classes), before anything is
+    written (the studies check every batch again). Returns its number of outputs."""
     sample = ds.floats(torch.arange(1))
     if model.mean.numel() != sample.shape[1]:
         raise FastablateError(f"--mean/--std have {model.mean.numel()} values, the images have {sample.shape[1]} "
@@ -157,11 +160,16 @@ def check_fits(model: NormalizedModel, ds: ImageSet) -> None:
     try:
         with eval_mode(model), torch.no_grad():
             logits = model(sample)
-    except RuntimeError as e:
-        raise FastablateError(f"model {model.arch} cannot take {ds.image_size}x{ds.image_size} images: "
-                              f"{str(e).splitlines()[0]}") from None
+    except Exception as e:  # a user's model raises what it raises
+        raise FastablateError(f"model {model.arch} cannot take {ds.image_size}x{ds.image_size} images of "
+                              f"{sample.shape[1]} channels: {type(e).__name__}: {first_line(e)}") from None
+    if not isinstance(logits, torch.Tensor) or logits.dim() != 2:
+        shape = f" of shape {tuple(logits.shape)}" if isinstance(logits, torch.Tensor) else ""
+        raise FastablateError(f"model {model.arch} returns a {type(logits).__name__}{shape}; the studies need "
+                              "logits of shape (batch, classes)")
     with eval_mode(model):
         check_finite(model, logits, sample)
+    return logits.shape[1]
 
 
 def load_checkpoints(setup: Setup, ds: ImageSet, runtime: Runtime, *, command: str) -> list[NormalizedModel]:

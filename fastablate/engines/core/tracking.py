@@ -20,11 +20,40 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
+from fastablate.engines.core.spec import Text
 from fastablate.errors import FastablateError, first_line, note
 
 LOCAL_MLFLOW = "./mlruns"  # --mlflow without a URI: a local store (SQLite, artifacts beside) in this folder
 EXPERIMENT = "fastablate"
 _PARENT: contextvars.ContextVar[dict] = contextvars.ContextVar("fastablate_tracking_parent", default={})
+
+
+def without_credentials(uri: str) -> str:
+    """``uri`` without its user and password (``http://user:password@host`` gives ``http://host``),
+    which go where MLflow's client reads them, ``MLFLOW_TRACKING_USERNAME`` and
+    ``MLFLOW_TRACKING_PASSWORD`` of this process: so no run.json, parameter, note or error holds
+    them."""
+    from urllib.parse import unquote, urlsplit, urlunsplit
+
+    parts = urlsplit(uri)
+    if "@" not in parts.netloc:
+        return uri
+    userinfo, _, host = parts.netloc.rpartition("@")
+    user, colon, password = userinfo.partition(":")
+    os.environ["MLFLOW_TRACKING_USERNAME"] = unquote(user)
+    if colon:
+        os.environ["MLFLOW_TRACKING_PASSWORD"] = unquote(password)
+    return urlunsplit(parts._replace(netloc=host))
+
+
+class TrackingURI(Text):
+    """An MLflow URI or folder; credentials in it are taken out (:func:`without_credentials`)."""
+
+    def __init__(self):
+        super().__init__("URI")
+
+    def normalize(self, value):
+        return without_credentials(value) if isinstance(value, str) else value
 
 
 def _flat(config: dict, prefix: str = "") -> dict[str, str]:
