@@ -96,11 +96,13 @@ def read_run(folder: str | os.PathLike) -> dict | None:
     return info if isinstance(info, dict) else None
 
 
-def finished(folder: str | os.PathLike, config: dict | None = None) -> dict | None:
-    """The results.json of the complete run in ``folder`` (made with ``config``, when given), or None."""
+def finished(folder: str | os.PathLike, config: dict | None = None, inputs: dict | None = None) -> dict | None:
+    """The results.json of the complete run in ``folder`` (made with ``config``, and from inputs
+    with these fingerprints, when given), or None."""
     info = read_run(folder)
     if info is None or info.get("status") != "complete" or (config is not None and
-                                                            info.get("config") != jsonable(config)):
+                                                            info.get("config") != jsonable(config)) or \
+            (inputs is not None and info.get("inputs", {}) != inputs):
         return None
     try:
         return json.loads((Path(folder) / "results.json").read_text())

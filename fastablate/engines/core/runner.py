@@ -19,6 +19,7 @@ from fastablate.engines.core.runtime import model_name, slug
 from fastablate.engines.core.setup import Setup
 from fastablate.engines.core.spec import Spec
 from fastablate.errors import FastablateError
+from fastablate.files import fingerprint
 from fastablate.results import RunDir, default_out
 
 
@@ -35,6 +36,14 @@ def run_config(study: Study, setup: Setup, spec: Spec) -> dict:
     own (a finished run with the same config is the same run)."""
     return {"study": study.name, **{k: v for k, v in setup.to_dict().items() if k not in study.setup_excludes},
             **spec.to_dict()}
+
+
+def run_inputs(setup: Setup, spec: Spec) -> dict[str, str]:
+    """The fingerprint of every file and folder a run reads ("--weights PATH": fingerprint), which
+    run.json records: a rerun reuses a finished run only when they are unchanged
+    (:func:`fastablate.files.fingerprint`)."""
+    pairs = setup.paths("input") + spec.paths("input") + ([("--data-dir", setup.data_dir)] if setup.data_dir else [])
+    return {f"{flag} {path}": fingerprint(path) for flag, path in pairs}
 
 
 def run_study(study: Study, setup: Setup, spec: Spec, *, progress: bool = False) -> Outcome:
@@ -64,7 +73,8 @@ def run_study(study: Study, setup: Setup, spec: Spec, *, progress: bool = False)
     tracker = setup.tracker() if rank == 0 else None  # an unreachable tracking store fails before any file
     out = Path(dist.broadcast(str(setup.out or default_out(study.command))))  # one folder, named by process 0
     run = RunDir(out, study.command, config, device=str(runtime.device), seed=setup.seed,
-                 info={**study.run_info(models, data, spec), **({"world_size": world} if world > 1 else {})})
+                 info={**study.run_info(models, data, spec), **({"world_size": world} if world > 1 else {}),
+                       "inputs": run_inputs(setup, spec)})
     start_on_main(run, resume=study.resumes(spec), force=setup.force, inputs=inputs)
     if tracker:
         tracker.start(out, out.name, config)

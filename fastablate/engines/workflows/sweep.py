@@ -32,7 +32,7 @@ from fastablate.engines.core.runtime import table
 from fastablate.engines.core.spec import Choice, Float, Int, List, NamedFiles, Spec, Text, applies, option, parse_value
 from fastablate.engines.core.tracking import Tracker, parent, tracked
 from fastablate.errors import FastablateError
-from fastablate.plots import pyplot, save
+from fastablate.plots import save, subplots
 from fastablate.results import VOLATILE, RunDir, default_out, finished, jsonable, read_run
 
 
@@ -161,18 +161,21 @@ def run_sweep(study_name: str, setup: dict, spec: dict, axes: Sequence[Axis], sw
               echo=print) -> tuple[Path, list[dict]]:
     """Run (or resume) a sweep; returns its folder and one row per point."""
     from fastablate.engines import get_study
+    from fastablate.engines.core.runner import run_inputs
 
     if not axes:
         raise FastablateError("sweep needs at least one --grid OPTION=VALUE,VALUE")
     import torch
 
     points = make_points(study_name, setup, spec, axes, sweep.repeat, sweep.cpus_per_point or torch.get_num_threads())
+    inputs = {}  # each point's input files, fingerprinted: a finished point is reused only if they are unchanged
     for pt in points:  # every point's options are checked before anything runs
         try:
-            build(pt)
+            _, point_setup, point_spec = build(pt)
         except FastablateError as e:
             raise FastablateError(f"grid point {', '.join(f'{k}={v}' for k, v in pt['params'].items())}: {e}") \
                 from None
+        inputs[pt["key"]] = run_inputs(point_setup, point_spec)
     study = get_study(study_name)
     out = Path(sweep.out or default_out("sweep"))
     config = {"study": study_name, "base": {"setup": setup, "spec": spec},
@@ -185,7 +188,7 @@ def run_sweep(study_name: str, setup: dict, spec: dict, axes: Sequence[Axis], sw
         parent_ids = tracker.ids
         todo = []
         for pt in points:
-            document = finished(out / "points" / pt["key"])
+            document = finished(out / "points" / pt["key"], inputs=inputs[pt["key"]])
             if document is not None:
                 rows[pt["key"]] = {**_row(pt), "status": "complete", "seconds": _seconds(out / "points" / pt["key"]),
                                    **study.metrics(document)}
@@ -271,7 +274,7 @@ def _single(ok: list[dict], p: str, metric: str, directory: Path) -> Path:
     xs = _values(ok, p)
     vals = [[r[metric] for r in ok if r[p] == x] for x in xs]
     means = [sum(v) / len(v) for v in vals]
-    fig, ax = pyplot().subplots(figsize=(max(5.5, 0.9 * len(xs) + 2), 3.8))
+    fig, ax = subplots(figsize=(max(5.5, 0.9 * len(xs) + 2), 3.8))
     if _numeric(xs):
         ax.plot(xs, means, "o-", label="mean over seeds")
         ax.fill_between(xs, [min(v) for v in vals], [max(v) for v in vals], alpha=0.2, label="min-max")
@@ -295,7 +298,7 @@ def _grouped(ok: list[dict], a: str, b: str, metric: str, path: Path) -> Path:
     """metric against ``a``, one line per value of ``b`` (grouped bars when ``a`` is categorical);
     means over repeats."""
     xs, groups = _values(ok, a), _values(ok, b)
-    fig, ax = pyplot().subplots(figsize=(max(5.5, 0.9 * len(xs) * max(1, len(groups) / 2) + 2), 3.8))
+    fig, ax = subplots(figsize=(max(5.5, 0.9 * len(xs) * max(1, len(groups) / 2) + 2), 3.8))
     width = 0.8 / len(groups)
     for g, value in enumerate(groups):
         pts = [(i, x, [r[metric] for r in ok if r[a] == x and r[b] == value]) for i, x in enumerate(xs)]
@@ -320,7 +323,6 @@ def _sort_key(v):
 
 
 def _heatmap(rows: list[dict], a: str, b: str, metric: str, path: Path) -> Path:
-    plt = pyplot()
     ys, xs = sorted({r[a] for r in rows}, key=_sort_key), sorted({r[b] for r in rows}, key=_sort_key)
     grid = [[math.nan] * len(xs) for _ in ys]
     for i, y in enumerate(ys):
@@ -328,7 +330,7 @@ def _heatmap(rows: list[dict], a: str, b: str, metric: str, path: Path) -> Path:
             vals = [r[metric] for r in rows if r[a] == y and r[b] == x]
             if vals:
                 grid[i][j] = sum(vals) / len(vals)
-    fig, ax = plt.subplots(figsize=(1.2 * len(xs) + 2.5, 0.8 * len(ys) + 1.8))
+    fig, ax = subplots(figsize=(1.2 * len(xs) + 2.5, 0.8 * len(ys) + 1.8))
     shown = ax.imshow(grid, cmap="viridis", aspect="auto")
     for i in range(len(ys)):
         for j in range(len(xs)):
