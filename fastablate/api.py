@@ -20,6 +20,7 @@ is a :class:`~fastablate.errors.FastablateError`, a ``ValueError``, with the CLI
 from __future__ import annotations
 
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
@@ -155,10 +156,17 @@ def _wrapped(model: nn.Module, mean, std, channels: int) -> NormalizedModel:
 
 
 def _device(model: Any, device: str | None) -> torch.device:
-    """``device`` when given, else the model's own (CPU for a model without parameters)."""
+    """``device`` when given, else the model's own; a model with no parameters, or with them on
+    the meta device (shapes without values), is refused."""
+    first = next(model.parameters(), None) if isinstance(model, nn.Module) else None
+    if isinstance(model, nn.Module) and first is None:
+        raise FastablateError(f"model {type(model).__name__} has no parameters: nothing to study")
+    if first is not None and first.is_meta:
+        raise FastablateError(f"model {type(model).__name__} has its parameters on the meta device (shapes without "
+                              "values): load or initialize its weights first (e.g. model.to_empty(device=...) and "
+                              "a state_dict)")
     if device:
         return resolve_device(device)
-    first = next(model.parameters(), None) if isinstance(model, nn.Module) else None
     return first.device if first is not None else torch.device("cpu")
 
 
@@ -171,19 +179,22 @@ def _fitted(models: Sequence[Any], ds, mean, std, device: torch.device):
         if i and model_name(w) in [model_name(o) for o in wrapped]:
             w.name = f"{model_name(w)} ({i + 1})"
         wrapped.append(w)
-    sample, k = ds.floats(torch.arange(1)).to(device), 0
+    outputs = [check_fits(w.to(device), ds) for w in wrapped]  # each takes the images, gives (batch, classes)
+    for w, k in zip(wrapped, outputs):
+        check_labels(w, k, ds)
+    ds = image_set(ds, num_classes=max(outputs))
     for w in wrapped:
-        with eval_mode(w), torch.no_grad():
-            k = max(k, int(w(sample).shape[-1]))
-    if k < ds.num_classes:
-        raise FastablateError(f"the data has {ds.num_classes} classes, {model_name(wrapped[0])} has {k} outputs")
-    ds = image_set(ds, num_classes=k)
-    for w in wrapped:
-        w.num_classes, w.image_size = w.num_classes or k, w.image_size or ds.image_size
+        w.num_classes, w.image_size = w.num_classes or max(outputs), w.image_size or ds.image_size
         if w.classes is None:
             w.classes = list(ds.classes)
-        check_fits(w, ds)
     return wrapped, ds
+
+
+def check_labels(model: NormalizedModel, outputs: int, ds) -> None:
+    """Every label of ``ds`` is one of ``model``'s ``outputs`` classes."""
+    if ds.num_classes > outputs or (len(ds) and int(ds.labels.max()) >= outputs):
+        raise FastablateError(f"{ds.name}/{ds.split} has {max(ds.num_classes, int(ds.labels.max()) + 1)} classes, "
+                              f"{model_name(model)} has {outputs} outputs")
 
 
 def _sized(ds, image_size: int | None):
@@ -193,13 +204,22 @@ def _sized(ds, image_size: int | None):
     return ds if image_size is None or image_size == ds.image_size else resized(ds, image_size)
 
 
-def _result(study, spec, results: list, ds, data_dir, limit, device: str | None, dev: torch.device,
-            batch_size: int, workers: int, seed: int, out: str | None, split: str = "test",
-            image_size: int | None = None) -> StudyResult:
+def _options(**values) -> Setup:
+    """The shared options of a library call, read and checked by the CLI's own spec (the same
+    messages) before anything is computed or changed."""
+    mean, std = values.pop("mean"), values.pop("std")
+    try:
+        mean, std = (None if v is None else tuple(float(x) for x in v) for v in (mean, std))
+    except (TypeError, ValueError):
+        raise FastablateError(f"mean={mean!r}, std={std!r}: give one number per channel each, e.g. "
+                              "mean=(0.5, 0.5, 0.5)") from None
+    return Setup(mean=mean, std=std, **{k: v for k, v in values.items() if v is not None})
+
+
+def _result(study, spec, results: list, ds, options: Setup, dev: torch.device, out: str | None) -> StudyResult:
     """The StudyResult of a library call, its config as the CLI's run.json would record it; saved with ``out``."""
-    setup = Setup(dataset=ds.name, data_dir=data_dir, split=split, limit=limit, device=device or "auto",
-                  batch_size=batch_size, workers=workers, seed=seed, image_size=image_size)
-    res = StudyResult(study, spec, results, run_config(study, setup, spec), dev, seed)
+    setup = replace(options, dataset=ds.name, mean=None, std=None)  # normalization: the model's, as the CLI's
+    res = StudyResult(study, spec, results, run_config(study, setup, spec), dev, options.seed)
     if out is not None:
         res.save(out)
     return res
@@ -215,6 +235,8 @@ def run(study_name: str, model: nn.Module, data: Any, *, compare: Sequence[nn.Mo
     ``image_size`` resizes every batch on the device (``--image-size``)."""
     study = get_study(study_name)
     split = split or study.setup_defaults.get("split", "test")
+    setup = _options(mean=mean, std=std, device=device or "auto", batch_size=batch_size, workers=workers, seed=seed,
+                     data_dir=data_dir, split=split, limit=limit, image_size=image_size)
     spec = make_spec(study, options)
     if study.triggers and not set(study.triggers) & set(spec.given()):  # the CLI chooses the study by these
         named = [f"{t}= ({study.spec_class.flag(t)})" for t in study.triggers]
@@ -228,8 +250,7 @@ def run(study_name: str, model: nn.Module, data: Any, *, compare: Sequence[nn.Mo
         prepared = study.prepare(ds, spec, seed)
         study.check(wrapped, prepared, spec)
         results = execute(study, wrapped, prepared, spec, runtime)
-    return _result(study, spec, results, ds, data_dir, limit, device, dev, batch_size, workers, seed, out, split,
-                   image_size)
+    return _result(study, spec, results, ds, setup, dev, out)
 
 
 def evaluate(model, data, **kw) -> StudyResult:
@@ -284,6 +305,8 @@ def train(model: nn.Module, train_data: Any, test_data: Any, *, mean: Sequence[f
     from fastablate.models.transfer import freeze
 
     study = get_study("train")
+    setup = _options(mean=mean, std=std, device=device or "auto", batch_size=batch_size, workers=workers, seed=seed,
+                     data_dir=data_dir, split="test", limit=limit, image_size=image_size)
     spec = make_spec(study, options)
     building = [n for n in ("init", "head", "dropout", "dropout_after", "stem", "stochastic_depth", "resume")
                 if n in spec.given()]
@@ -298,6 +321,7 @@ def train(model: nn.Module, train_data: Any, test_data: Any, *, mean: Sequence[f
         test_set = _sized(image_set(test_data, data_dir=data_dir, split="test", limit=limit, seed=seed,
                                     classes=train_set.classes, num_classes=w.num_classes,
                                     image_size=train_set.image_size), train_set.image_size)
+        check_labels(w, w.num_classes, test_set)  # before the first step changes the model
         w.init = "none"
         w.frozen = freeze(w, spec.freeze) if spec.freeze else []
         data = study.data_from(train_set, test_set, spec, seed)
@@ -306,8 +330,7 @@ def train(model: nn.Module, train_data: Any, test_data: Any, *, mean: Sequence[f
         results = execute(study, [w], data, spec, runtime)
         if results[0].trained is not w:  # --ema: the average is what was evaluated
             w.load_state_dict(results[0].trained.state_dict())
-    return _result(study, spec, results, train_set, data_dir, limit, device, dev, batch_size, workers, seed, out,
-                   image_size=image_size)
+    return _result(study, spec, results, train_set, setup, dev, out)
 
 
 __all__ = ["StudyResult", "attack", "evaluate", "features", "lesion", "noise", "paths", "run", "train"]

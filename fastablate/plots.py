@@ -1,17 +1,24 @@
-"""matplotlib without a display, for every plot a run writes."""
+"""matplotlib figures for every plot a run writes, drawn on Figure objects of their own: never
+pyplot's, so the user's backend and open figures stay as they are (a notebook keeps showing its
+own plots), and no display is needed."""
 from __future__ import annotations
 
 from pathlib import Path
 
 
-def pyplot():
-    """matplotlib.pyplot on the Agg backend (imported on first use: plotting is optional work)."""
-    import matplotlib
+def subplots(*args, figsize: tuple[float, float] | None = None, **kwargs):
+    """(figure, axes) as ``pyplot.subplots`` gives them, on a Figure pyplot does not manage."""
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    fig = Figure(figsize=figsize)
+    return fig, fig.subplots(*args, **kwargs)
 
-    return plt
+
+def colors() -> list[str]:
+    """The colour cycle of the current style."""
+    from matplotlib import rcParams
+
+    return rcParams["axes.prop_cycle"].by_key()["color"]
 
 
 class Figures:
@@ -46,7 +53,6 @@ def save(fig, path: Path, dpi: int = 110) -> Path:
         path.sink.figures.append(fig)
     else:
         fig.savefig(path, dpi=dpi)
-    pyplot().close(fig)
     return path
 
 

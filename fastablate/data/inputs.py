@@ -7,6 +7,7 @@ order, into memory.
 """
 from __future__ import annotations
 
+import numbers
 from dataclasses import replace
 from typing import Any, Sequence
 
@@ -80,7 +81,7 @@ def _tensors(data: Any) -> tuple[Tensor, Tensor, list[str] | None]:
         if not items:
             raise FastablateError("the Dataset is empty")
         x = torch.stack([_image(item, i) for i, item in enumerate(items)])
-        y = torch.as_tensor([int(item[1]) for item in items])
+        y = torch.as_tensor([_label(item, i) for i, item in enumerate(items)])
     else:
         raise FastablateError(f"data of type {type(data).__name__}: expected {ACCEPTED}")
     return _checked(x, y), y.long().cpu(), list(map(str, classes)) if classes is not None else None
@@ -101,11 +102,23 @@ def _image(item: Any, i: int) -> Tensor:
     return img
 
 
+def _label(item: Any, i: int) -> int:
+    """The class index of a Dataset item: an integer (a soft label, a float or a bool is refused)."""
+    label = item[1]
+    if isinstance(label, Tensor) and label.numel() == 1:
+        label = label.item()
+    if isinstance(label, bool) or not isinstance(label, numbers.Integral):  # numpy's integers are Integral
+        raise FastablateError(f"Dataset item {i}: its label {label!r} is not an integer class index")
+    return int(label)
+
+
 def _checked(x: Tensor, y: Tensor) -> Tensor:
     x = x.detach().cpu()
     if x.dim() != 4 or x.shape[-1] != x.shape[-2]:
         raise FastablateError(f"images of shape {tuple(x.shape)}: expected (N, C, H, W) with H == W")
-    if y.dim() != 1 or y.shape[0] != x.shape[0] or y.is_floating_point():
+    if x.shape[0] == 0:
+        raise FastablateError("the data holds no images")
+    if y.dim() != 1 or y.shape[0] != x.shape[0] or y.is_floating_point() or y.dtype == torch.bool:
         raise FastablateError(f"labels of shape {tuple(y.shape)} and dtype {y.dtype}: expected {x.shape[0]} integer "
                               "class indices")
     if y.numel() and int(y.min()) < 0:

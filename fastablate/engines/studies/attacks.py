@@ -47,7 +47,7 @@ from fastablate.errors import FastablateError, note
 from fastablate.models.checkpoint import atomic_save
 from fastablate.modes import eval_mode, inference_copy
 from fastablate.ops import sparse_pixel_update
-from fastablate.plots import pyplot, save
+from fastablate.plots import save, subplots
 
 ATTACKS = ("sparse", "sparse-rs", "sparse-ensemble", "noise", "fgsm", "pgd", "pgd-l2")
 # Attacks made of others, run in turn, each on the images the ones before it left.
@@ -761,7 +761,7 @@ def plot_trajectory(traj: dict, attack: str, path: Path, columns: int = 8) -> Pa
     n = frames.shape[1]
     change = (frames - frames[:1]).abs().mean(2)  # (T + 1, n, H, W): per pixel, over channels
     scale = change.flatten(2).amax(2).amax(0).clamp_min(1e-12)  # per image, over the whole attack
-    fig, axes = pyplot().subplots(2 * n, len(cols), figsize=(1.5 * len(cols) + 1, 3.0 * n), squeeze=False)
+    fig, axes = subplots(2 * n, len(cols), figsize=(1.5 * len(cols) + 1, 3.0 * n), squeeze=False)
     for i in range(n):
         for c, step in enumerate(cols):
             img, d = frames[step, i], change[step, i] / scale[i]

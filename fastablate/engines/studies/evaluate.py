@@ -17,7 +17,7 @@ from fastablate.engines.core.runtime import Runtime, check_finite, model_name, m
 from fastablate.engines.core.spec import NamedFiles, Spec, option
 from fastablate.errors import FastablateError
 from fastablate.modes import eval_mode
-from fastablate.plots import pyplot, save
+from fastablate.plots import save, subplots
 
 
 @dataclass
@@ -83,7 +83,7 @@ def evaluate(model: nn.Module, ds: ImageSet, runtime: Runtime, *, desc: str = "e
 
 def _plot_confusion(res: EvalResult, path: Path) -> Path:
     k = len(res.classes)
-    fig, ax = pyplot().subplots(figsize=(1.2 + 0.45 * k, 1 + 0.45 * k))
+    fig, ax = subplots(figsize=(1.2 + 0.45 * k, 1 + 0.45 * k))
     ax.imshow(res.confusion, cmap="Blues")
     ax.set(xticks=range(k), yticks=range(k), xlabel="predicted", ylabel="true",
            title=f"{res.model}: accuracy {res.accuracy:.4f}")

@@ -8,7 +8,7 @@ from typing import Sequence
 import torch.nn.functional as F
 from torch import Tensor
 
-from fastablate.plots import pyplot, save
+from fastablate.plots import save, subplots
 
 
 def _overlay(ax, image: Tensor, m: Tensor, cmap: str = "jet", symmetric: bool = False):
@@ -38,7 +38,7 @@ def plot_heatmaps(results: Sequence, i: int, path: Path) -> Path:
     kinds = ["clean", other, "difference"] if adversarial else ["map"]
     cols = [(m, r, k) for m, r in enumerate(results) for k in kinds]
     nrows = max(len(layers) for layers in drawn_layers)
-    fig, axes = pyplot().subplots(nrows, len(cols), figsize=(2.3 * len(cols) + 0.8, 2.1 * nrows + 0.6),
+    fig, axes = subplots(nrows, len(cols), figsize=(2.3 * len(cols) + 0.8, 2.1 * nrows + 0.6),
                                   squeeze=False)
     classes = first.drawn["classes"]
     for c, (m, r, kind) in enumerate(cols):
@@ -98,7 +98,7 @@ def plot_channels(result, layer: str, path: Path) -> Path:
         if k in dead:
             mosaic[y:y + cell_h, x:x + cell_w] = (1.0, 0.0, 0.0)
         mosaic[y + pad:y + pad + h, x + pad:x + pad + w] = colours[k]
-    fig, ax = pyplot().subplots(figsize=(max(6.0, 0.9 * cols), 0.9 * rows + 0.5))  # room for the title
+    fig, ax = subplots(figsize=(max(6.0, 0.9 * cols), 0.9 * rows + 0.5))  # room for the title
     ax.imshow(mosaic, interpolation="nearest")
     ax.axis("off")
     fig.suptitle(f"{result.model} {layer}: {c} channels of image {result.images[0]}; {len(dead)} dead (red) "

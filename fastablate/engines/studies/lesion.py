@@ -35,7 +35,7 @@ from fastablate.engines.core.spec import Int, List, Size, Spec, Value, applies, 
 from fastablate.errors import FastablateError
 from fastablate.modes import eval_mode
 from fastablate.ops import block_skip
-from fastablate.plots import finish, pyplot
+from fastablate.plots import colors, finish, subplots
 from fastablate.units import UnitView, units
 
 Step = tuple[int, bool]  # (unit index, run it: True / lesioned: False)
@@ -436,16 +436,15 @@ def plot_lesion(results: Sequence[LesionResult], directory: Path) -> list[Path]:
     """Veit Figs. 3-5 for each plan present: error per deleted unit (units that change the shape,
     where Veit's errors jump, marked), error vs number of deleted units (mean and min-max),
     error vs Kendall's tau. One series per model."""
-    plt = pyplot()
-    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    palette = colors()
     paths = []
     singles = [[v for v in r.variants if v["plan"] == "all-single"] for r in results]
     if any(singles):
         names: list[str] = []
         for vs in singles:
             names += [v["units"][0] for v in vs if v["units"][0] not in names]
-        fig, ax = plt.subplots(figsize=(max(6.0, 0.3 * len(names) + 2), 4))
-        for r, vs, c in zip(results, singles, colors):
+        fig, ax = subplots(figsize=(max(6.0, 0.3 * len(names) + 2), 4))
+        for r, vs, c in zip(results, singles, palette):
             err = {v["units"][0]: 1 - v["accuracy"] for v in vs}  # a gap where this model's unit is not lesionable
             ax.plot(range(len(names)), [err.get(n, math.nan) for n in names], "o-", ms=4, color=c,
                     label=f"{r.model}, one unit deleted")
@@ -458,8 +457,8 @@ def plot_lesion(results: Sequence[LesionResult], directory: Path) -> list[Path]:
                             title="Deleting one unit at test time", ylim=(0, 1.02)))
     krand = [[v for v in r.variants if v["plan"] == "k-random"] for r in results]
     if any(krand):
-        fig, ax = plt.subplots(figsize=(6, 4))
-        for r, vs, c in zip(results, krand, colors):
+        fig, ax = subplots(figsize=(6, 4))
+        for r, vs, c in zip(results, krand, palette):
             by_k: dict[int, list[float]] = {0: [1 - r.intact["accuracy"]]}
             for v in vs:
                 by_k.setdefault(v["k"], []).append(1 - v["accuracy"])
@@ -472,8 +471,8 @@ def plot_lesion(results: Sequence[LesionResult], directory: Path) -> list[Path]:
                             ylabel="error", title="Deleting k random units", ylim=(0, 1.02)))
     reorders = [[v for v in r.variants if v["plan"] == "reorder"] for r in results]
     if any(reorders):
-        fig, ax = plt.subplots(figsize=(6, 4))
-        for r, vs, c in zip(results, reorders, colors):
+        fig, ax = subplots(figsize=(6, 4))
+        for r, vs, c in zip(results, reorders, palette):
             ax.scatter([1.0] + [v["tau"] for v in vs], [1 - r.intact["accuracy"]] + [1 - v["accuracy"] for v in vs],
                        color=c, s=14, label=r.model)
         ax.invert_xaxis()

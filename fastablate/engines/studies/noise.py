@@ -34,7 +34,7 @@ from fastablate.engines.core.spec import Choice, Float, Int, List, Spec, Text, a
 from fastablate.errors import FastablateError
 from fastablate.modes import eval_mode
 from fastablate.ops import gaussian_noise
-from fastablate.plots import finish, pyplot
+from fastablate.plots import colors, finish, subplots
 
 # Hendrycks & Dietterich 2019, make_cifar_c.py: gaussian_noise severity 1..5 -> std on [0, 1] pixels.
 CIFAR_C_GAUSSIAN = (0.04, 0.06, 0.08, 0.09, 0.10)
@@ -321,13 +321,12 @@ def comparison_table(results: Sequence[NoiseResult]) -> list[dict]:
 def plot_noise(results: Sequence[NoiseResult], directory: Path) -> list[Path]:
     """Accuracy vs sigma, one line per layer setting and p (95% interval as error bars), one
     colour per layer setting, one line style per model; and accuracy vs input-noise severity."""
-    plt = pyplot()
-    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    palette = colors()
     styles = ["-", "--", ":", "-."]
     paths = []
     act = [[g for g in r.grid if g["kind"] == "activation"] for r in results]
     if any(act):
-        fig, ax = plt.subplots(figsize=(6.5, 4.2))
+        fig, ax = subplots(figsize=(6.5, 4.2))
         settings: list = []  # (layers, p) in order of first appearance
         for g in (g for grid in act for g in grid):
             if (g["layers"], g["p"]) not in settings:
@@ -343,7 +342,7 @@ def plot_noise(results: Sequence[NoiseResult], directory: Path) -> list[Path]:
                 hi = [0.0] + [g["ci95"][1] - g["accuracy_mean"] if g["ci95"] else 0.0 for g in pts]
                 n = key[0] if isinstance(key[0], str) else f"n={key[0]}"
                 ax.errorbar(xs, ys, yerr=[lo, hi], ls=ls, marker="o", ms=3, capsize=2,
-                            color=colors[settings.index(key) % len(colors)],
+                            color=palette[settings.index(key) % len(palette)],
                             label=f"{r.model} {n}" + (f" p={key[1]:g}" if key[1] != 1 else ""))
         relative = any(g.get("relative") for grid in act for g in grid)
         paths.append(finish(fig, ax, directory / "noise-activation.png", legend_size=7, ylabel="accuracy",
@@ -351,8 +350,8 @@ def plot_noise(results: Sequence[NoiseResult], directory: Path) -> list[Path]:
                             title="Gaussian noise on conv outputs", ylim=(0, 1.02)))
     inp = [[g for g in r.grid if g["kind"] == "input"] for r in results]
     if any(inp):
-        fig, ax = plt.subplots(figsize=(6, 4))
-        for r, grid, c in zip(results, inp, colors):
+        fig, ax = subplots(figsize=(6, 4))
+        for r, grid, c in zip(results, inp, palette):
             xs = [0] + [g["severity"] for g in grid]
             ys = [r.clean["accuracy"]] + [g["accuracy_mean"] for g in grid]
             ax.plot(xs, ys, "o-", color=c, label=r.model)

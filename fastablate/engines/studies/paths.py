@@ -35,7 +35,7 @@ from fastablate.engines.core.runtime import Runtime, default_max_memory, hash_se
 from fastablate.engines.core.spec import Float, Int, List, Size, Spec, option
 from fastablate.errors import FastablateError, note
 from fastablate.modes import affine_batchnorm, eval_mode
-from fastablate.plots import pyplot, save
+from fastablate.plots import colors, save, subplots
 from fastablate.units import UnitView, units
 
 
@@ -287,10 +287,9 @@ def sets_per_backward(view: UnitView, spec: PathsSpec, device: torch.device, nam
 def plot_paths(results: Sequence[PathsResult], path: Path) -> Path:
     """Veit Fig. 6: (a) distribution of path lengths, (b) gradient magnitude per path length
     (log scale), (c) total contribution per length; one colour per model."""
-    plt = pyplot()
-    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    fig, (a, b, c) = plt.subplots(1, 3, figsize=(14, 3.8))
-    for r, col in zip(results, colors):
+    palette = colors()
+    fig, (a, b, c) = subplots(1, 3, figsize=(14, 3.8))
+    for r, col in zip(results, palette):
         a.plot([d["length"] for d in r.distribution], [d["fraction"] for d in r.distribution], "o-", ms=3, color=col,
                label=f"{r.model} (n={len(r.units)}): 95% in {r.central['lo']}-{r.central['hi']}")
         a.axvspan(r.central["lo"], r.central["hi"], color=col, alpha=0.08)

@@ -30,7 +30,7 @@ from fastablate.models import save_checkpoint
 from fastablate.models.checkpoint import atomic_save
 from fastablate.models.transfer import keep_frozen_bn
 from fastablate.modes import eval_mode
-from fastablate.plots import pyplot, save
+from fastablate.plots import save, subplots
 from fastablate.results import write_csv
 
 AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}  # --precision: the dtype autocast computes in
@@ -340,7 +340,7 @@ def plot_curves(history: list[dict], path: Path) -> Path:
     sets = ["train"]
     for r in history:  # with a validation split the test split is in the last row only
         sets += [k[:-len("_accuracy")] for k in r if k.endswith("_accuracy") and k[:-len("_accuracy")] not in sets]
-    fig, (a, b) = pyplot().subplots(1, 2, figsize=(10, 3.8))
+    fig, (a, b) = subplots(1, 2, figsize=(10, 3.8))
     for name in sets:
         rows = [r for r in history if f"{name}_accuracy" in r]
         a.plot([r["epoch"] for r in rows], [r[f"{name}_loss"] for r in rows], "o-", ms=3, label=name)
@@ -358,7 +358,7 @@ def plot_augmentations(preview: dict[str, Tensor], path: Path) -> Path:
     originals; or a class and some of its images), labelled on the left."""
     rows = len(preview)
     cols = max(v.shape[0] for v in preview.values())
-    fig, axes = pyplot().subplots(rows, cols, figsize=(1.3 * cols + 1.2, 1.3 * rows), squeeze=False)
+    fig, axes = subplots(rows, cols, figsize=(1.3 * cols + 1.2, 1.3 * rows), squeeze=False)
     for r, (name, images) in enumerate(preview.items()):
         for c in range(cols):
             ax = axes[r][c]

@@ -21,7 +21,7 @@ from typing import Optional, Sequence
 from fastablate.engines.core.runtime import table
 from fastablate.engines.core.spec import List, Spec, Text, option
 from fastablate.errors import FastablateError, note
-from fastablate.plots import pyplot, save
+from fastablate.plots import colors, save, subplots
 from fastablate.results import VOLATILE, RunDir, default_out, read_run
 
 SETS = {"train": "-", "val": "--", "test": ":"}
@@ -125,10 +125,10 @@ def rows(runs: list[Run]) -> list[dict]:
 
 
 def plot_curves(runs: list[Run], path: Path) -> Path:
-    fig, (a, b) = pyplot().subplots(1, 2, figsize=(11, 4.2))
-    colors = pyplot().rcParams["axes.prop_cycle"].by_key()["color"]
+    fig, (a, b) = subplots(1, 2, figsize=(11, 4.2))
+    palette = colors()
     for i, r in enumerate(runs):
-        color = colors[i % len(colors)]
+        color = palette[i % len(palette)]
         for split, style in SETS.items():
             pts = [x for x in r.history if isinstance(x.get(f"{split}_accuracy"), (int, float))]
             if not pts:
@@ -145,7 +145,7 @@ def plot_curves(runs: list[Run], path: Path) -> Path:
 
 
 def plot_final(table_rows: list[dict], path: Path) -> Path:
-    fig, ax = pyplot().subplots(figsize=(1.0 * len(table_rows) + 3, 3.8))
+    fig, ax = subplots(figsize=(1.0 * len(table_rows) + 3, 3.8))
     xs = range(len(table_rows))
     ax.bar([x - 0.2 for x in xs], [r["test_accuracy"] for r in table_rows], 0.4, label="final test")
     best = [r["best_val_accuracy"] if "best_val_accuracy" in r else r["best_test_accuracy"] for r in table_rows]
