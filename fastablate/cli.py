@@ -9,6 +9,7 @@ stderr and exit status 2.
 from __future__ import annotations
 
 import os
+import signal
 import sys
 
 import click
@@ -16,7 +17,7 @@ import click
 from fastablate import __version__
 from fastablate.commands import StudyCommand
 from fastablate.config import ENV_PREFIX
-from fastablate.errors import FastablateError
+from fastablate.errors import FastablateError, Terminated
 
 
 def _echo_main(message: str, err: bool = False) -> None:
@@ -56,7 +57,10 @@ class Group(click.Group):
             where = f" {e.filename}" if e.filename else ""
             _echo_main(f"Error: cannot read or write{where}: {e.strerror or e}", err=True)
             sys.exit(2)
-        except click.Abort:
+        except click.Abort as e:
+            if isinstance(e.__cause__, Terminated):
+                click.echo("Terminated", err=True)
+                sys.exit(128 + signal.SIGTERM)
             click.echo("Aborted!", err=True)
             sys.exit(1)
         except click.ClickException as e:
@@ -342,7 +346,13 @@ WORKFLOWS = {
 
 
 def main() -> None:
+    # SIGTERM (kill, timeout, batch schedulers) ends a run as Ctrl-C does: run.json says failed.
+    signal.signal(signal.SIGTERM, _terminated)
     cli()
+
+
+def _terminated(signum, frame) -> None:
+    raise Terminated(f"terminated by signal {signum} (SIGTERM)")
 
 
 if __name__ == "__main__":

@@ -16,6 +16,10 @@ def first_line(e: BaseException) -> str:
     return str(e).splitlines()[0] if str(e) else ""
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the process is: what Ctrl-C does, run directories marked failed."""
+
+
 def note(message: str) -> None:
     """One line ``note: ...`` on stderr (under torchrun, from process 0 alone: the others say the same)."""
     if os.environ.get("RANK", "0") == "0":

@@ -56,11 +56,18 @@ def test_the_protocol_end_to_end_and_reused_on_rerun(tmp_path, trained_resnet8):
 def test_bad_protocol_options(tmp_path, trained_resnet8):
     r = CliRunner().invoke(cli, ["data", "split", str(trained_resnet8), "--parts", "1", "--out",
                                  str(tmp_path / "a.pt")])
-    assert r.exit_code == 2 and "not a saved adversarial set" in r.stderr and not (tmp_path / "a.pt").exists()
+    assert r.exit_code == 2 and "model.pt: not a saved dataset" in r.stderr and not (tmp_path / "a.pt").exists()
     r = CliRunner().invoke(cli, ["robust", *ARGS, "--perturbed", "20", "--out", str(tmp_path / "x")])
     assert r.exit_code == 2 and "--perturbed 20 leaves no augmentation examples" in r.stderr
     r = CliRunner().invoke(cli, ["robust", *ARGS, "--retrain-inits", "scratch", "--out", str(tmp_path / "x")])
     assert r.exit_code == 2 and "--retrain-inits 'scratch'" in r.stderr
+    # What a later step would refuse is refused before the first (the baseline grid) runs.
+    for args, message in ((["--train-successes", "2000"], "--train-successes 2000: the train split of synthetic holds "
+                                                          "1000 images"),
+                          (["--init", "none", "--retrain-inits", "baseline,imagenet"],
+                           "--retrain-inits imagenet: no ImageNet weights for resnet8")):
+        r = CliRunner().invoke(cli, ["robust", *ARGS, *args, "--out", str(tmp_path / "x")])
+        assert r.exit_code == 2 and message in r.stderr, r.output
     assert not (tmp_path / "x").exists()
 
 

@@ -323,8 +323,8 @@ def test_resume_with_weight_average_matches_uninterrupted(tmp_path, monkeypatch)
     (["--eval-sets", "bad"], "--eval-sets 'bad': has 'bad', not name=FILE"),
     (["--eval-sets", "test={sets}/adv-test.pt"], "train, val, test and test_tta are taken"),
     (["--eval-sets", "x={sets}/nothing.pt"], "--eval-sets x={sets}/nothing.pt: no such file"),
-    (["--adv-data", "{sets}/small.pt"], "holds images of shape (3, 16, 16); the training images are (3, 32, 32)"),
-    (["--adv-data", "{sets}/other-classes.pt"], "has classes that the training data does not know: cat"),
+    (["--adv-data", "{sets}/gray.pt"], "gray.pt holds images of 1 channels; synthetic/train has 3"),
+    (["--adv-data", "{sets}/other-classes.pt"], "has classes that synthetic/train does not know: cat"),
     (["--init", "imagenet", "--weights", "{sets}/adv-test.pt"], "--init imagenet and --weights both"),
     (["--init", "nothing.pt"], "--init 'nothing.pt': is neither none, imagenet nor a checkpoint file"),
     (["--optimizer", "lbfgs"], "--optimizer 'lbfgs': is not one of: sgd, adam, adamw"),
@@ -343,8 +343,8 @@ def test_resume_with_weight_average_matches_uninterrupted(tmp_path, monkeypatch)
     (["--eval-sets", "val={sets}/adv-test.pt"], "train, val, test and test_tta are taken"),
 ])
 def test_bad_training_input(args, message, saved_sets, tmp_path):
-    torch.save({"images": torch.zeros(4, 3, 16, 16, dtype=torch.uint8), "labels": torch.zeros(4, dtype=torch.long)},
-               saved_sets / "small.pt")
+    torch.save({"images": torch.zeros(4, 1, 32, 32, dtype=torch.uint8), "labels": torch.zeros(4, dtype=torch.long)},
+               saved_sets / "gray.pt")
     torch.save({"images": torch.zeros(4, 3, 32, 32, dtype=torch.uint8), "labels": torch.zeros(4, dtype=torch.long),
                 "classes": ["cat", "dog"]}, saved_sets / "other-classes.pt")
     args = [a.format(sets=saved_sets) for a in args]

@@ -127,6 +127,23 @@ def build_dataset(name: str, root: str | os.PathLike | None = None, split: str =
             split's, named ``classes_of`` in errors): classes are matched by name, and a
             class of the data that is not among them is an error. Default: the data's own.
     """
+    ds = list_dataset(name, root, split, limit=limit, seed=seed, download=download, image_size=image_size,
+                      classes=classes, classes_of=classes_of)
+    if ds.image_size == LISTED:  # files: decoded now, only those kept
+        ds = datasets.decode_files(ds)
+    if image_size is not None and ds.image_size != image_size:
+        if not asked:
+            note(f"{ds.name}/{ds.split}: {len(ds)} images of {ds.image_size}x{ds.image_size} are resized to the "
+                 f"model's {image_size}x{image_size} per batch")
+        ds = resized(ds, image_size)
+    return ds
+
+
+def list_dataset(name: str, root: str | os.PathLike | None = None, split: str = "test", *,
+                 limit: int | None = None, seed: int = 0, download: bool = False, image_size: int | None = None,
+                 classes: Sequence[str] | None = None, classes_of: str = "the model") -> ImageSet:
+    """What :func:`build_dataset` gives before it decodes: image files listed, not read (a set
+    that is not files comes decoded); ``len()`` of it is the number of images, at no cost."""
     if name not in DATASETS:
         raise FastablateError(f"unknown dataset {name!r}; choose from: {', '.join(DATASETS)}")
     if split not in SPLITS:
@@ -147,13 +164,6 @@ def build_dataset(name: str, root: str | os.PathLike | None = None, split: str =
         if limit < 1:
             raise FastablateError(f"--limit must be >= 1, got {limit}")
         ds = ds.subset(balanced_subset(ds.labels, limit, seed))
-    if ds.image_size == LISTED:  # files: decoded now, only those kept
-        ds = datasets.decode_files(ds)
-    if image_size is not None and ds.image_size != image_size:
-        if not asked:
-            note(f"{ds.name}/{ds.split}: {len(ds)} images of {ds.image_size}x{ds.image_size} are resized to the "
-                 f"model's {image_size}x{image_size} per batch")
-        ds = resized(ds, image_size)
     return ds
 
 
@@ -167,37 +177,6 @@ def read_saved(path: str, what: str) -> object:
         return torch.load(p, map_location="cpu", weights_only=True)
     except Exception as e:
         raise FastablateError(f"{what}{path}: cannot read it ({str(e).splitlines()[0] if str(e) else e!r})") from None
-
-
-def load_saved(path: str, what: str, like: ImageSet) -> ImageSet:
-    """An adversarial set saved by ``attack --save-dataset`` (uint8 ``images``, ``labels``,
-    ``classes``: the successful examples) as an ImageSet with the classes of ``like`` (matched
-    by name) and its image size; ``what`` (``"--adv-data "``, ``"--eval-sets x="``) prefixes the
-    path in errors. A file of the first layout (every image of the split, with a ``success``
-    mask) is read as its successful images, with a note."""
-    obj = read_saved(path, what)
-    ok = isinstance(obj, dict) and isinstance(obj.get("images"), Tensor) and isinstance(obj.get("labels"), Tensor)
-    if not ok or obj["images"].dtype != torch.uint8 or obj["images"].dim() != 4 or \
-            obj["labels"].shape != obj["images"].shape[:1]:
-        raise FastablateError(f"{what}{path}: not a saved dataset (uint8 images (N, C, H, W) and their labels, "
-                              "as attack --save-dataset writes)")
-    images, labels = obj["images"], obj["labels"].long()
-    if images.shape[1:] != (3, like.image_size, like.image_size):
-        raise FastablateError(f"{what}{path} holds images of shape {tuple(images.shape[1:])}; the training images "
-                              f"are (3, {like.image_size}, {like.image_size})")
-    classes = obj.get("classes") or list(like.classes)
-    if labels.numel() and (labels.min() < 0 or labels.max() >= len(classes)):
-        raise FastablateError(f"{what}{path}: labels outside its {len(classes)} classes")
-    ds = ImageSet(Path(path).stem, "saved", labels, list(classes), like.mean, like.std, like.image_size, like.flip,
-                  images)
-    success = obj.get("success")
-    if isinstance(success, Tensor) and success.shape == labels.shape:  # the first layout: every image
-        note(f"{what}{path} holds every image of its split (the first --save-dataset layout); using its "
-             f"{int(success.sum())} successful adversarial examples")
-        ds = ds.subset(success.bool().nonzero().squeeze(1))
-    if len(ds) == 0:
-        raise FastablateError(f"{what}{path} holds no successful adversarial example")
-    return with_classes(ds, list(like.classes), "the training data")
 
 
 def resized(ds: ImageSet, size: int) -> ImageSet:
@@ -289,3 +268,4 @@ def batches(ds: ImageSet, batch_size: int, *, device: torch.device | str = "cpu"
 
 
 from fastablate.data import datasets  # noqa: E402,F401  (the built-in datasets register themselves)
+from fastablate.data.adversarial import load_saved  # noqa: E402,F401  (saved sets: read and checked there)

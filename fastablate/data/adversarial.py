@@ -9,33 +9,69 @@ allow), ``fastablate data info`` says what one holds.
 from __future__ import annotations
 
 from collections import Counter
+from pathlib import Path
 from typing import Sequence
 
 import torch
 from torch import Tensor
 
-from fastablate.data import read_saved
+from fastablate.data import ImageSet, read_saved, resized, with_classes
 from fastablate.errors import FastablateError, note
 
 PER_EXAMPLE = ("images", "labels", "index")
 
 
-def read_set(path: str) -> dict:
-    """The saved set at ``path`` (either layout; the first one cut to its successful examples)."""
-    obj = read_saved(path, "")
+def read_set(path: str, what: str = "") -> dict:
+    """The saved set at ``path``, checked as every command checks it (uint8 images (N, C, H, W),
+    integer labels within its classes, one class name per class); the first layout cut to its
+    successful examples, with a note. ``what`` (``"--adv-data "``) prefixes the path in errors."""
+    obj = read_saved(path, what)
+    where = f"{what}{path}"
     if not isinstance(obj, dict) or not isinstance(obj.get("images"), Tensor) or \
-            not isinstance(obj.get("labels"), Tensor) or obj["labels"].shape != obj["images"].shape[:1]:
-        raise FastablateError(f"{path}: not a saved adversarial set (images and labels, as attack --save-dataset "
-                              "writes)")
+            not isinstance(obj.get("labels"), Tensor):
+        raise FastablateError(f"{where}: not a saved dataset (uint8 images (N, C, H, W) and their labels, as attack "
+                              "--save-dataset writes)")
+    images, labels = obj["images"], obj["labels"]
+    if images.dtype != torch.uint8 or images.dim() != 4 or images.shape[-1] != images.shape[-2]:
+        raise FastablateError(f"{where}: its images are {images.dtype} of shape {tuple(images.shape)}; a saved "
+                              "dataset holds uint8 images (N, C, H, W), square, as attack --save-dataset writes")
+    if labels.dim() != 1 or labels.shape[0] != images.shape[0] or labels.is_floating_point() or \
+            labels.dtype == torch.bool or labels.is_complex():
+        raise FastablateError(f"{where}: its labels are {labels.dtype} of shape {tuple(labels.shape)}; expected "
+                              f"{images.shape[0]} integer class indices")
+    classes = obj.get("classes")
+    if classes is not None and (not isinstance(classes, (list, tuple)) or not all(isinstance(c, str) for c in classes)):
+        raise FastablateError(f"{where}: its classes are not a list of names")
+    if labels.numel() and (int(labels.min()) < 0 or (classes is not None and int(labels.max()) >= len(classes))):
+        raise FastablateError(f"{where}: labels {int(labels.min())}..{int(labels.max())} lie outside its "
+                              f"{len(classes) if classes is not None else 'non-negative'} classes")
+    obj = {**obj, "labels": labels.long()}
     success = obj.get("success")
-    if isinstance(success, Tensor) and success.shape == obj["labels"].shape:  # the first layout
+    if isinstance(success, Tensor) and success.shape == labels.shape:  # the first layout
         keep = success.bool()
-        note(f"{path} holds every image of its split (the first --save-dataset layout); using its "
+        note(f"{where} holds every image of its split (the first --save-dataset layout); using its "
              f"{int(keep.sum())} successful adversarial examples")
         obj = {**{k: v for k, v in obj.items() if k not in ("success", "attacked")},
-               "images": obj["images"][keep], "labels": obj["labels"][keep],
-               "index": keep.nonzero().squeeze(1)}
+               "images": images[keep], "labels": obj["labels"][keep], "index": keep.nonzero().squeeze(1)}
     return obj
+
+
+def load_saved(path: str, what: str, like: ImageSet) -> ImageSet:
+    """A saved set (:func:`read_set`) as an ImageSet with the classes of ``like`` (matched by name)
+    and its batches at ``like``'s image size (resized per batch, as other data is); ``what``
+    (``"--adv-data "``, ``"--eval-sets x="``) prefixes the path in errors."""
+    obj = read_set(path, what)
+    images, labels = obj["images"], obj["labels"]
+    channels = like.images.shape[1] if like.images is not None else 3
+    if images.shape[1] != channels:
+        raise FastablateError(f"{what}{path} holds images of {images.shape[1]} channels; {like.name}/{like.split} "
+                              f"has {channels}")
+    if not len(labels):
+        raise FastablateError(f"{what}{path} holds no successful adversarial example")
+    classes = list(obj.get("classes") or like.classes)
+    ds = ImageSet(Path(path).stem, "saved", labels, classes, like.mean, like.std, images.shape[-1], like.flip,
+                  images)
+    return with_classes(resized(ds, like.image_size), list(like.classes), f"{like.name}/{like.split}")
 
 
 def stratified_order(labels: Tensor, seed: int) -> Tensor:

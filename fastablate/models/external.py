@@ -80,16 +80,21 @@ def _module(where: str):
         spec = importlib.util.spec_from_file_location(unique, path)
         module = importlib.util.module_from_spec(spec)
         sys.modules[unique] = module
+        # As `python path/to/nets.py` runs it: its folder importable (a blocks.py beside it), for the import only.
+        folder = str(path.resolve().parent)
+        sys.path.insert(0, folder)
         try:
             spec.loader.exec_module(module)
-        except BaseException as e:
+        except (Exception, SystemExit) as e:  # an argparse script imported as a module exits
             del sys.modules[unique]
             raise FastablateError(f"importing {where} raised {type(e).__name__}: "
                                   f"{first_line(e)}") from None
+        finally:
+            sys.path.remove(folder)
         return module
     try:
         return importlib.import_module(where)
-    except BaseException as e:
+    except (Exception, SystemExit) as e:
         raise FastablateError(f"cannot import {where}: {type(e).__name__}: "
                               f"{first_line(e)}") from None
 
@@ -119,7 +124,7 @@ def _factory(name: str) -> ModelSpec:
             kwargs["image_size"] = image_size
         try:
             net = factory(**kwargs)
-        except Exception as e:
+        except (Exception, SystemExit) as e:  # a factory that parses sys.argv may exit
             raise FastablateError(f"--model {name}: {attr}({', '.join(f'{k}={v}' for k, v in kwargs.items())}) "
                                   f"raised {type(e).__name__}: {first_line(e)}") from None
         if not isinstance(net, nn.Module):

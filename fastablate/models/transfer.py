@@ -223,12 +223,22 @@ def load_fitting(net: nn.Module, state: dict, source: str) -> list[str]:
     return left
 
 
-def timm_pretrained(arch: str) -> tuple[dict, Path]:
-    """The state_dict of timm's pretrained weights for ``timm:NAME`` from the Hugging Face cache
-    (``$HF_HUB_CACHE``), and its file; nothing is downloaded: a missing file is an error naming it."""
+def imagenet_weights(arch: str) -> Path:
+    """The file ``--init imagenet`` reads for ``arch`` (torchvision's in the torch hub cache, timm's
+    in the Hugging Face cache); nothing is downloaded: an absent file is an error naming where it
+    goes, raised before anything runs."""
+    if arch.startswith(TIMM):
+        return _timm_weights(arch)
+    path, url = imagenet_file(arch)
+    if not path.is_file():
+        raise FastablateError(f"--init imagenet: {path} is missing; nothing is downloaded: put torchvision's "
+                              f"ImageNet weights for {arch} there ({url}), or set TORCH_HOME")
+    return path
+
+
+def _timm_weights(arch: str) -> Path:
     import timm
     from huggingface_hub import constants, try_to_load_from_cache
-    from safetensors.torch import load_file
 
     name = arch[len(TIMM):].split(",")[0]
     cfg = timm.models.get_pretrained_cfg(name)
@@ -240,8 +250,17 @@ def timm_pretrained(arch: str) -> tuple[dict, Path]:
         where = Path(constants.HF_HUB_CACHE) / f"models--{repo.replace('/', '--')}" / "snapshots" / "<revision>"
         raise FastablateError(f"--init imagenet: {where / 'model.safetensors'} is missing; nothing is downloaded: "
                               f"fetch {repo} into the Hugging Face cache (or set HF_HUB_CACHE)")
+    return Path(found)
+
+
+def timm_pretrained(arch: str) -> tuple[dict, Path]:
+    """The state_dict of timm's pretrained weights for ``timm:NAME`` from the Hugging Face cache
+    (``$HF_HUB_CACHE``), and its file (:func:`imagenet_weights`)."""
+    from safetensors.torch import load_file
+
+    found = _timm_weights(arch)
     try:
-        return load_file(found), Path(found)
+        return load_file(found), found
     except Exception as e:
         raise FastablateError(f"--init imagenet: cannot read {found}: {str(e).splitlines()[0]}") from None
 
@@ -253,10 +272,7 @@ def init_imagenet(model: nn.Module) -> Path:
         state, path = timm_pretrained(model.arch)
         load_fitting(model.net, state, f"timm weights {path.name}")
         return path
-    path, url = imagenet_file(model.arch)
-    if not path.is_file():
-        raise FastablateError(f"--init imagenet: {path} is missing; nothing is downloaded: put torchvision's "
-                              f"ImageNet weights for {model.arch} there ({url}), or set TORCH_HOME")
+    path = imagenet_weights(model.arch)
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
