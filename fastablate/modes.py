@@ -12,8 +12,9 @@ from torch import Tensor, nn
 def eval_mode(model: nn.Module, *, frozen: bool = False) -> Iterator[nn.Module]:
     """``model`` in eval mode (BatchNorm running statistics, no dropout) for the block; with
     ``frozen``, its parameters also need no gradient (attacks differentiate w.r.t. the input
-    only). Both are restored afterwards, also on error."""
-    was_training = model.training
+    only). Both are restored afterwards, also on error: each module's own mode (a model in
+    training mode may hold submodules in eval mode, and the other way round)."""
+    modes = [(m, m.training) for m in model.modules()]
     grads = [(p, p.requires_grad) for p in model.parameters()] if frozen else []
     model.eval()
     for p, _ in grads:
@@ -23,7 +24,8 @@ def eval_mode(model: nn.Module, *, frozen: bool = False) -> Iterator[nn.Module]:
     finally:
         for p, req in grads:
             p.requires_grad_(req)
-        model.train(was_training)
+        for m, training in modes:
+            m.training = training
 
 
 @contextmanager
