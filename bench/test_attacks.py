@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from fastablate.engines.studies.attacks import RUNNERS, AttackSpec
+from fastablate.engines.core.attack_options import AttackOptions
 
 BUDGETS = (1, 5, 10, 24)
 
@@ -42,8 +42,9 @@ OURS = {"fastablate": dict(attack="sparse"),  # the CLI's defaults
 
 
 def _ours(model, x, y, impl, k, **changes):
-    spec = AttackSpec(k=k, **{**OURS[impl], **changes})
-    return RUNNERS[spec.attack](model, x, y, spec, None, torch.Generator().manual_seed(0))
+    spec = AttackOptions(k=k, **{**OURS[impl], **changes}).resolved(x.shape[-1])
+    out = spec.run(model, x, y, None, torch.Generator().manual_seed(0))
+    return out.x_adv, out.steps, out.queries
 
 
 def _verified(model, x, y, adv, k):

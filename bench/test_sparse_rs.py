@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from fastablate.engines.studies.attacks import RUNNERS, AttackSpec
+from fastablate.engines.core.attack_options import AttackOptions
 from fastablate.modes import inference_copy
 
 K = 5
@@ -56,10 +56,10 @@ def _reference(model, x, y, queries, target, seed):
 def _ours(model, x, y, queries, target, seed, attack="sparse-rs", copy=True):
     """The attack as ``fastablate attack`` runs it: on an inference copy of the model (made
     within the timing)."""
-    spec = AttackSpec(attack=attack, k=K, queries=queries)
+    spec = AttackOptions(attack=attack, k=K, queries=queries).resolved(x.shape[-1])
     on = inference_copy(model) if copy else model
-    adv, _, used = RUNNERS[attack](on, x, y, spec, target, torch.Generator().manual_seed(seed))
-    return adv, used
+    out = spec.run(on, x, y, target, torch.Generator().manual_seed(seed))
+    return out.x_adv, out.queries
 
 
 IMPLS = {"reference": _reference, "fastablate": _ours,

@@ -74,6 +74,13 @@ def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> 
     return path
 
 
+def atomic_save(obj, path: str | os.PathLike) -> Path:
+    """torch.save through :func:`atomic_write`: never a half-written file."""
+    import torch
+
+    return atomic_write(path, lambda f: torch.save(obj, f))
+
+
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     return atomic_write(path, lambda f: f.write(text.encode("utf-8")))
 

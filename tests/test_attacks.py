@@ -9,8 +9,10 @@ from conftest import assert_near_oracle, float64
 from fastablate.cli import cli
 from fastablate.data import batches, build_dataset
 from fastablate.engines.core.runtime import Runtime
-from fastablate.engines.studies.attacks import (AttackSpec, _rs_replaced, ensemble_attack, margin, random_search,
-                                                run_attack, set_pixels, sparse_attack, sparse_rs_attack)
+from fastablate import attacks
+from fastablate.attacks import margin, random_search, set_pixels
+from fastablate.attacks.sparse_rs import rs_replaced
+from fastablate.engines.studies.attacks import AttackSpec, run_attack
 from fastablate.errors import FastablateError
 from fastablate.models import build_model
 from fastablate.models.checkpoint import load_model
@@ -86,29 +88,31 @@ def test_margin():
 @pytest.mark.parametrize("k", [1, 5, 20])
 def test_sparse_attack_stays_within_k_pixels_and_range(model, ds, k):
     x, y = next(batches(ds, 40))
-    adv, steps, queries = sparse_attack(model, x, y, AttackSpec(k=k, steps=5, restarts=2, queries=20))
+    out = attacks.sparse(model, x, y, k=k, steps=5, restarts=2, queries=20)
+    adv, steps, queries = out.x_adv, out.steps, out.queries
     changed = (adv != x).any(1).flatten(1).sum(1)
     assert changed.max() <= k and adv.min() >= 0 and adv.max() <= 1
     assert (steps >= 1).all() and (steps <= 10).all() and (queries <= 20).all()
     with torch.no_grad():
         fooled = model(adv).argmax(1) != y
     assert torch.equal(adv[~fooled], x[~fooled])  # a failure returns the original
+    assert torch.equal(out.success, fooled) and torch.equal(out.l0, changed)
 
 
 @pytest.mark.parametrize("k", [1, 5])
 def test_sparse_rs_is_black_box_within_budget_and_seeded(model, ds, k):
     x, y = next(batches(ds, 40))
-    spec = AttackSpec(attack="sparse-rs", k=k, queries=50)
     x.requires_grad_(False)
     with torch.autograd.set_grad_enabled(False):  # forward passes only: no gradient is ever taken
-        adv, steps, queries = sparse_rs_attack(model, x, y, spec, None, torch.Generator().manual_seed(3))
+        out = attacks.sparse_rs(model, x, y, k=k, queries=50, generator=torch.Generator().manual_seed(3))
+    adv, steps, queries = out.x_adv, out.steps, out.queries
     assert (adv != x).any(1).flatten(1).sum(1).max() <= k and adv.min() >= 0 and adv.max() <= 1
     assert not steps.any() and (queries >= 1).all() and (queries <= 50).all()
     with torch.no_grad():
         fooled = model(adv).argmax(1) != y
     assert (queries[~fooled] == 50).all()  # only a fooled image stops early
-    again, _, _ = sparse_rs_attack(model, x, y, spec, None, torch.Generator().manual_seed(3))
-    assert torch.equal(adv, again)
+    again = attacks.sparse_rs(model, x, y, k=k, queries=50, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(adv, again.x_adv)
 
 
 def _correct(model, ds):
@@ -120,12 +124,11 @@ def _correct(model, ds):
 
 def test_sparse_ensemble_starts_with_sparse(model, ds):
     x, y = _correct(model, ds)
-    spec = AttackSpec(attack="sparse-ensemble", k=2, steps=3, queries=40).resolved(32)
-    who = torch.full_like(y, -1)
-    adv, steps, queries = ensemble_attack(model, x, y, spec, None, torch.Generator().manual_seed(5), fooled_by=who)
+    out = attacks.sparse_ensemble(model, x, y, k=2, steps=3, queries=40, generator=torch.Generator().manual_seed(5))
+    adv, steps, queries, who = out.x_adv, out.steps, out.queries, out.fooled_by
     # The same seed: the first attack is sparse with the ensemble's gradient options and its own finish.
-    alone, alone_steps, _ = sparse_attack(model, x, y, AttackSpec(k=2, steps=3), None,
-                                          torch.Generator().manual_seed(5))
+    first = attacks.sparse(model, x, y, k=2, steps=3, generator=torch.Generator().manual_seed(5))
+    alone, alone_steps = first.x_adv, first.steps
     with torch.no_grad():
         fooled, fooled_alone = (model(a).argmax(1) != y for a in (adv, alone))
     assert fooled_alone.any() and torch.equal(who == 0, fooled_alone) and torch.equal(steps, alone_steps)
@@ -134,17 +137,20 @@ def test_sparse_ensemble_starts_with_sparse(model, ds):
     assert ((adv != x).any(1).flatten(1).sum(1) <= 2).all() and torch.equal(adv[~fooled], x[~fooled])
 
 
-def test_sparse_ensemble_runs_sparse_rs_on_what_sparse_leaves(model, ds, monkeypatch):
-    """With a first attack that fools nothing, the ensemble is sparse-rs on every image."""
-    from fastablate.engines.studies import attacks
+def test_an_ensemble_runs_its_next_attack_on_what_the_first_leaves(model, ds):
+    """With a first attack that fools nothing, the ensemble is its second attack on every image."""
+    from functools import partial
 
+    from fastablate.attacks.base import output
+
+    def nothing(model, x, y, *, target=None, generator=None):
+        return output(x, x.clone(), torch.zeros(len(x), dtype=torch.bool), torch.zeros(len(x), dtype=torch.long))
     x, y = _correct(model, ds)
-    monkeypatch.setitem(attacks.RUNNERS, "sparse", lambda m, x, *a: (x.clone(), *torch.zeros(2, len(x), dtype=int)))
-    who = torch.full_like(y, -1)
-    adv, _, queries = ensemble_attack(model, x, y, AttackSpec(attack="sparse-ensemble", k=5, queries=60).resolved(),
-                                      None, torch.Generator().manual_seed(2), fooled_by=who)
-    alone, _, alone_queries = sparse_rs_attack(model, x, y, AttackSpec(attack="sparse-rs", k=5, queries=60), None,
-                                               torch.Generator().manual_seed(2))
+    out = attacks.ensemble(model, x, y, attacks=[nothing, partial(attacks.sparse_rs, k=5, queries=60)],
+                           generator=torch.Generator().manual_seed(2))
+    adv, queries, who = out.x_adv, out.queries, out.fooled_by
+    rs = attacks.sparse_rs(model, x, y, k=5, queries=60, generator=torch.Generator().manual_seed(2))
+    alone, alone_queries = rs.x_adv, rs.queries
     with torch.no_grad():
         fooled = model(adv).argmax(1) != y
     assert fooled.any() and torch.equal(who == 1, fooled) and not (who == 0).any()
@@ -154,10 +160,10 @@ def test_sparse_ensemble_runs_sparse_rs_on_what_sparse_leaves(model, ds, monkeyp
 def test_random_search_keeps_what_it_fooled_and_sets_pixels(model, ds):
     x, y = next(batches(ds, 40))
     with torch.no_grad():  # the same start (one query), then only changes that keep the margin
-        start, _ = random_search(model, x, y, 2, 1, None, torch.Generator().manual_seed(0))
-        after, used = random_search(model, x, y, 2, 30, None, torch.Generator().manual_seed(0))
+        start, _, _ = random_search(model, x, y, 2, 1, None, torch.Generator().manual_seed(0))
+        after, fooled, used = random_search(model, x, y, 2, 30, None, torch.Generator().manual_seed(0))
         fooled0, fooled1 = (margin(model(a), y, None) > 0 for a in (start, after))
-    assert (fooled1 >= fooled0).all() and (used[fooled0] == 1).all()
+    assert (fooled1 >= fooled0).all() and (used[fooled0] == 1).all() and torch.equal(fooled, fooled1)
     assert torch.equal(after[~fooled1], x[~fooled1]) and ((after != x).any(1).flatten(1).sum(1) <= 2).all()
     pix = torch.tensor([[0, 5]])
     out = set_pixels(torch.zeros(1, 3, 2, 3), pix, torch.tensor([[[1.0, 0.0, 1.0], [0.0, 1.0, 1.0]]]))
@@ -174,7 +180,7 @@ def test_random_search_keeps_what_it_fooled_and_sets_pixels(model, ds):
 def test_replaced_pixels_follow_sparse_rs_schedule(queries, k, replaced):
     """Sparse-RS's rule: iteration it = i + 1 rescaled to 10,000 queries, the share 0.3 divided
     by the schedule's divisor, times k, rounded down, at least 1."""
-    assert {i: _rs_replaced(i, queries, k) for i in replaced} == replaced
+    assert {i: rs_replaced(i, queries, k) for i in replaced} == replaced
 
 
 def test_random_search_finish_fools_more(model, ds):
@@ -228,7 +234,7 @@ def test_targeted(model, ds):
 def test_target_equal_to_label_is_an_error(model, ds):
     x, y = next(batches(ds, 4))
     with pytest.raises(FastablateError, match=f"target class {int(y[1])} equals the label of image 1"):
-        sparse_attack(model, x, y, AttackSpec(k=2), target=torch.where(torch.arange(4) == 1, y, (y + 1) % 10))
+        attacks.sparse(model, x, y, k=2, target=torch.where(torch.arange(4) == 1, y, (y + 1) % 10))
 
 
 @pytest.mark.parametrize("attack, queries", [("sparse-rs", 1), ("sparse-rs", 7), ("sparse", 7)])
@@ -309,7 +315,7 @@ def test_successes_attack_until_n_are_fooled_in_a_random_order(trained_resnet8, 
 
 ATTACK_BAD = [
     (["--pixels", "0.0001"], "--pixels 0.0001 rounds to 0 pixels of 32x32 images"),
-    (["--k", "2000"], "--k 2000 is more than the 1024 pixels of an image"),
+    (["--k", "2000"], "--k 2000: sparse attack: k = 2000 pixels is not in 1..1024"),
     (["--pixels", "1.5"], "--pixels '1.5': must be in (0, 1]"),
     (["--pixels", "0.01", "--k", "3"], "--pixels and --k both set the pixel budget"),
     (["--attack", "onepixel"],

@@ -13,16 +13,16 @@ LAYERS = {"fastablate.__main__": 8, "fastablate.cli": 8, "fastablate.commands": 
           "fastablate.api": 7,
           "fastablate.engines.workflows": 6, "fastablate.engines.studies": 5, "fastablate.engines.core": 4,
           "fastablate.engines": 4, "fastablate.results": 3,
-          "fastablate.models": 2, "fastablate.data": 2, "fastablate.units": 1, "fastablate.unitparts": 1,
+          "fastablate.models": 2, "fastablate.data": 2, "fastablate.attacks": 2, "fastablate.units": 1, "fastablate.unitparts": 1,
           "fastablate.discovery": 1, "fastablate.ops": 0,
           "fastablate._ext": 0, "fastablate.errors": 0, "fastablate.files": 0, "fastablate.modes": 0,
           "fastablate.plots": 0, "fastablate": 0}
 # Ranks inside a package: a module imports modules of its rank or below. Modules not listed
 # rank with the package's __init__ (0).
 RANKS = {
-    "fastablate.engines.core": {"spec": 0, "distributed": 0, "tracking": 0, "runtime": 1, "setup": 2, "protocol": 3,
+    "fastablate.engines.core": {"spec": 0, "distributed": 0, "tracking": 0, "attack_options": 1, "runtime": 1, "setup": 2, "protocol": 3,
                                 "runner": 4},
-    "fastablate.engines.studies": {"feature_plots": 0, "evaluate": 1, "attacks": 2, "noise": 2, "lesion": 2,
+    "fastablate.engines.studies": {"feature_plots": 0, "attack_plots": 0, "evaluate": 1, "attacks": 2, "noise": 2, "lesion": 2,
                                    "paths": 2, "features": 3, "trainer": 3, "train": 4},
     "fastablate.engines.workflows": {"report": 0, "compare": 0, "sweep": 1, "study": 2, "robust": 3},
 }

@@ -126,7 +126,7 @@ def split_file(file: str, parts: str, outs: str, seed: int, force: bool = False)
     the number of examples in no part."""
     from pathlib import Path
 
-    from fastablate.models.checkpoint import atomic_save
+    from fastablate.files import atomic_save
 
     try:
         sizes = [int(p) for p in parts.split(",")]

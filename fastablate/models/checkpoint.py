@@ -25,15 +25,10 @@ from typing import Any, Sequence
 import torch
 
 from fastablate.errors import FastablateError, note
-from fastablate.files import atomic_write
+from fastablate.files import atomic_save
 
 FORMAT = "fastablate"
 VERSION = 2  # 2: "head" is the explicit layer list and "dropout_after" where --dropout went in the body
-
-
-def atomic_save(obj: Any, path: str | os.PathLike) -> None:
-    """torch.save through :func:`fastablate.files.atomic_write`: never a half-written file."""
-    atomic_write(path, lambda f: torch.save(obj, f))
 
 
 def save_checkpoint(model, path: str | os.PathLike, meta: dict | None = None) -> None:

@@ -17,13 +17,14 @@ from typing import Optional, Sequence
 from torch import Tensor
 
 from fastablate.data import ImageSet, load_saved, resized, to_unit
+from fastablate.attacks import ATTACKS
 from fastablate.data.augment import check_strengths, label, output_size, parse_augment
+from fastablate.engines.core.attack_options import AttackOptions, ResolvedAttack
 from fastablate.engines.core.protocol import Study
 from fastablate.engines.core.runtime import table
 from fastablate.engines.core.setup import check_fits, load_data, seed_everything
 from fastablate.engines.core.spec import (Choice, Float, Int, List, NamedFiles, Spec, Text, Value, applies, one_of,
                                           option, prefixed)
-from fastablate.engines.studies.attacks import ATTACKS, AttackSpec
 from fastablate.engines.studies.trainer import MODEL_FILE, STATE_FILE, TrainResult, train
 from fastablate.errors import FastablateError
 from fastablate.models import build_model, get_spec, save_checkpoint
@@ -140,8 +141,8 @@ class _Recipe(Spec):
                                       "are).", type=Choice("replace", "append"))
 
 
-# --adv-pixels, --adv-steps, ...: the attack's own options, declared once in AttackSpec.
-_Adversarial = make_dataclass("_Adversarial", prefixed(AttackSpec, "adv", ADV_OPTIONS, "--adv-train: "),
+# --adv-pixels, --adv-steps, ...: the attack's own options, declared once in AttackOptions.
+_Adversarial = make_dataclass("_Adversarial", prefixed(AttackOptions, "adv", ADV_OPTIONS, "--adv-train: "),
                               bases=(_Recipe,), frozen=True)
 
 
@@ -183,15 +184,17 @@ class TrainSpec(_Adversarial):
         """--lr, or the optimizer's default when not given."""
         return self.lr if "lr" in self.given() or self.optimizer == "sgd" else 1e-3
 
-    def attack_spec(self) -> AttackSpec | None:
-        """The --adv-train attack with its --adv-* options (errors name those options)."""
+    def attack_spec(self, image_size: int | None = None) -> AttackOptions | ResolvedAttack | None:
+        """The --adv-train attack with its --adv-* options (errors name those options), resolved
+        for images of ``image_size`` when given."""
         if not self.adv_train:
             return None
         try:
-            return AttackSpec(attack=self.adv_train, **{n: getattr(self, f"adv_{n}") for n in ADV_OPTIONS
-                                                        if f"adv_{n}" in self.given()})
+            attack = AttackOptions(attack=self.adv_train, **{n: getattr(self, f"adv_{n}") for n in ADV_OPTIONS
+                                                             if f"adv_{n}" in self.given()})
+            return attack if image_size is None else attack.resolved(image_size)
         except FastablateError as e:  # name the options as train has them
-            flags = "|".join(["attack", *(AttackSpec.flag(n).lstrip("-") for n in ADV_OPTIONS)])
+            flags = "|".join(["attack", *(AttackOptions.flag(n).lstrip("-") for n in ADV_OPTIONS)])
             raise FastablateError(re.sub(rf"--({flags})\b", lambda m: "--adv-train" if m.group(1) == "attack"
                                          else f"--adv-{m.group(1)}", str(e))) from None
 
@@ -203,7 +206,7 @@ class TrainData:
     augment: list[tuple]  # resolved --augment: (name, strength, p)
     eval_sets: dict[str, ImageSet] = field(default_factory=dict)
     adv: ImageSet | None = None  # --adv-data
-    adv_spec: AttackSpec | None = None  # --adv-train
+    adv_spec: ResolvedAttack | None = None  # --adv-train, resolved for the training images
     fingerprint: dict = field(default_factory=dict)  # everything that shapes the run (see fingerprint())
     resume: dict | None = None  # the state in last.pt, with --resume
     preview: dict[str, Tensor] = field(default_factory=dict)  # augmentation -> a few augmented images
@@ -352,7 +355,7 @@ class TrainStudy(Study):
         if size != train_set.image_size:  # --augment resizes: what is evaluated is made that size too
             test_set, val = resized(test_set, size), val and resized(val, size)
             eval_sets = {n: resized(d, size) for n, d in eval_sets.items()}
-        return TrainData(train_set, test_set, augments, eval_sets, adv, spec.attack_spec(), fingerprint or {},
+        return TrainData(train_set, test_set, augments, eval_sets, adv, spec.attack_spec(size), fingerprint or {},
                          resume, _preview(train_set, augments, seed), val, _samples(train_set, seed))
 
     def load_models(self, setup, spec: TrainSpec, data: TrainData, runtime):

@@ -27,7 +27,7 @@ from fastablate.engines.core.runtime import Runtime, batch_progress, hash_seed
 from fastablate.engines.studies.evaluate import EvalResult, evaluate
 from fastablate.errors import FastablateError, note
 from fastablate.models import save_checkpoint
-from fastablate.models.checkpoint import atomic_save
+from fastablate.files import atomic_save
 from fastablate.models.transfer import keep_frozen_bn
 from fastablate.modes import eval_mode
 from fastablate.plots import save, subplots
@@ -245,8 +245,6 @@ def train_one_epoch(model: nn.Module, forward: nn.Module, opt: torch.optim.Optim
                     fmt: torch.memory_format, scaler: torch.amp.GradScaler) -> tuple[float, float, int, int]:
     """One epoch of this process's share of ``data.train``: (the last step's learning rate,
     the summed loss, correct predictions and images seen)."""
-    from fastablate.engines.studies.attacks import RUNNERS
-
     device, bs = runtime.device, runtime.batch_size
     rank, world = dist.rank(), dist.world()
     per_process = len(data.train) // world  # every process the same number of images (and steps)
@@ -272,7 +270,7 @@ def train_one_epoch(model: nn.Module, forward: nn.Module, opt: torch.optim.Optim
             x, y = torch.cat([x[k:], xa]), torch.cat([y[k:], ya])
         elif adv_spec is not None and k:  # made now, against the current model
             with eval_mode(model, frozen=True):
-                xa = RUNNERS[adv_spec.attack](model, x[:k], y[:k], adv_spec, None, gen)[0].detach()
+                xa = adv_spec.run(model, x[:k], y[:k], generator=gen).x_adv
             model.train()
             keep_frozen_bn(model)
             x = torch.cat([xa, x[k:]])

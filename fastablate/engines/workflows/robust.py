@@ -124,7 +124,7 @@ def run_robust(setup: Setup, spec: RobustSpec, echo=print) -> tuple[Path, dict]:
     from fastablate.engines.studies.attacks import AttackSpec
     from fastablate.engines.studies.evaluate import EvaluateSpec
     from fastablate.engines.studies.features import FeaturesSpec
-    from fastablate.models.checkpoint import atomic_save
+    from fastablate.files import atomic_save
 
     out = Path(setup.out or default_out("robust"))
     base = replace(setup, out=None, force=True, compare=())
