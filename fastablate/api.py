@@ -38,7 +38,7 @@ from fastablate.errors import FastablateError
 from fastablate.models import NormalizedModel
 from fastablate.modes import eval_mode
 from fastablate.plots import Figures
-from fastablate.results import RunDir
+from fastablate.rundir import RunDir
 
 
 class StudyResult:

@@ -214,7 +214,7 @@ def info():
     import torch
 
     from fastablate.ops import kernel_status
-    from fastablate.results import versions
+    from fastablate.rundir import versions
 
     for k, v in versions().items():
         if k != "kernels":
@@ -316,12 +316,12 @@ def study_command() -> click.Command:
     """study: the whole comparison; its options from Setup and StudySpec."""
     from fastablate.commands import SpecCommand
     from fastablate.engines.core.setup import Setup
-    from fastablate.engines.workflows.study import StudySpec, run_full_study
+    from fastablate.engines.workflows.comparison import StudySpec, run_comparison
 
     def run(values: dict) -> None:
         from fastablate.engines.core.distributed import is_main
 
-        out, parts = run_full_study(Setup(**values.get(Setup, {})), StudySpec(**values.get(StudySpec, {})),
+        out, parts = run_comparison(Setup(**values.get(Setup, {})), StudySpec(**values.get(StudySpec, {})),
                                     echo=click.echo)
         if not is_main():  # under torchrun: process 0 wrote the report and says where
             return

@@ -100,7 +100,7 @@ def test_eval_reproduces_training_accuracy(trained, tmp_path):
 
 @pytest.mark.slow
 def test_resume_after_interruption_matches_uninterrupted(trained, tmp_path, monkeypatch):
-    import fastablate.engines.studies.trainer as train_mod
+    import fastablate.engines.studies.train_loop as train_mod
 
     real, calls = train_mod.evaluate, []
 

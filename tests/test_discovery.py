@@ -274,7 +274,7 @@ def test_a_checkpoint_never_runs_code(tmp_path, monkeypatch):
     factory: loading weights (even with weights_only) must not import a file that lies beside them."""
     payload = tmp_path / "payload.py"
     payload.write_text("import pathlib\npathlib.Path(__file__).with_name('ran').write_text('x')\n"
-                       f"from importlib import import_module\nmake = import_module('fastablate.models').build_model\n")
+                       "from importlib import import_module\nmake = import_module('fastablate.models').build_model\n")
     state = build_model("resnet8").net.state_dict()
     ckpt = torch.load(_saved(tmp_path, build_model("resnet8")), weights_only=True)
     for arch in (f"{payload}:make", "this:x", "os.path:join"):

@@ -288,7 +288,7 @@ def test_out_that_cannot_be_made_or_written(ckpt, tmp_path, monkeypatch):
     refused(["eval", "--weights", ckpt, *SYN, "--out", afile / "sub"], "cannot create it (Not a directory)",
             protect=[afile])
 
-    import fastablate.results as results
+    import fastablate.rundir as results
 
     def full(path, text):
         raise OSError(28, "No space left on device", str(path))
@@ -386,7 +386,7 @@ def test_nan_logits_are_an_error_naming_where_they_start(study, tmp_path):
 def test_nan_logits_past_the_first_image_stop_the_study():
     from fastablate.data import ImageSet
     from fastablate.engines.core.runtime import Runtime
-    from fastablate.engines.studies.evaluate import evaluate
+    from fastablate.engines.studies.evaluation import evaluate
     from fastablate.errors import FastablateError
     model = build_model("resnet8", 10, mean=(0, 0, 0), std=(1, 1, 1)).eval()
     model.net.conv1.weight.data.fill_(3e38)  # a black image stays finite, a bright one overflows
@@ -404,7 +404,7 @@ def test_full_disk_while_saving_keeps_the_previous_checkpoints(tmp_path, monkeyp
     import errno
 
     from fastablate import files
-    from fastablate.engines.studies import trainer
+    from fastablate.engines.studies import train_loop as trainer
     out = tmp_path / "t"
     args = ["train", "--model", "resnet8", *SYN, "--epochs", "2", "--out", out]
     full = {"on": False}

@@ -15,7 +15,7 @@ from torch import nn
 
 import fastablate as fa
 from fastablate.cli import cli
-from fastablate.models import build_model, save_checkpoint
+from fastablate.models import build_model
 
 X, Y = torch.rand(8, 3, 32, 32, generator=torch.Generator().manual_seed(0)), torch.arange(8) % 4
 

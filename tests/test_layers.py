@@ -12,19 +12,22 @@ PACKAGE = Path(__file__).parent.parent / "fastablate"
 LAYERS = {"fastablate.__main__": 8, "fastablate.cli": 8, "fastablate.commands": 8, "fastablate.config": 7,
           "fastablate.api": 7,
           "fastablate.engines.workflows": 6, "fastablate.engines.studies": 5, "fastablate.engines.core": 4,
-          "fastablate.engines": 4, "fastablate.results": 3,
-          "fastablate.models": 2, "fastablate.data": 2, "fastablate.attacks": 2, "fastablate.units": 1, "fastablate.unitparts": 1,
-          "fastablate.discovery": 1, "fastablate.ops": 0,
-          "fastablate._ext": 0, "fastablate.errors": 0, "fastablate.files": 0, "fastablate.modes": 0,
-          "fastablate.plots": 0, "fastablate": 0}
+          "fastablate.engines": 4, "fastablate.rundir": 3,
+          "fastablate.models": 2, "fastablate.data": 2, "fastablate.attacks": 2, "fastablate.units": 1,
+          "fastablate.ops": 0, "fastablate._ext": 0, "fastablate.errors": 0, "fastablate.files": 0,
+          "fastablate.modes": 0, "fastablate.plots": 0, "fastablate": 0}
 # Ranks inside a package: a module imports modules of its rank or below. Modules not listed
 # rank with the package's __init__ (0).
 RANKS = {
-    "fastablate.engines.core": {"spec": 0, "distributed": 0, "tracking": 0, "attack_options": 1, "runtime": 1, "setup": 2, "protocol": 3,
-                                "runner": 4},
-    "fastablate.engines.studies": {"feature_plots": 0, "attack_plots": 0, "evaluate": 1, "attacks": 2, "noise": 2, "lesion": 2,
-                                   "paths": 2, "features": 3, "trainer": 3, "train": 4},
-    "fastablate.engines.workflows": {"report": 0, "compare": 0, "sweep": 1, "study": 2, "robust": 3},
+    "fastablate.engines.core": {"spec": 0, "distributed": 0, "tracking": 0, "attack_options": 1, "runtime": 1,
+                                "setup": 2, "protocol": 3, "runner": 4},
+    "fastablate.engines.studies": {"feature_plots": 0, "attack_plots": 0, "evaluation": 1, "noise_hooks": 1,
+                                   "evaluate": 2, "attacks": 2, "noise": 2, "lesion": 2, "paths": 2, "features": 3,
+                                   "train_loop": 3, "train": 4},
+    "fastablate.engines.workflows": {"report": 0, "compare": 0, "sweep": 1, "comparison": 2, "robust": 3},
+    "fastablate.attacks": {"base": 0, "sparse_rs": 1, "noise": 1, "gradient": 1, "sparse": 2, "ensemble": 3,
+                           "registry": 4},
+    "fastablate.units": {"parts": 0, "discovery": 1},
 }
 
 
@@ -131,6 +134,26 @@ def _graph() -> dict[str, set[str]]:
             if full and full != m and not m.startswith(full + ".") and not full.startswith(m + "."):
                 edges[m].add(full)
     return edges
+
+
+def _defines_a_study(tree) -> bool:
+    return any(isinstance(n, ast.ClassDef) and any(getattr(b, "id", None) == "Study" for b in n.bases)
+               for n in tree.body)
+
+
+STUDIES = [m for m, tree in MODULES.items() if m.startswith("fastablate.engines.studies.") and _defines_a_study(tree)]
+
+
+@pytest.mark.parametrize("module", STUDIES)
+def test_no_study_imports_a_sibling_study(module):
+    """A study imports the shared pieces below it (the attacks library, the evaluation loop, the
+    noise hooks, its own loop or figures), never another study."""
+    imported = {full for full, _, _ in _targets(MODULES[module])}
+    assert not imported & (set(STUDIES) - {module}), f"{module} imports {sorted(imported & set(STUDIES))}"
+
+
+def test_the_studies_are_found():
+    assert len(STUDIES) == 7 and "fastablate.engines.studies.train" in STUDIES
 
 
 def test_no_import_circles():

@@ -169,6 +169,6 @@ def test_credentials_in_the_uri_never_reach_a_line_or_a_record(tmp_path, monkeyp
     assert r.output.startswith(f"Error: --mlflow http://127.0.0.1:{port}: cannot reach the tracking store")
     assert "s3cret" not in r.output and not (tmp_path / "o").exists()
     from fastablate.engines.core.setup import Setup
-    setup = Setup(mlflow=f"https://ada:s3cret@example.org/mlflow")
+    setup = Setup(mlflow="https://ada:s3cret@example.org/mlflow")
     assert setup.mlflow == "https://example.org/mlflow" and "s3cret" not in json.dumps(setup.to_dict())
     assert os.environ["MLFLOW_TRACKING_PASSWORD"] == "s3cret"

@@ -233,7 +233,7 @@ def test_validation_split_keeps_the_best_epoch(tmp_path):
 
 def test_learning_rate_scaling_and_optimizers():
     from fastablate.engines.studies.train import TrainSpec
-    from fastablate.engines.studies.trainer import learning_rate, optimizer
+    from fastablate.engines.studies.train_loop import learning_rate, optimizer
 
     assert learning_rate(TrainSpec(), 256, 0, 10) == pytest.approx(0.2)  # per 128 images
     assert learning_rate(TrainSpec(lr_scaling="none"), 256, 0, 10) == pytest.approx(0.1)
@@ -292,7 +292,7 @@ def test_adversarial_training_on_the_fly_and_recipe_options(tmp_path):
 def test_resume_with_weight_average_matches_uninterrupted(tmp_path, monkeypatch):
     args = ["train", "--model", "resnet8", *SYN, "--epochs", "2", "--ema", "0.9", "--schedule", "onecycle"]
     run(*args, "--out", tmp_path / "full")
-    import fastablate.engines.studies.trainer as trainer
+    import fastablate.engines.studies.train_loop as trainer
     real, calls = trainer.evaluate_all, []
 
     def stop_second(*a, **k):

@@ -22,7 +22,7 @@ from typing import Callable, Iterator, Sequence
 import torch
 from torch import Tensor
 
-from fastablate.data.files import decode, memory_limit
+from fastablate.data.image_files import decode, memory_limit
 from fastablate.errors import FastablateError, note
 
 SPLITS = ("train", "test")

@@ -8,7 +8,7 @@ from dataclasses import replace
 import torch
 
 from fastablate.data import LISTED, ImageSet, balanced_subset, register_dataset
-from fastablate.data.files import (IMAGE_EXTENSIONS, choose_size, common_size, decode, image_sizes, image_stats,
+from fastablate.data.image_files import (IMAGE_EXTENSIONS, choose_size, common_size, decode, image_sizes, image_stats,
                                    list_images, memory_limit, note_skipped)
 from fastablate.errors import FastablateError
 
@@ -21,7 +21,7 @@ def from_files(name, split, files: list[str], labels: list[int], classes, mean, 
 
 def decode_files(ds: ImageSet) -> ImageSet:
     """A listed set at its most common image size (the size policy of
-    :mod:`fastablate.data.files`): decoded into memory when it fits in
+    :mod:`fastablate.data.image_files`): decoded into memory when it fits in
     ``FASTABLATE_MEMORY_LIMIT`` (the size estimated from up to 512 headers), else decoded per
     batch. Without a mean, its statistics are measured."""
     from torchvision.transforms.v2.functional import resize

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from fastablate.data import ImageSet, balanced_subset, build_dataset
-from fastablate.data.files import image_stats
+from fastablate.data.image_files import image_stats
 from fastablate.errors import FastablateError
 
 ACCEPTED = "an (x, y) pair of tensors, a Dataset of (image, label), a DataLoader of (x, y) batches, or a dataset name"

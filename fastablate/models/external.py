@@ -9,7 +9,7 @@
   ``num_classes`` the class count comes from the model's output.
 
 Checkpoints record the spec (a file by its absolute path), so ``--weights`` finds the model
-again; their units are discovered (:mod:`fastablate.discovery`).
+again; their units are discovered (:mod:`fastablate.units.discovery`).
 """
 from __future__ import annotations
 

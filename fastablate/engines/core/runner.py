@@ -20,7 +20,7 @@ from fastablate.engines.core.setup import Setup
 from fastablate.engines.core.spec import Spec
 from fastablate.errors import FastablateError
 from fastablate.files import fingerprint
-from fastablate.results import RunDir, default_out
+from fastablate.rundir import RunDir, default_out
 
 
 @dataclass

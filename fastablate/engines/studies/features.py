@@ -34,7 +34,7 @@ from fastablate.engines.core.distributed import all_max, all_sum
 from fastablate.engines.core.protocol import Study
 from fastablate.engines.core.runtime import Runtime, check_finite, hash_seed, model_name, my_batches, slug, table
 from fastablate.engines.core.spec import Choice, Float, Int, List, Spec, Text, applies, one_of, option
-from fastablate.engines.studies.noise import LAYER_KINDS, LAYER_WORDS, NoiseInjector, conv_layers
+from fastablate.engines.studies.noise_hooks import LAYER_KINDS, LAYER_WORDS, NoiseInjector, conv_layers
 from fastablate.errors import FastablateError
 from fastablate.modes import eval_mode
 

@@ -4,7 +4,7 @@ augmentations, adversarial batches (saved or made on the fly) and extra evaluati
 
 Defaults follow the CIFAR recipe of He et al. 2016 adapted to a cosine schedule
 (Loshchilov & Hutter 2017): lr 0.1 per 128 images, momentum 0.9, weight decay 5e-4, random
-crops and flips. The loop is :mod:`fastablate.engines.studies.trainer`.
+crops and flips. The loop is :mod:`fastablate.engines.studies.train_loop`.
 """
 from __future__ import annotations
 
@@ -25,12 +25,12 @@ from fastablate.engines.core.runtime import table
 from fastablate.engines.core.setup import check_fits, load_data, seed_everything
 from fastablate.engines.core.spec import (Choice, Float, Int, List, NamedFiles, Spec, Text, Value, applies, one_of,
                                           option, prefixed)
-from fastablate.engines.studies.trainer import MODEL_FILE, STATE_FILE, TrainResult, train
+from fastablate.engines.studies.train_loop import MODEL_FILE, STATE_FILE, TrainResult, train
 from fastablate.errors import FastablateError
 from fastablate.models import build_model, get_spec, save_checkpoint
 from fastablate.models.checkpoint import FORMAT, checkpoint_arch, read_checkpoint
 from fastablate.models.transfer import freeze, init_from_checkpoint, init_imagenet, parse_head
-from fastablate.results import VOLATILE, jsonable, write_csv
+from fastablate.rundir import VOLATILE, jsonable, write_csv
 
 DEFAULT_MODEL = "resnet8"
 IMAGENET_STATS = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))

@@ -22,7 +22,7 @@ from fastablate.engines.core.runtime import table
 from fastablate.engines.core.spec import List, Spec, Text, option
 from fastablate.errors import FastablateError, note
 from fastablate.plots import colors, save, subplots
-from fastablate.results import VOLATILE, RunDir, default_out, read_run
+from fastablate.rundir import VOLATILE, RunDir, default_out, read_run
 
 SETS = {"train": "-", "val": "--", "test": ":"}
 

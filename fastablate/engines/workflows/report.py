@@ -208,7 +208,7 @@ def md_table(rows: list[dict]) -> str:
 
 def _overview(setup, spec, parts: dict, checkpoints: list[tuple[str | None, str]]) -> tuple[list[dict], list[dict]]:
     from fastablate.models.checkpoint import read_checkpoint
-    from fastablate.results import versions
+    from fastablate.rundir import versions
 
     models = []
     for arch, c in checkpoints:

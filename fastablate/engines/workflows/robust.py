@@ -33,10 +33,10 @@ from fastablate.engines.core.setup import Setup
 from fastablate.engines.core.spec import Float, Int, List, Spec, Text, option
 from fastablate.engines.studies.train import Init
 from fastablate.engines.workflows.report import Finding, write_document
-from fastablate.engines.workflows.study import Part, run_part
+from fastablate.engines.workflows.comparison import Part, run_part
 from fastablate.engines.workflows.sweep import Axis, SweepSpec, run_sweep
 from fastablate.errors import FastablateError
-from fastablate.results import RunDir, default_out, read_run
+from fastablate.rundir import RunDir, default_out, read_run
 
 SETS = ("perturbed-train", "perturbed-val", "holdout", "ood")
 RETRAIN_AXES = ("init", "freeze", "lr", "batch-size")

@@ -33,7 +33,7 @@ from fastablate.engines.core.spec import Choice, Float, Int, List, NamedFiles, S
 from fastablate.engines.core.tracking import Tracker, parent, tracked
 from fastablate.errors import FastablateError
 from fastablate.plots import save, subplots
-from fastablate.results import VOLATILE, RunDir, default_out, finished, jsonable, read_run
+from fastablate.rundir import VOLATILE, RunDir, default_out, finished, jsonable, read_run
 
 
 @dataclass(frozen=True)

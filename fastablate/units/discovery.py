@@ -24,7 +24,7 @@ from torch.nn import functional as F
 
 from fastablate.errors import FastablateError, first_line
 from fastablate.modes import eval_mode
-from fastablate.unitparts import BlockParts, ModelParts
+from fastablate.units.parts import BlockParts, ModelParts
 
 _ADDS = {operator.add, operator.iadd, torch.add}
 _RELUS = {F.relu, torch.relu}

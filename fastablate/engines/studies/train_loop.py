@@ -24,14 +24,14 @@ from fastablate.data import ImageSet
 from fastablate.data.augment import augment
 from fastablate.engines.core import distributed as dist
 from fastablate.engines.core.runtime import Runtime, batch_progress, hash_seed
-from fastablate.engines.studies.evaluate import EvalResult, evaluate
+from fastablate.engines.studies.evaluation import EvalResult, evaluate
 from fastablate.errors import FastablateError, note
 from fastablate.models import save_checkpoint
 from fastablate.files import atomic_save
 from fastablate.models.transfer import keep_frozen_bn
 from fastablate.modes import eval_mode
 from fastablate.plots import save, subplots
-from fastablate.results import write_csv
+from fastablate.rundir import write_csv
 
 AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}  # --precision: the dtype autocast computes in
 STATE_FILE = "last.pt"  # optimizer, schedule, averaged weights and RNG state for --resume

@@ -21,7 +21,7 @@ from fastablate.engines.core.setup import Setup
 from fastablate.engines.core.tracking import tracked
 from fastablate.engines.core.spec import Choice, Float, Int, List, ModelFile, Spec, Text, one_of, option, spec_options
 from fastablate.errors import FastablateError, note
-from fastablate.results import TRACKING, RunDir, default_out, finished, read_run
+from fastablate.rundir import TRACKING, RunDir, default_out, finished, read_run
 
 PARTS = ("train", "eval", "lesion", "noise", "attack", "paths", "features")
 
@@ -102,7 +102,7 @@ def run_part(part: Part, setup: Setup, spec: Spec, echo) -> Part:
     return part
 
 
-def run_full_study(setup: Setup, spec: StudySpec, echo=print) -> tuple[Path, dict[str, Part]]:
+def run_comparison(setup: Setup, spec: StudySpec, echo=print) -> tuple[Path, dict[str, Part]]:
     """Train (or load) the models, run every chosen part, write report.md and report.html."""
     from fastablate.engines.studies.attacks import AttackSpec
     from fastablate.engines.studies.evaluate import EvaluateSpec

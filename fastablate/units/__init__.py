@@ -13,7 +13,7 @@ says how one block computes. A new block type needs one call::
     register_adapter(MyBlock, lambda b: BlockParts(residual=b.branch, shortcut=b.skip, relu=True))
 
 A model with neither has its residual units discovered in its traced graph
-(:mod:`fastablate.discovery`).
+(:mod:`fastablate.units.discovery`).
 """
 from __future__ import annotations
 
@@ -23,10 +23,10 @@ from typing import Callable, Sequence
 import torch
 from torch import Tensor, nn
 
-from fastablate.discovery import discover
 from fastablate.errors import FastablateError
 from fastablate.modes import eval_mode
-from fastablate.unitparts import BlockParts, Fn, ModelParts
+from fastablate.units.discovery import discover
+from fastablate.units.parts import BlockParts, Fn, ModelParts
 
 @dataclass
 class Unit:
@@ -130,7 +130,7 @@ def block_parts(block: nn.Module) -> BlockParts | None:
 
 def model_parts(model: nn.Module) -> ModelParts:
     """The stem, blocks and head of ``model`` from its registered model adapter; a model
-    without one has its units discovered in its traced graph (:mod:`fastablate.discovery`)."""
+    without one has its units discovered in its traced graph (:mod:`fastablate.units.discovery`)."""
     adapt = _lookup(_MODEL_ADAPTERS, model)
     return adapt(model) if adapt is not None else discover(model)
 
