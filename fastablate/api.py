@@ -204,16 +204,23 @@ def _sized(ds, image_size: int | None):
     return ds if image_size is None or image_size == ds.image_size else resized(ds, image_size)
 
 
-def _options(**values) -> Setup:
-    """The shared options of a library call, read and checked by the CLI's own spec (the same
-    messages) before anything is computed or changed."""
-    mean, std = values.pop("mean"), values.pop("std")
+# The options every command shares (Setup's) that a library call takes: read and checked by
+# Setup itself, with its defaults; the rest of a call's options are the study's own.
+SHARED = ("mean", "std", "device", "batch_size", "workers", "seed", "data_dir", "split", "limit", "image_size")
+
+
+def _shared(options: dict, split: str) -> Setup:
+    """The shared options taken out of ``options`` as a Setup, checked by the CLI's own spec (the
+    same messages) before anything is computed or changed."""
+    values = {"split": split, **{k: options.pop(k) for k in SHARED if k in options and options[k] is not None}}
     try:
-        mean, std = (None if v is None else tuple(float(x) for x in v) for v in (mean, std))
+        for k in ("mean", "std"):
+            if k in values:
+                values[k] = tuple(float(v) for v in values[k])
     except (TypeError, ValueError):
-        raise FastablateError(f"mean={mean!r}, std={std!r}: give one number per channel each, e.g. "
-                              "mean=(0.5, 0.5, 0.5)") from None
-    return Setup(mean=mean, std=std, **{k: v for k, v in values.items() if v is not None})
+        raise FastablateError(f"mean={values.get('mean')!r}, std={values.get('std')!r}: give one number per channel "
+                              "each, e.g. mean=(0.5, 0.5, 0.5)") from None
+    return Setup(**values)
 
 
 def _result(study, spec, results: list, ds, options: Setup, dev: torch.device, out: str | None) -> StudyResult:
@@ -225,18 +232,16 @@ def _result(study, spec, results: list, ds, options: Setup, dev: torch.device, o
     return res
 
 
-def run(study_name: str, model: nn.Module, data: Any, *, compare: Sequence[nn.Module] = (),
-        mean: Sequence[float] | None = None, std: Sequence[float] | None = None, device: str | None = None,
-        batch_size: int = 128, workers: int = 0, seed: int = 0, progress: bool = False, out: str | None = None,
-        data_dir: str | None = None, split: str | None = None, limit: int | None = None,
-        image_size: int | None = None, **options) -> StudyResult:
+def run(study_name: str, model: nn.Module, data: Any, *, compare: Sequence[nn.Module] = (), progress: bool = False,
+        out: str | None = None, **options) -> StudyResult:
     """Run the study registered as ``study_name`` (see the module); the functions below name it.
-    ``split`` (of a registry dataset) defaults to the study's own (paths: train, else test);
-    ``image_size`` resizes every batch on the device (``--image-size``)."""
+    ``options``: the study's own, and the options every command shares (:data:`SHARED`, with
+    Setup's defaults: ``batch_size`` 128, ``seed`` 0, ...; ``device`` defaults to the model's,
+    ``split`` of a registry dataset to the study's: paths' train, else test; ``image_size``
+    resizes every batch on the device)."""
     study = get_study(study_name)
-    split = split or study.setup_defaults.get("split", "test")
-    setup = _options(mean=mean, std=std, device=device or "auto", batch_size=batch_size, workers=workers, seed=seed,
-                     data_dir=data_dir, split=split, limit=limit, image_size=image_size)
+    device = options.get("device")
+    setup = _shared(options, study.setup_defaults.get("split", "test"))
     spec = make_spec(study, options)
     if study.triggers and not set(study.triggers) & set(spec.given()):  # the CLI chooses the study by these
         named = [f"{t}= ({study.spec_class.flag(t)})" for t in study.triggers]
@@ -244,13 +249,19 @@ def run(study_name: str, model: nn.Module, data: Any, *, compare: Sequence[nn.Mo
     dev = _device(model, device)
     models = [model, *compare]
     with preserved([m for m in models if isinstance(m, nn.Module)], dev):
-        wrapped, ds = _fitted(models, _sized(image_set(data, data_dir=data_dir, split=split, limit=limit, seed=seed,
-                                                       image_size=image_size), image_size), mean, std, dev)
-        runtime = Runtime(device=dev, batch_size=batch_size, workers=workers, seed=seed, progress=progress)
-        prepared = study.prepare(ds, spec, seed)
+        wrapped, ds = _fitted(models, _data(data, setup, setup.split), setup.mean, setup.std, dev)
+        runtime = Runtime(device=dev, batch_size=setup.batch_size, workers=setup.workers, seed=setup.seed,
+                          progress=progress)
+        prepared = study.prepare(ds, spec, setup.seed)
         study.check(wrapped, prepared, spec)
         results = execute(study, wrapped, prepared, spec, runtime)
     return _result(study, spec, results, ds, setup, dev, out)
+
+
+def _data(data: Any, setup: Setup, split: str):
+    """``data`` as an ImageSet: the call's split, subset and image size."""
+    return _sized(image_set(data, data_dir=setup.data_dir, split=split, limit=setup.limit, seed=setup.seed,
+                            image_size=setup.image_size), setup.image_size)
 
 
 def evaluate(model, data, **kw) -> StudyResult:
@@ -292,21 +303,19 @@ def features(model, data, **kw) -> StudyResult:
     return run("features", model, data, **kw)
 
 
-def train(model: nn.Module, train_data: Any, test_data: Any, *, mean: Sequence[float] | None = None,
-          std: Sequence[float] | None = None, device: str | None = None, batch_size: int = 128, workers: int = 0,
-          seed: int = 0, progress: bool = False, out: str | None = None, data_dir: str | None = None,
-          limit: int | None = None, image_size: int | None = None, **options) -> StudyResult:
+def train(model: nn.Module, train_data: Any, test_data: Any, *, progress: bool = False, out: str | None = None,
+          **options) -> StudyResult:
     """Train ``model`` in place on ``train_data``, evaluating on ``test_data`` after every epoch
     (``fastablate train``: ``epochs``, ``lr``, ``optimizer``, ``lr_scaling``, ``schedule``,
-    ``augment``, ``val_fraction``, ``keep``, ``freeze``, ``ema``, ``adv_train``, ...). A registry
-    name as data takes its train and test splits; ``image_size`` resizes every batch on the
-    device. With ``ema`` or ``keep="best"``, the weights that were kept end up in ``model``.
-    ``save(dir)`` writes model.pt and metrics.csv beside the results."""
+    ``augment``, ``val_fraction``, ``keep``, ``freeze``, ``ema``, ``precision``, ``adv_train``,
+    ...; and the shared options, as :func:`run` takes them). A registry name as data takes its
+    train and test splits. With ``ema`` or ``keep="best"``, the weights that were kept end up in
+    ``model``. ``save(dir)`` writes model.pt and metrics.csv beside the results."""
     from fastablate.models.transfer import freeze
 
     study = get_study("train")
-    setup = _options(mean=mean, std=std, device=device or "auto", batch_size=batch_size, workers=workers, seed=seed,
-                     data_dir=data_dir, split="test", limit=limit, image_size=image_size)
+    device = options.get("device")
+    setup = _shared(options, "test")
     spec = make_spec(study, options)
     building = [n for n in ("init", "head", "dropout", "dropout_after", "stem", "stochastic_depth", "resume")
                 if n in spec.given()]
@@ -315,18 +324,17 @@ def train(model: nn.Module, train_data: Any, test_data: Any, *, mean: Sequence[f
                               "build your model as you want it before fastablate.train")
     dev = _device(model, device)
     with preserved([model] if isinstance(model, nn.Module) else [], dev):
-        [w], train_set = _fitted([model], _sized(image_set(train_data, data_dir=data_dir, split="train", limit=limit,
-                                                           seed=seed, image_size=image_size), image_size),
-                                 mean, std, dev)
-        test_set = _sized(image_set(test_data, data_dir=data_dir, split="test", limit=limit, seed=seed,
-                                    classes=train_set.classes, num_classes=w.num_classes,
+        [w], train_set = _fitted([model], _data(train_data, setup, "train"), setup.mean, setup.std, dev)
+        test_set = _sized(image_set(test_data, data_dir=setup.data_dir, split="test", limit=setup.limit,
+                                    seed=setup.seed, classes=train_set.classes, num_classes=w.num_classes,
                                     image_size=train_set.image_size), train_set.image_size)
         check_labels(w, w.num_classes, test_set)  # before the first step changes the model
         w.init = "none"
         w.frozen = freeze(w, spec.freeze) if spec.freeze else []
-        data = study.data_from(train_set, test_set, spec, seed)
+        data = study.data_from(train_set, test_set, spec, setup.seed)
         study.check([w], data, spec)
-        runtime = Runtime(device=dev, batch_size=batch_size, workers=workers, seed=seed, progress=progress)
+        runtime = Runtime(device=dev, batch_size=setup.batch_size, workers=setup.workers, seed=setup.seed,
+                          progress=progress)
         results = execute(study, [w], data, spec, runtime)
         if results[0].trained is not w:  # --ema: the average is what was evaluated
             w.load_state_dict(results[0].trained.state_dict())

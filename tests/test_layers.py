@@ -164,3 +164,11 @@ def test_a_circle_would_be_found():
     edges = _graph()
     edges["fastablate.engines.core.spec"].add("fastablate.engines.core.runner")  # spec -> runner -> spec
     assert any("fastablate.engines.core.spec" in c and "fastablate.engines.core.runner" in c for c in _circles(edges))
+
+
+def test_functions_fit_on_a_screen():
+    """No function of the package is over 60 lines: a reader holds one whole."""
+    long = [f"{m}.{n.name} ({n.end_lineno - n.lineno + 1} lines)" for m, tree in MODULES.items()
+            for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))
+            and n.end_lineno - n.lineno + 1 > 60]
+    assert not long, long

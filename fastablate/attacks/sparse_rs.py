@@ -69,22 +69,8 @@ def random_search(model: nn.Module, x: Tensor, y: Tensor, k: int, queries: int, 
     gives the same search on every device."""
     n, c, h, w = x.shape
     area, dev = h * w, x.device
-    rows = torch.arange(n)
-    if guide is None:
-        pix = _smallest(torch.rand(n, area, generator=generator), k)
-        col = torch.randint(0, 2, (n, k, c), generator=generator).to(x.dtype)
-        favour = corner = None
-    else:
-        score, corner = (t.detach().cpu() for t in guide)
-        order = score.argsort(1, descending=True)
-        pix = order[:, :k]
-        col = corner[rows[:, None], pix]
-        pool = min(area - k, max(64, 8 * k))
-        favour = torch.ones(n, area)  # pool pixels come first with probability RS_GUIDED
-        if pool > 0:
-            favour[rows[:, None], order[:, k:k + pool]] = pool * (1 - RS_GUIDED) / (RS_GUIDED * (area - pool))
+    pix, col, favour, corner = _start(n, c, area, k, x.dtype, generator, guide)
     own = x.detach().reshape(n, c, area).transpose(1, 2).cpu()  # (n, H*W, C): each pixel's colour
-    bits = 1 << torch.arange(c)
     used = torch.ones(n, dtype=torch.long)
     with torch.no_grad():  # cur is updated in place below: not an inference tensor
         cur, fooled = (t.cpu() for t in search_score(model(set_pixels(x, pix.to(dev), col.to(dev))), y, target))
@@ -93,23 +79,8 @@ def random_search(model: nn.Module, x: Tensor, y: Tensor, k: int, queries: int, 
         idx = live.nonzero().squeeze(1)
         if idx.numel() == 0:
             break
-        b, m = idx.numel(), rs_replaced(i, queries, k)
-        p, q = pix[idx].clone(), col[idx].clone()
-        draw = torch.rand(b, area, generator=generator)
-        if favour is not None:
-            draw *= favour[idx]
-        draw[torch.arange(b)[:, None], p] = 2.0  # never a pixel of the set
-        new = _smallest(draw, m)
-        where = _smallest(torch.rand(b, k, generator=generator), m)
-        colours = torch.randint(0, 2, (b, m, c), generator=generator).to(x.dtype)
-        if corner is not None:
-            keep = torch.rand(b, m, 1, generator=generator) < RS_GUIDED
-            colours = torch.where(keep, corner[idx[:, None], new], colours)
-        flip = (torch.randint(1, 1 << c, (b, m, 1), generator=generator) & bits) > 0  # another corner
-        same = (colours == own[idx[:, None], new]).all(2, keepdim=True)
-        colours = torch.where(same & flip, 1 - colours, colours)
-        r = torch.arange(b)[:, None]
-        p[r, where], q[r, where] = new, colours
+        p, q = _propose(pix[idx], col[idx], own[idx], rs_replaced(i, queries, k), generator,
+                        None if favour is None else favour[idx], None if corner is None else corner[idx])
         on = idx.to(dev)
         with torch.inference_mode():  # trial is only read
             trial, won = (t.cpu() for t in search_score(model(set_pixels(x[on], p.to(dev), q.to(dev), owned=True)),
@@ -122,6 +93,48 @@ def random_search(model: nn.Module, x: Tensor, y: Tensor, k: int, queries: int, 
         live = ~fooled
     adv = set_pixels(x, pix.to(dev), col.to(dev))
     return torch.where(live.to(dev).view(-1, 1, 1, 1), x, adv), fooled.to(dev), used.to(dev)
+
+
+def _start(n: int, c: int, area: int, k: int, dtype: torch.dtype, generator: torch.Generator | None,
+           guide: tuple[Tensor, Tensor] | None) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
+    """The search's start (pixels (n, k), corners (n, k, C)) and, guided, the weights that favour
+    the score's pool and the corner of every pixel (see :func:`random_search`)."""
+    if guide is None:
+        pix = _smallest(torch.rand(n, area, generator=generator), k)
+        return pix, torch.randint(0, 2, (n, k, c), generator=generator).to(dtype), None, None
+    rows = torch.arange(n)
+    score, corner = (t.detach().cpu() for t in guide)
+    order = score.argsort(1, descending=True)
+    pix = order[:, :k]
+    pool = min(area - k, max(64, 8 * k))
+    favour = torch.ones(n, area)  # pool pixels come first with probability RS_GUIDED
+    if pool > 0:
+        favour[rows[:, None], order[:, k:k + pool]] = pool * (1 - RS_GUIDED) / (RS_GUIDED * (area - pool))
+    return pix, corner[rows[:, None], pix], favour, corner
+
+
+def _propose(pix: Tensor, col: Tensor, own: Tensor, m: int, generator: torch.Generator | None,
+             favour: Tensor | None, corner: Tensor | None) -> tuple[Tensor, Tensor]:
+    """A trial of each image: ``m`` of its k pixels replaced by pixels outside the set, at random
+    corners (guided: from the pool and at the guide's corner, mostly), never a pixel's own colour."""
+    (b, k), c = pix.shape, col.shape[2]
+    p, q = pix.clone(), col.clone()
+    draw = torch.rand(b, own.shape[1], generator=generator)
+    if favour is not None:
+        draw *= favour
+    draw[torch.arange(b)[:, None], p] = 2.0  # never a pixel of the set
+    new = _smallest(draw, m)
+    where = _smallest(torch.rand(b, k, generator=generator), m)
+    colours = torch.randint(0, 2, (b, m, c), generator=generator).to(col.dtype)
+    if corner is not None:
+        keep = torch.rand(b, m, 1, generator=generator) < RS_GUIDED
+        colours = torch.where(keep, corner[torch.arange(b)[:, None], new], colours)
+    flip = (torch.randint(1, 1 << c, (b, m, 1), generator=generator) & (1 << torch.arange(c))) > 0  # another corner
+    same = (colours == own[torch.arange(b)[:, None], new]).all(2, keepdim=True)
+    colours = torch.where(same & flip, 1 - colours, colours)
+    r = torch.arange(b)[:, None]
+    p[r, where], q[r, where] = new, colours
+    return p, q
 
 
 def sparse_rs(model: nn.Module, x: Tensor, y: Tensor, *, k: int, queries: int = 1000, target: Tensor | None = None,

@@ -179,26 +179,7 @@ def build_model(name: str, num_classes: int | None = 10, *, image_size: int = 32
 
     spec = get_spec(name)
     name = spec.name  # a file factory by its absolute path
-    if num_classes is None and not is_external(name):
-        raise FastablateError(f"model {name}: num_classes is needed")
-    if num_classes is not None and num_classes < 1:
-        raise FastablateError(f"num_classes must be >= 1, got {num_classes}")
-    if stem is not None and stem not in STEMS:
-        raise FastablateError(f"--stem {stem!r}: choose from {', '.join(STEMS)}")
-    if stem is not None and not spec.stems:
-        raise FastablateError(f"--stem {stem}: model {name} ({spec.family}) has one stem; "
-                              f"{', '.join(n for n, m in MODELS.items() if m.stems)} have two")
-    if spec.stems:
-        stem = stem or default_stem(image_size)
-        net = spec.build(num_classes, image_size, stem)
-    else:
-        net = spec.build(num_classes, image_size)
-    if is_external(name):
-        found = outputs(net, image_size)
-        if num_classes is not None and found != num_classes:
-            raise FastablateError(f"model {short_name(name)} gives {found} outputs, not {num_classes}: its factory "
-                                  "does not take num_classes; make one that does, or use data of that many classes")
-        num_classes = found
+    net, stem, num_classes = _body(spec, num_classes, image_size, stem)
     places = ("head",) if dropout_after is None else tuple(dropout_after)
     body = tuple(n for n in places if n != "head")
     try:
@@ -221,6 +202,33 @@ def build_model(name: str, num_classes: int | None = 10, *, image_size: int = 32
     if body and dropout > 0:
         add_dropout(model, body, dropout)
     return model
+
+
+def _body(spec: ModelSpec, num_classes: int | None, image_size: int, stem: str | None) -> tuple[nn.Module, str | None,
+                                                                                                int]:
+    """(the bare net of ``spec``, its stem, its class count: an external model's from its output)."""
+    name = spec.name
+    if num_classes is None and not is_external(name):
+        raise FastablateError(f"model {name}: num_classes is needed")
+    if num_classes is not None and num_classes < 1:
+        raise FastablateError(f"num_classes must be >= 1, got {num_classes}")
+    if stem is not None and stem not in STEMS:
+        raise FastablateError(f"--stem {stem!r}: choose from {', '.join(STEMS)}")
+    if stem is not None and not spec.stems:
+        raise FastablateError(f"--stem {stem}: model {name} ({spec.family}) has one stem; "
+                              f"{', '.join(n for n, m in MODELS.items() if m.stems)} have two")
+    if spec.stems:
+        stem = stem or default_stem(image_size)
+        net = spec.build(num_classes, image_size, stem)
+    else:
+        net = spec.build(num_classes, image_size)
+    if is_external(name):
+        found = outputs(net, image_size)
+        if num_classes is not None and found != num_classes:
+            raise FastablateError(f"model {short_name(name)} gives {found} outputs, not {num_classes}: its factory "
+                                  "does not take num_classes; make one that does, or use data of that many classes")
+        num_classes = found
+    return net, stem, num_classes
 
 
 def count_parameters(model: nn.Module) -> int:

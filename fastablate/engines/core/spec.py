@@ -396,6 +396,18 @@ def applies(spec: Spec, names: Sequence[str] | str, condition: bool, to: str) ->
         raise FastablateError(f"{spec.flag(given[0])} applies to {to}")
 
 
+_SAME = object()
+
+
+def option_of(cls, name: str, default: Any = _SAME, help: str | None = None) -> Any:
+    """A field declaring option ``name`` of spec ``cls`` again, for a command that passes it on:
+    the same type, so the same values are refused in the same words; ``default`` and ``help``
+    where the command's differ."""
+    field_name, opt, own = next(o for o in spec_options(cls) if o[0] == name)
+    return option(own if default is _SAME else default, help or opt.help, type=opt.type, multiple=opt.multiple,
+                  metavar=opt.metavar, role=opt.role)
+
+
 def prefixed(cls, prefix: str, names: Sequence[str], help_prefix: str = "") -> list[tuple[str, Any, Any]]:
     """Fields for ``dataclasses.make_dataclass`` that repeat options of spec ``cls`` under
     ``<prefix>_<name>`` and ``--<prefix>-<flag>``: one declaration serves two commands."""

@@ -195,6 +195,15 @@ def run_attack(model: nn.Module, ds: ImageSet, spec: AttackSpec, runtime: Runtim
     if options.successes and t.fooled < options.successes:
         note(f"attack --successes {options.successes}: the split ran out after {t.fooled} successful examples "
              f"({seen} images, {t.attacked} of them attacked)")
+    examples = None
+    if keep:
+        parts = merge(kept)
+        examples = {k: torch.cat([p[k] for p in parts]) for k in EXAMPLE_KEYS}
+    return summed(t, name, spec, seen if options.successes else len(ds), runtime.seed, examples)
+
+
+def summed(t: Tally, name: str, spec: ResolvedAttack, n: int, seed: int, examples: dict | None) -> AttackResult:
+    """The result of the tallies of every process over ``n`` images."""
     correct, fooled, attacked, skipped = all_sum(torch.tensor([t.correct, t.fooled, t.attacked, t.skipped],
                                                               dtype=torch.int64)).tolist()
     seconds = all_sum(torch.tensor([t.seconds], dtype=torch.float64)).item()
@@ -205,11 +214,6 @@ def run_attack(model: nn.Module, ds: ImageSet, spec: AttackSpec, runtime: Runtim
                      for a, c in zip(ATTACKS[spec.attack].parts, counts)}
     l0s, l2s, steps_all, queries_all = ([v for part in gather(values) for v in part]
                                         for values in (t.l0s, t.l2s, t.steps, t.queries))
-    examples = None
-    if keep:
-        parts = merge(kept)
-        examples = {k: torch.cat([p[k] for p in parts]) for k in EXAMPLE_KEYS}
-    n = seen if options.successes else len(ds)
     return AttackResult(model=name, attack=spec.attack, clean_accuracy=correct / n,
                         robust_accuracy=(correct - fooled) / n, success_rate=fooled / attacked if attacked else 0.0,
                         attacked=attacked, images=n,
@@ -219,9 +223,7 @@ def run_attack(model: nn.Module, ds: ImageSet, spec: AttackSpec, runtime: Runtim
                         seconds_per_image=seconds / attacked if attacked else 0.0, skipped_target_class=skipped,
                         queries_mean=(sum(queries_all) / len(queries_all) if queries_all else 0.0)
                         if spec.attack in takers("queries") else None,
-                        k=spec.k, parts=by_attack,
-                        spec=spec.record(runtime.seed),
-                        examples=examples)
+                        k=spec.k, parts=by_attack, spec=spec.record(seed), examples=examples)
 
 
 TRAJECTORY_IMAGES = 4

@@ -85,23 +85,7 @@ def shared_gradients(view: UnitView, x: Tensor, y: Tensor, sets: Sequence[frozen
     Run it under :func:`fastablate.modes.affine_batchnorm` (as the paths study does): the
     same values up to rounding, and eval-mode BatchNorm's VJP then batches without copies.
     """
-    from torch.func import vjp
-
-    h, vjp_stem = vjp(view.stem, x.detach())
-    saved = []
-    for u in view.units:
-        if isinstance(u.parts.shortcut, nn.Identity):
-            sc, vjp_sc = h, None  # the gradient passes unchanged
-        else:
-            sc, vjp_sc = vjp(u.parts.shortcut, h)
-        res, vjp_res = vjp(u.parts.residual, h)
-        z = sc + res
-        relu = u.parts.post_kind == "relu"
-        h = torch.relu(z) if relu else z
-        saved.append((vjp_sc, vjp_res, z > 0 if relu else None))
-    logits, vjp_head = vjp(view.head, h)
-    p = torch.softmax(_loss_precision(logits), 1)
-    (g,) = vjp_head((p - F.one_hot(y, p.shape[1]).to(p.dtype)).to(logits.dtype))  # the summed cross-entropy's
+    vjp_stem, saved, g = _forward(view, x, y)
     member = torch.tensor([[j in s for s in sets] for j in range(len(view.units))])
     row = torch.zeros(len(sets), dtype=torch.long)  # each sample's row of the stacked gradient
     g = g.unsqueeze(0)
@@ -136,6 +120,30 @@ def shared_gradients(view: UnitView, x: Tensor, y: Tensor, sets: Sequence[frozen
             row = torch.where(takes, torch.searchsorted(res, row), len(res) + torch.searchsorted(sc, row))
     g = _through(vjp_stem, g)
     return g.flatten(2).norm(dim=2).mean(1)[row.to(g.device)]
+
+
+def _forward(view: UnitView, x: Tensor, y: Tensor) -> tuple:
+    """The forward pass, once: (the stem's VJP, each unit's (shortcut VJP or None for an identity,
+    residual VJP, where its ReLU let through or None), the gradient of the summed cross-entropy at
+    the last unit's output)."""
+    from torch.func import vjp
+
+    h, vjp_stem = vjp(view.stem, x.detach())
+    saved = []
+    for u in view.units:
+        if isinstance(u.parts.shortcut, nn.Identity):
+            sc, vjp_sc = h, None  # the gradient passes unchanged
+        else:
+            sc, vjp_sc = vjp(u.parts.shortcut, h)
+        res, vjp_res = vjp(u.parts.residual, h)
+        z = sc + res
+        relu = u.parts.post_kind == "relu"
+        h = torch.relu(z) if relu else z
+        saved.append((vjp_sc, vjp_res, z > 0 if relu else None))
+    logits, vjp_head = vjp(view.head, h)
+    p = torch.softmax(_loss_precision(logits), 1)
+    (g,) = vjp_head((p - F.one_hot(y, p.shape[1]).to(p.dtype)).to(logits.dtype))  # the summed cross-entropy's
+    return vjp_stem, saved, g
 
 
 def _loss_precision(logits: Tensor) -> Tensor:

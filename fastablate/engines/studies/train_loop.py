@@ -90,14 +90,51 @@ def _saved_batches(ds: ImageSet, size: int, gen: torch.Generator, augments, devi
     return (augment(x, augments, gen) if augments else x), ds.labels[idx].to(device)
 
 
-def train(model: nn.Module, data, spec, runtime: Runtime):
-    """Train ``model`` on ``data.train`` (:func:`train_one_epoch`), evaluating on ``data.test``
-    and every extra set after each epoch (:func:`evaluate_all`); writes model.pt, last.pt and
-    metrics.csv into the run directory every epoch (atomically; nothing without one). With
-    ``data.resume`` (the state of last.pt), continues where it ended."""
-    start = time.perf_counter()
-    device, bs = runtime.device, runtime.batch_size
-    world, main = dist.world(), dist.is_main()
+@dataclass
+class Loop:
+    """What every epoch of one training uses."""
+
+    model: nn.Module
+    forward: nn.Module  # the model, or its DistributedDataParallel wrapper under torchrun
+    opt: torch.optim.Optimizer
+    average: WeightAverage | None  # --ema
+    scaler: torch.amp.GradScaler  # --precision fp16 (a no-op otherwise)
+    fmt: torch.memory_format
+    steps_per_epoch: int
+    total: int  # steps of the whole training (the schedule's length)
+
+    @property
+    def trained(self) -> nn.Module:
+        """What is evaluated and saved: the weight average with --ema, else the model."""
+        return self.average.model if self.average is not None else self.model
+
+    def state(self, epoch: int, data, keeper: "Keeper", history: list[dict]) -> dict:
+        """last.pt: what --resume continues from."""
+        avg = self.average
+        return {"arch": self.model.arch, "epoch": epoch, "state_dict": self.model.net.state_dict(),
+                "optimizer": self.opt.state_dict(), "fingerprint": data.fingerprint,
+                "average": avg.model.net.state_dict() if avg else None, "average_steps": avg.steps if avg else 0,
+                "best": keeper.state(), "torch_rng": torch.get_rng_state(), "scaler": self.scaler.state_dict(),
+                "history": history}
+
+    def restore(self, state: dict, keeper: "Keeper") -> tuple[list[dict], int]:
+        """Continue from last.pt's ``state``: (the history so far, the first epoch to run)."""
+        self.model.net.load_state_dict(state["state_dict"])
+        self.opt.load_state_dict(state["optimizer"])
+        if self.average is not None:
+            self.average.model.net.load_state_dict(state["average"])
+            self.average.steps = state["average_steps"]
+        torch.set_rng_state(state["torch_rng"])
+        if state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+        keeper.restore(state.get("best"))
+        return state["history"], state["epoch"] + 1
+
+
+def make_loop(model: nn.Module, data, spec, runtime: Runtime) -> Loop:
+    """The model on its device and memory format (under torchrun in DDP), its optimizer (no
+    weight decay on BatchNorm and biases; frozen parameters left out), weight average and scaler."""
+    device, world = runtime.device, dist.world()
     fmt = torch.channels_last if spec.memory_format == "channels-last" else torch.contiguous_format
     if world > 1 and spec.sync_bn:
         model.net = nn.SyncBatchNorm.convert_sync_batchnorm(model.net)
@@ -108,84 +145,85 @@ def train(model: nn.Module, data, spec, runtime: Runtime):
         find_unused_parameters=spec.stochastic_depth < 1)  # a dropped unit's parameters get no gradient
     decay, no_decay = [], []
     for p in model.parameters():
-        if p.requires_grad:  # frozen parameters are not the optimizer's
-            (decay if p.dim() > 1 else no_decay).append(p)  # no weight decay on BN and biases
+        if p.requires_grad:
+            (decay if p.dim() > 1 else no_decay).append(p)
     opt = optimizer(spec, [{"params": decay, "weight_decay": spec.weight_decay},
                            {"params": no_decay, "weight_decay": 0.0}])
-    average = WeightAverage(model, spec.ema) if spec.ema > 0 else None
     # fp16's narrow range underflows small gradients: the loss is scaled up, the step down (a no-op otherwise).
     scaler = torch.amp.GradScaler(device.type, enabled=spec.precision == "fp16")
-    per_process = len(data.train) // world  # every process the same number of images (and steps)
-    steps_per_epoch = -(-per_process // bs)
-    total = spec.epochs * steps_per_epoch
-    history: list[dict] = []
-    first_epoch = 0
+    steps_per_epoch = -(-(len(data.train) // world) // runtime.batch_size)  # every process the same steps
+    return Loop(model, forward, opt, WeightAverage(model, spec.ema) if spec.ema > 0 else None, scaler, fmt,
+                steps_per_epoch, spec.epochs * steps_per_epoch)
+
+
+def train(model: nn.Module, data, spec, runtime: Runtime) -> "TrainResult":
+    """Train ``model`` on ``data.train`` (:func:`train_one_epoch`), evaluating on ``data.test``
+    and every extra set after each epoch (:func:`evaluate_all`); writes model.pt, last.pt and
+    metrics.csv into the run directory every epoch (atomically; nothing without one). With
+    ``data.resume`` (the state of last.pt), continues where it ended."""
+    start = time.perf_counter()
+    loop = make_loop(model, data, spec, runtime)
     keeper = Keeper(spec.keep, "val" if data.val is not None else "test")
-    if data.resume is not None:
-        state = data.resume
-        model.net.load_state_dict(state["state_dict"])
-        opt.load_state_dict(state["optimizer"])
-        if average is not None:
-            average.model.net.load_state_dict(state["average"])
-            average.steps = state["average_steps"]
-        torch.set_rng_state(state["torch_rng"])
-        if state.get("scaler"):
-            scaler.load_state_dict(state["scaler"])
-        history, first_epoch = state["history"], state["epoch"] + 1
-        keeper.restore(state.get("best"))
-    eval_rt = runtime.with_(batch_size=max(bs, 256), progress=False)
+    history, first_epoch = loop.restore(data.resume, keeper) if data.resume is not None else ([], 0)
+    eval_rt = runtime.with_(batch_size=max(runtime.batch_size, 256), progress=False)
     final: dict[str, EvalResult] = {}
     warned = divergence_warning(history) is not None  # said once, by the run that saw it
     for epoch in range(first_epoch, spec.epochs):
         t0 = time.perf_counter()
-        lr, loss_sum, correct, seen = train_one_epoch(model, forward, opt, average, data, spec, runtime, epoch,
-                                                      steps_per_epoch, total, fmt, scaler)
-        trained = average.model if average is not None else model
-        dist.sync_buffers(trained)  # process 0's BatchNorm statistics: what is evaluated is what is saved
-        final = evaluate_all(trained, data, spec, eval_rt, fmt, test=data.val is None or epoch + 1 == spec.epochs)
-        loss_sum, correct, seen = dist.all_sum(torch.tensor([loss_sum, correct, seen], dtype=torch.float64)).tolist()
-        row = {"epoch": epoch + 1, "lr": lr, "train_loss": loss_sum / seen, "train_accuracy": correct / seen}
-        for name, res in final.items():
-            row[f"{name}_loss"], row[f"{name}_accuracy"] = res.loss, res.accuracy
-        row["seconds"] = time.perf_counter() - t0
-        history.append(row)
-        improved = keeper.update(row, trained)
-        if not main:
-            continue
-        if runtime.tracker:
-            runtime.tracker.epoch(row, epoch + 1)
-        if not warned and divergence_warning(history):
-            note(divergence_warning(history))
-            warned = True
-        if runtime.out is not None:
-            if improved or spec.keep == "last":
-                save_checkpoint(trained, runtime.out / MODEL_FILE, _meta(data, row, runtime, world, spec))
-            atomic_save({"arch": model.arch, "epoch": epoch, "state_dict": model.net.state_dict(),
-                         "optimizer": opt.state_dict(), "fingerprint": data.fingerprint,
-                         "average": average.model.net.state_dict() if average else None,
-                         "average_steps": average.steps if average else 0, "best": keeper.state(),
-                         "torch_rng": torch.get_rng_state(), "scaler": scaler.state_dict(), "history": history},
-                        runtime.out / STATE_FILE)
-            write_csv(runtime.out / "metrics.csv", history)
-        shown = "".join(f" | {n} loss {r.loss:.4f} acc {r.accuracy:.4f}" for n, r in final.items()
-                        if n in ("val", "test"))
-        extra = "".join(f" | {n} acc {r.accuracy:.4f}" for n, r in final.items() if n not in ("val", "test"))
-        print(f"epoch {epoch + 1}/{spec.epochs}: train loss {row['train_loss']:.4f} acc {row['train_accuracy']:.4f}"
-              f"{shown}{extra} | {row['seconds']:.1f}s", flush=True)
-    trained = average.model if average is not None else model
+        stats = train_one_epoch(loop, data, spec, runtime, epoch)
+        dist.sync_buffers(loop.trained)  # process 0's BatchNorm statistics: what is evaluated is what is saved
+        final = evaluate_all(loop.trained, data, spec, eval_rt, loop.fmt,
+                             test=data.val is None or epoch + 1 == spec.epochs)
+        history.append(stats.row(epoch, final, time.perf_counter() - t0))
+        improved = keeper.update(history[-1], loop.trained)
+        if dist.is_main():
+            warned = _record_epoch(loop, data, spec, runtime, keeper, history, improved, final, warned)
+    final = _kept(loop, keeper, data, spec, runtime, eval_rt, final)
+    diverging = divergence_warning(history)
+    return TrainResult(model=model.name, history=history, final=final["test"],
+                       checkpoint=runtime.out / MODEL_FILE if runtime.out is not None else None,
+                       seconds=time.perf_counter() - start,
+                       eval_sets={n: r for n, r in final.items() if n != "test"},
+                       frozen=getattr(model, "frozen", []), init=getattr(model, "init", "none"),
+                       preview=data.preview, warnings=[diverging] if diverging else [], trained=loop.trained,
+                       dataset=data.train.name, kept=keeper.record(len(history)), samples=data.samples)
+
+
+def _record_epoch(loop: Loop, data, spec, runtime: Runtime, keeper: "Keeper", history: list[dict], improved: bool,
+                  final: dict, warned: bool) -> bool:
+    """Process 0's part of an epoch: tracking, the divergence note (once; returns whether it was
+    said), model.pt, last.pt and metrics.csv, the terminal's line."""
+    row, epoch = history[-1], history[-1]["epoch"] - 1
+    if runtime.tracker:
+        runtime.tracker.epoch(row, epoch + 1)
+    if not warned and divergence_warning(history):
+        note(divergence_warning(history))
+        warned = True
+    if runtime.out is not None:
+        if improved or spec.keep == "last":
+            save_checkpoint(loop.trained, runtime.out / MODEL_FILE, _meta(data, row, runtime, dist.world(), spec))
+        atomic_save(loop.state(epoch, data, keeper, history), runtime.out / STATE_FILE)
+        write_csv(runtime.out / "metrics.csv", history)
+    shown = "".join(f" | {n} loss {r.loss:.4f} acc {r.accuracy:.4f}" for n, r in final.items() if n in ("val", "test"))
+    extra = "".join(f" | {n} acc {r.accuracy:.4f}" for n, r in final.items() if n not in ("val", "test"))
+    print(f"epoch {epoch + 1}/{spec.epochs}: train loss {row['train_loss']:.4f} acc {row['train_accuracy']:.4f}"
+          f"{shown}{extra} | {row['seconds']:.1f}s", flush=True)
+    return warned
+
+
+def _kept(loop: Loop, keeper: "Keeper", data, spec, runtime: Runtime, eval_rt: Runtime, final: dict) -> dict:
+    """The evaluations reported: of the best epoch's weights with --keep best (put into the model,
+    and their test figures into model.pt), else of the last epoch's."""
+    trained = loop.trained
     if keeper.rule == "best" and keeper.weights is not None:  # the kept weights are what is reported
         trained.net.load_state_dict(keeper.weights)
-        final = evaluate_all(trained, data, spec, eval_rt, fmt)
-        if main and runtime.out is not None:  # the kept model's test figures into its checkpoint
-            save_checkpoint(trained, runtime.out / MODEL_FILE, _meta(data, keeper.row, runtime, world, spec, final))
+        final = evaluate_all(trained, data, spec, eval_rt, loop.fmt)
+        if dist.is_main() and runtime.out is not None:  # the kept model's test figures into its checkpoint
+            save_checkpoint(trained, runtime.out / MODEL_FILE,
+                            _meta(data, keeper.row, runtime, dist.world(), spec, final))
     elif "test" not in final:  # resumed a finished run: report the saved model
-        final = evaluate_all(trained, data, spec, eval_rt, fmt)
-    diverging = divergence_warning(history)
-    checkpoint = runtime.out / MODEL_FILE if runtime.out is not None else None
-    return TrainResult(model.name, history, final["test"], checkpoint, time.perf_counter() - start,
-                       {n: r for n, r in final.items() if n != "test"}, getattr(model, "frozen", []),
-                       getattr(model, "init", "none"), data.preview, [diverging] if diverging else [],
-                       trained, data.train.name, keeper.record(len(history)), data.samples)
+        final = evaluate_all(trained, data, spec, eval_rt, loop.fmt)
+    return final
 
 
 def optimizer(spec, groups: list[dict]) -> torch.optim.Optimizer:
@@ -240,17 +278,34 @@ class Keeper:
         return {"rule": self.rule, "epoch": epoch, **({"by": f"{self.by}_accuracy"} if self.rule == "best" else {})}
 
 
-def train_one_epoch(model: nn.Module, forward: nn.Module, opt: torch.optim.Optimizer, average: WeightAverage | None,
-                    data, spec, runtime: Runtime, epoch: int, steps_per_epoch: int, total: int,
-                    fmt: torch.memory_format, scaler: torch.amp.GradScaler) -> tuple[float, float, int, int]:
-    """One epoch of this process's share of ``data.train``: (the last step's learning rate,
-    the summed loss, correct predictions and images seen)."""
-    device, bs = runtime.device, runtime.batch_size
+@dataclass
+class EpochStats:
+    """What one process's share of an epoch adds up to."""
+
+    lr: float  # the last step's learning rate
+    loss_sum: float
+    correct: int
+    seen: int
+
+    def row(self, epoch: int, final: dict, seconds: float) -> dict:
+        """metrics.csv's row of the epoch: the sums over every process, the evaluations."""
+        loss_sum, correct, seen = dist.all_sum(torch.tensor([self.loss_sum, self.correct, self.seen],
+                                                            dtype=torch.float64)).tolist()
+        row = {"epoch": epoch + 1, "lr": self.lr, "train_loss": loss_sum / seen, "train_accuracy": correct / seen}
+        for name, res in final.items():
+            row[f"{name}_loss"], row[f"{name}_accuracy"] = res.loss, res.accuracy
+        row["seconds"] = seconds
+        return row
+
+
+def train_one_epoch(loop: Loop, data, spec, runtime: Runtime, epoch: int) -> EpochStats:
+    """One epoch of this process's share of ``data.train``."""
+    model, device, bs = loop.model, runtime.device, runtime.batch_size
     rank, world = dist.rank(), dist.world()
     per_process = len(data.train) // world  # every process the same number of images (and steps)
     model.train()
     keep_frozen_bn(model)
-    loss_sum, correct, seen, lr = 0.0, 0, 0, 0.0
+    stats = EpochStats(0.0, 0.0, 0, 0)
     # Random numbers are keyed by (seed, epoch): the order by nothing else (every process
     # draws the same and takes its part), augmentation and adversarial batches also by the
     # process. So a resumed epoch draws what the uninterrupted one did.
@@ -259,41 +314,51 @@ def train_one_epoch(model: nn.Module, forward: nn.Module, opt: torch.optim.Optim
     gen = torch.Generator().manual_seed(hash_seed(runtime.seed, "augment", epoch, rank))
     batches: Iterator = batch_progress(data.train, runtime, f"epoch {epoch + 1}/{spec.epochs}", order=order,
                                        generator=gen, augment=data.augment)
-    adv_spec = data.adv_spec
     for i, (x, y) in enumerate(batches):
-        lr = learning_rate(spec, bs, epoch * steps_per_epoch + i, total)
-        for group in opt.param_groups:
-            group["lr"] = lr
-        k = round(spec.adv_ratio * x.shape[0]) if (data.adv is not None or adv_spec is not None) else 0
-        if data.adv is not None and k:  # saved adversarial images replace part of the batch
-            xa, ya = _saved_batches(data.adv, k, gen, data.augment, device)
-            x, y = torch.cat([x[k:], xa]), torch.cat([y[k:], ya])
-        elif adv_spec is not None and k:  # made now, against the current model
-            with eval_mode(model, frozen=True):
-                xa = adv_spec.run(model, x[:k], y[:k], generator=gen).x_adv
-            model.train()
-            keep_frozen_bn(model)
-            x = torch.cat([xa, x[k:]])
-        x = x.contiguous(memory_format=fmt)
+        step = epoch * loop.steps_per_epoch + i
+        stats.lr = learning_rate(spec, bs, step, loop.total)
+        for group in loop.opt.param_groups:
+            group["lr"] = stats.lr
+        x, y = _adversarial_part(model, x, y, data, spec, gen, device)
         with torch.autocast(device.type, dtype=AUTOCAST.get(spec.precision), enabled=spec.precision in AUTOCAST):
-            logits = forward(x)
+            logits = loop.forward(x.contiguous(memory_format=loop.fmt))
         loss = F.cross_entropy(logits.float(), y, label_smoothing=spec.label_smoothing)
         value = loss.item()
         if not math.isfinite(value):
             raise FastablateError(f"training diverged: the loss is {value} at epoch {epoch + 1}, step {i + 1}; "
-                                  f"lower --lr (the step's learning rate was {lr:.4g})")
-        opt.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.step(opt)
-        scaler.update()
-        if average is not None:
-            average.update(model)
+                                  f"lower --lr (the step's learning rate was {stats.lr:.4g})")
+        loop.opt.zero_grad(set_to_none=True)
+        loop.scaler.scale(loss).backward()
+        loop.scaler.step(loop.opt)
+        loop.scaler.update()
+        if loop.average is not None:
+            loop.average.update(model)
         if runtime.tracker:
-            runtime.tracker.step({"train_loss": value, "lr": lr}, epoch * steps_per_epoch + i + 1)
-        loss_sum += value * y.numel()
-        correct += (logits.argmax(1) == y).sum().item()
-        seen += y.numel()
-    return lr, loss_sum, correct, seen
+            runtime.tracker.step({"train_loss": value, "lr": stats.lr}, step + 1)
+        stats.loss_sum += value * y.numel()
+        stats.correct += (logits.argmax(1) == y).sum().item()
+        stats.seen += y.numel()
+    return stats
+
+
+def _adversarial_part(model: nn.Module, x: Tensor, y: Tensor, data, spec, gen: torch.Generator,
+                      device) -> tuple[Tensor, Tensor]:
+    """The batch with ``--adv-ratio`` of it adversarial: saved examples (--adv-data, replace) in
+    place of its last images, or its first images attacked now against the current model
+    (--adv-train)."""
+    if data.adv is None and data.adv_spec is None:
+        return x, y
+    k = round(spec.adv_ratio * x.shape[0])
+    if not k:
+        return x, y
+    if data.adv is not None:
+        xa, ya = _saved_batches(data.adv, k, gen, data.augment, device)
+        return torch.cat([x[k:], xa]), torch.cat([y[k:], ya])
+    with eval_mode(model, frozen=True):
+        xa = data.adv_spec.run(model, x[:k], y[:k], generator=gen).x_adv
+    model.train()
+    keep_frozen_bn(model)
+    return torch.cat([xa, x[k:]]), y
 
 
 @dataclass

@@ -29,11 +29,12 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Optional
 
+from fastablate.engines.core.attack_options import DEFAULT_PIXELS, AttackOptions
 from fastablate.engines.core.setup import Setup
-from fastablate.engines.core.spec import Float, Int, List, Spec, Text, option
+from fastablate.engines.core.spec import Float, Int, List, Spec, Text, option, option_of
 from fastablate.engines.studies.train import Init
-from fastablate.engines.workflows.report import Finding, write_document
 from fastablate.engines.workflows.comparison import Part, run_part
+from fastablate.engines.workflows.report import Finding, write_document
 from fastablate.engines.workflows.sweep import Axis, SweepSpec, run_sweep
 from fastablate.errors import FastablateError
 from fastablate.rundir import RunDir, default_out, read_run
@@ -61,8 +62,8 @@ class RobustSpec(Spec):
                                     "protocol: 500).", type=Int(min=1))
     perturbed: int = option(100, "Training-split examples kept out of the augmentation set to score (the "
                                  "protocol: 1000).", type=Int(min=1))
-    pixels: float = option(0.005, "The out-of-distribution attack's budget as a fraction of the pixels.",
-                           type=Float(0, 1, min_open=True))
+    pixels: float = option_of(AttackOptions, "pixels", DEFAULT_PIXELS, "The out-of-distribution attack's budget as "
+                                                                       "a fraction of the pixels (attack --pixels).")
     retrain_epochs: int = option(3, "Epochs of each retraining point.", type=Int(min=1, max=100_000))
     retrain_inits: tuple[str, ...] = option(("baseline", "imagenet"), "Retraining grid: initializations "
                                             "(baseline: the baseline checkpoint; imagenet; none).",
@@ -120,43 +121,72 @@ def _best(rows: list[dict], score) -> dict:
 
 def run_robust(setup: Setup, spec: RobustSpec, echo=print) -> tuple[Path, dict]:
     """Steps 1-5 of the module; returns the output folder and the five-set table."""
-    from fastablate.data.adversarial import read_set, split_set
-    from fastablate.engines.studies.attacks import AttackSpec
-    from fastablate.engines.studies.evaluate import EvaluateSpec
-    from fastablate.engines.studies.features import FeaturesSpec
-    from fastablate.files import atomic_save
-
     out = Path(setup.out or default_out("robust"))
-    base = replace(setup, out=None, force=True, compare=())
     model = setup.model or "resnet18"
     check_steps(setup, spec, model)
     config = {"setup": setup.to_dict(), "robust": spec.to_dict()}
     resume = (read_run(out) or {}).get("command") == "robust"
-    sweep_opts = {"cpus_per_point": None}
     with RunDir(out, "robust", config, device=setup.device, seed=setup.seed).start(resume=resume,
                                                                                  force=setup.force) as run:
-        # 1. the baseline: a grid over learning rate and batch size, picked by validation accuracy
-        train = {"epochs": spec.epochs, "init": spec.init, "stem": spec.stem, "val_fraction": spec.val_fraction,
-                 "keep": "best", "lr_scaling": "none"}
-        echo("robust: baseline")
-        _, rows = run_sweep("train", {**base.to_dict(), "model": model, "out": None}, train,
-                            [Axis("spec", "lr", "--lr", spec.lrs), Axis("setup", "batch_size", "--batch-size",
-                                                                        spec.batch_sizes)],
-                            SweepSpec(out=str(out / "baseline"), **sweep_opts), echo=echo)
-        best = _best(rows, lambda r: r["val_accuracy"])
-        baseline = out / "baseline" / "points" / best["key"] / "model.pt"
-        # 2. the attacks: successful examples only, each with its trajectory
-        # The steps name the model of each checkpoint they read (a checkpoint never names code to run).
-        attacked = replace(base, weights=str(baseline), model=model, limit=None)
+        steps = Steps(out, replace(setup, out=None, force=True, compare=()), model, spec, echo)
+        baseline = steps.baseline()
+        steps.attacks(baseline)
+        eval_sets = steps.sets()
+        final_row, final = steps.retrain(baseline, eval_sets)
+        table = steps.five_sets(baseline, final, eval_sets)
+        _report(out, setup, spec, table, final_row)
+        run.write_json("results.json", {"baseline": str(baseline), "final": str(final), "final_point": final_row,
+                                        "five_sets": table, "report": ["report.md", "report.html"]})
+    return out, table
+
+
+@dataclass
+class Steps:
+    """The protocol's steps, each a run directory (or a sweep of them) inside ``out``. Each step
+    names the model of every checkpoint it reads: a checkpoint never names code to run."""
+
+    out: Path
+    base: Setup  # the shared options of every step
+    model: str
+    spec: RobustSpec
+    echo: object
+
+    def sweep(self, folder: str, train: dict, axes: list[Axis]) -> list[dict]:
+        _, rows = run_sweep("train", {**self.base.to_dict(), "model": self.model, "out": None}, train, axes,
+                            SweepSpec(out=str(self.out / folder), cpus_per_point=None), echo=self.echo)
+        return rows
+
+    def baseline(self) -> Path:
+        """1. A grid over learning rate and batch size, the best point by validation accuracy."""
+        spec = self.spec
+        self.echo("robust: baseline")
+        rows = self.sweep("baseline", {"epochs": spec.epochs, "init": spec.init, "stem": spec.stem,
+                                       "val_fraction": spec.val_fraction, "keep": "best", "lr_scaling": "none"},
+                          [Axis("spec", "lr", "--lr", spec.lrs),
+                           Axis("setup", "batch_size", "--batch-size", spec.batch_sizes)])
+        return self.out / "baseline" / "points" / _best(rows, lambda r: r["val_accuracy"])["key"] / "model.pt"
+
+    def attacks(self, baseline: Path) -> None:
+        """2. Successful examples only, each attack with its trajectory."""
+        from fastablate.engines.studies.attacks import AttackSpec
+
+        spec, out = self.spec, self.out
+        attacked = replace(self.base, weights=str(baseline), model=self.model, limit=None)
         noise = AttackSpec(attack="noise", save_trajectory=True)
         _attack("attack-train", attacked, out, "train", replace(noise, successes=spec.train_successes,
-                                                                  save_dataset=str(out / "adv-train.pt")), echo)
+                                                                  save_dataset=str(out / "adv-train.pt")), self.echo)
         _attack("attack-val", attacked, out, "test", replace(noise, successes=spec.val_successes, save_examples=True,
-                                                             save_dataset=str(out / "adv-val.pt")), echo)
+                                                             save_dataset=str(out / "adv-val.pt")), self.echo)
         _attack("attack-ood", attacked, out, "test", AttackSpec(attack="sparse", pixels=spec.pixels, queries=300,
                                                                 successes=spec.ood_successes, save_trajectory=True,
-                                                                save_dataset=str(out / "adv-ood.pt")), echo)
-        # 3. the sets: disjoint, stratified
+                                                                save_dataset=str(out / "adv-ood.pt")), self.echo)
+
+    def sets(self) -> tuple[tuple[str, str], ...]:
+        """3. The disjoint, stratified sets; returns the evaluation sets as (name, file)."""
+        from fastablate.data.adversarial import read_set, split_set
+        from fastablate.files import atomic_save
+
+        spec, out, seed = self.spec, self.out, self.base.seed
         sets = out / "sets"
         sets.mkdir(exist_ok=True)
         adv_train, adv_val = read_set(str(out / "adv-train.pt")), read_set(str(out / "adv-val.pt"))
@@ -167,42 +197,44 @@ def run_robust(setup: Setup, spec: RobustSpec, echo=print) -> tuple[Path, dict]:
                                   f"{len(ood['labels'])} out-of-distribution examples; the sets need more than "
                                   f"--perturbed {spec.perturbed}, 2 and 1 (more images, a stronger attack or a "
                                   "better baseline)")
-        for piece, name in zip(split_set(adv_train, [n_train - spec.perturbed, spec.perturbed], setup.seed),
-                               ("augment", "perturbed-train")):
+        pieces = [*zip(split_set(adv_train, [n_train - spec.perturbed, spec.perturbed], seed),
+                       ("augment", "perturbed-train")),
+                  *zip(split_set(adv_val, [n_val // 2, n_val - n_val // 2], seed), ("perturbed-val", "holdout")),
+                  (ood, "ood")]
+        for piece, name in pieces:
             atomic_save(piece, sets / f"{name}.pt")
-        for piece, name in zip(split_set(adv_val, [n_val // 2, n_val - n_val // 2], setup.seed),
-                               ("perturbed-val", "holdout")):
-            atomic_save(piece, sets / f"{name}.pt")
-        atomic_save(ood, sets / "ood.pt")
-        eval_sets = tuple((n, str(sets / f"{n}.pt")) for n in SETS)
-        # 4. retraining with the augmentation set appended
+        return tuple((n, str(sets / f"{n}.pt")) for n in SETS)
+
+    def retrain(self, baseline: Path, eval_sets) -> tuple[dict, Path]:
+        """4. Retraining with the augmentation set appended, over the grid; the final point is the
+        best by the mean of clean and perturbed validation accuracy."""
+        spec = self.spec
         inits = tuple(str(baseline) if i == "baseline" else i for i in spec.retrain_inits)
-        retrain = {"epochs": spec.retrain_epochs, "stem": spec.stem, "adv_data": str(sets / "augment.pt"),
-                   "adv_mode": "append", "eval_sets": eval_sets, "lr_scaling": "none"}
-        echo("robust: retraining")
-        _, rows = run_sweep("train", {**base.to_dict(), "model": model, "out": None}, retrain,
-                            [Axis("spec", "init", "--init", inits),
-                             Axis("spec", "freeze", "--freeze", tuple(str(f) if f else None for f in
-                                                                      spec.retrain_freeze)),
-                             Axis("spec", "lr", "--lr", spec.retrain_lrs),
-                             Axis("setup", "batch_size", "--batch-size", spec.retrain_batch_sizes)],
-                            SweepSpec(out=str(out / "retrain"), **sweep_opts), echo=echo)
+        self.echo("robust: retraining")
+        rows = self.sweep("retrain", {"epochs": spec.retrain_epochs, "stem": spec.stem,
+                                      "adv_data": str(self.out / "sets" / "augment.pt"), "adv_mode": "append",
+                                      "eval_sets": eval_sets, "lr_scaling": "none"},
+                          [Axis("spec", "init", "--init", inits),
+                           Axis("spec", "freeze", "--freeze", tuple(str(f) if f else None for f in spec.retrain_freeze)),
+                           Axis("spec", "lr", "--lr", spec.retrain_lrs),
+                           Axis("setup", "batch_size", "--batch-size", spec.retrain_batch_sizes)])
         final_row = _best(rows, lambda r: (r["accuracy"] + r["perturbed-val_accuracy"]) / 2)
-        final = out / "retrain" / "points" / final_row["key"] / "model.pt"
-        # 5. the five sets before and after, the feature maps, the report
-        evals = {}
-        for who, ckpt in (("baseline", baseline), ("final", final)):
-            evals[who] = run_part(Part(f"eval-{who}", "evaluate"), replace(base, weights=str(ckpt), model=model,
-                                                                           out=str(out / f"eval-{who}"), limit=None),
-                                  EvaluateSpec(eval_sets=eval_sets), echo).document
+        return final_row, self.out / "retrain" / "points" / final_row["key"] / "model.pt"
+
+    def five_sets(self, baseline: Path, final: Path, eval_sets) -> list[dict]:
+        """5. The five sets before and after, and the feature maps."""
+        from fastablate.engines.studies.evaluate import EvaluateSpec
+        from fastablate.engines.studies.features import FeaturesSpec
+
+        base, out, model = self.base, self.out, self.model
+        evals = {who: run_part(Part(f"eval-{who}", "evaluate"), replace(base, weights=str(ckpt), model=model,
+                                                                        out=str(out / f"eval-{who}"), limit=None),
+                               EvaluateSpec(eval_sets=eval_sets), self.echo).document
+                 for who, ckpt in (("baseline", baseline), ("final", final))}
         run_part(Part("features", "features"), replace(base, weights=str(baseline), model=model, limit=None,
                                                        compare=(f"{model}={final}",), out=str(out / "features")),
-                 FeaturesSpec(images=1, examples=str(out / "attack-val" / "adversarial.pt")), echo)
-        table = _five_sets(evals)
-        _report(out, setup, spec, table, final_row)
-        run.write_json("results.json", {"baseline": str(baseline), "final": str(final), "final_point": final_row,
-                                        "five_sets": table, "report": ["report.md", "report.html"]})
-    return out, table
+                 FeaturesSpec(images=1, examples=str(out / "attack-val" / "adversarial.pt")), self.echo)
+        return _five_sets(evals)
 
 
 def _five_sets(evals: dict) -> list[dict]:
