@@ -137,7 +137,7 @@ def models(layers_of, units_of, image_size):
         click.echo(f"{model.name}: {len(view.units)} units, {len(view.lesionable())} lesionable")
         return
     if layers_of:
-        from fastablate.engines.studies.features import layer_shapes
+        from fastablate.units.layers import layer_shapes
 
         model = build_model(layers_of, 10, image_size=image_size)
         kinds = dict(model.net.named_modules())

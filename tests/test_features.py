@@ -9,7 +9,8 @@ from click.testing import CliRunner
 from conftest import assert_near_oracle, decided, float64, oracle_bound, randomize_bn
 
 from fastablate.cli import cli
-from fastablate.engines.studies.features import LayerStats, layer_maps, layer_shapes
+from fastablate.engines.studies.features import LayerStats, layer_maps
+from fastablate.units.layers import layer_shapes
 from fastablate.models import build_model, save_checkpoint
 
 SYN = ["--dataset", "synthetic", "--limit", "40", "--batch-size", "20", "--device", "cpu"]

@@ -27,7 +27,7 @@ RANKS = {
     "fastablate.engines.workflows": {"report": 0, "compare": 0, "sweep": 1, "comparison": 2, "robust": 3},
     "fastablate.attacks": {"base": 0, "sparse_rs": 1, "noise": 1, "gradient": 1, "sparse": 2, "ensemble": 3,
                            "registry": 4},
-    "fastablate.units": {"parts": 0, "discovery": 1},
+    "fastablate.units": {"parts": 0, "layers": 0, "discovery": 1},
 }
 
 

@@ -489,7 +489,8 @@ class LesionSpec(Spec):
                                     type=Plan(), flag="--lesion", multiple=True)
     ks: Optional[tuple[int, ...]] = option(None, "k-random: numbers of deleted units, e.g. 1,2,4 [default: 1..all].",
                                            type=List(Int(min=1)), flag="--k")
-    samples: int = option(20, "k-random: random sets per k; reorder: orders.", type=Int(min=1, max=100_000))
+    samples: int = option(20, "Lesion samples (not images): the random unit sets per k (k-random) and the random "
+                                  "orders (reorder).", type=Int(min=1, max=100_000))
     max_memory: Optional[int] = option(None, "Activations per chunk of variants, e.g. 2G "
                                              "[default: 1/4 of free RAM, 1/2 of free GPU].", type=Size())
 

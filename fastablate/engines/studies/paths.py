@@ -41,7 +41,8 @@ from fastablate.units import UnitView, units
 
 @dataclass(frozen=True)
 class PathsSpec(Spec):
-    samples: int = option(100, "Random unit sets per path length.", type=Int(min=1, max=1_000_000))
+    samples: int = option(100, "Path samples (not images): the random unit sets drawn per path length, each "
+                                   "a gradient over the --images images.", type=Int(min=1, max=1_000_000))
     lengths: Optional[tuple[int, ...]] = option(None, "Path lengths k to measure [default: 1..n].",
                                                 type=List(Int(min=0)))
     images: int = option(8, "Training images per pass: the unit sets of a pass share them, each pass draws its own.",
